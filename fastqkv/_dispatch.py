@@ -1,0 +1,186 @@
+"""Backend registry, selection, environment overrides and thread count.
+
+A backend is a module exposing
+
+* ``probe() -> (available: bool, reason: str, details: dict)`` - cheap, called
+  once and cached; ``reason`` says why a backend is not available;
+* ``supports(problem) -> str | None`` - None, or why this call is not
+  supported (``auto`` then tries the next backend);
+* ``run(problem, num_threads) -> None`` - fills ``problem.out`` (and
+  ``problem.lse`` when it is not None) for a non-empty problem with
+  ``Lk > 0``.
+
+``backend="auto"`` resolves, in order: :func:`use_backend` (per context),
+:func:`set_backend` (process-wide), ``$FASTQKV_BACKEND``, then the first
+available backend of ``_config.AUTO_ORDER`` that supports the call.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import contextvars
+import importlib
+import os
+import threading
+from typing import NamedTuple
+
+from . import _config
+
+__all__ = ["BackendInfo", "backends", "set_backend", "use_backend", "get_backend",
+           "set_num_threads", "get_num_threads", "resolve", "BACKEND_MODULES"]
+
+# name -> module implementing probe/supports/run
+BACKEND_MODULES = {
+    "c": "fastqkv._c",
+    "numba": "fastqkv._numba",
+    "numpy": "fastqkv._numpy_backend",
+}
+
+
+class BackendInfo(NamedTuple):
+    name: str
+    available: bool
+    reason: str
+    details: dict
+
+
+_lock = threading.Lock()
+_probed: dict = {}
+_modules: dict = {}
+_global_backend = None
+_context_backend = contextvars.ContextVar("fastqkv_backend", default=None)
+_num_threads = None
+
+
+def _probe(name):
+    info = _probed.get(name)
+    if info is not None:
+        return info
+    with _lock:
+        info = _probed.get(name)
+        if info is not None:
+            return info
+        try:
+            mod = importlib.import_module(BACKEND_MODULES[name])
+            ok, reason, details = mod.probe()
+        except Exception as exc:  # noqa: BLE001 - a broken backend is reported, not raised
+            mod, ok, reason, details = None, False, f"{type(exc).__name__}: {exc}", {}
+        info = BackendInfo(name, bool(ok), reason if not ok else (reason or "available"), dict(details))
+        if ok:
+            _modules[name] = mod
+        _probed[name] = info
+        return info
+
+
+def backends():
+    """``{name: BackendInfo(available, reason, details)}`` for every backend."""
+    return {name: _probe(name) for name in BACKEND_MODULES}
+
+
+def _check_name(name, what):
+    if not isinstance(name, str):
+        raise TypeError(f"{what} must be a string, got {type(name).__name__}")
+    if name != "auto" and name not in BACKEND_MODULES:
+        raise ValueError(f"{what} must be 'auto' or one of {sorted(BACKEND_MODULES)}, got {name!r}")
+    return name
+
+
+def set_backend(name):
+    """Set the process-wide backend used when a call says ``backend="auto"``
+    (``"auto"`` or None restores automatic selection)."""
+    global _global_backend
+    _global_backend = None if name in (None, "auto") else _require(_check_name(name, "backend"))
+
+
+@contextlib.contextmanager
+def use_backend(name):
+    """Context manager: calls with ``backend="auto"`` inside use ``name``."""
+    tok = _context_backend.set(None if name == "auto" else _require(_check_name(name, "backend")))
+    try:
+        yield
+    finally:
+        _context_backend.reset(tok)
+
+
+def get_backend():
+    """The name ``backend="auto"`` is currently pinned to, or ``"auto"``."""
+    return _context_backend.get() or _global_backend or _env_backend() or "auto"
+
+
+def _env_backend():
+    name = os.environ.get(_config.ENV_BACKEND, "").strip()
+    if not name or name == "auto":
+        return None
+    return _check_name(name, f"${_config.ENV_BACKEND}")
+
+
+def _require(name):
+    info = _probe(name)
+    if not info.available:
+        raise RuntimeError(f"backend {name!r} is not available: {info.reason}")
+    return name
+
+
+def resolve(backend, problem):
+    """The backend module that runs ``problem`` and its name."""
+    if backend == "auto":
+        pinned = _context_backend.get() or _global_backend or _env_backend()
+        if pinned is None:
+            for name in _config.AUTO_ORDER:
+                if _probe(name).available and _modules[name].supports(problem) is None:
+                    return _modules[name], name
+            raise RuntimeError("no backend supports this call")  # numpy supports all
+        backend = pinned
+    else:
+        _check_name(backend, "backend")
+    _require(backend)
+    mod = _modules[backend]
+    why = mod.supports(problem)
+    if why is not None:
+        raise ValueError(f"backend {backend!r} does not support this call: {why}")
+    return mod, backend
+
+
+# ---------------------------------------------------------------------------
+# threads
+
+def _default_threads():
+    env = os.environ.get(_config.ENV_NUM_THREADS, "").strip()
+    if env:
+        try:
+            n = int(env)
+        except ValueError:
+            raise ValueError(f"${_config.ENV_NUM_THREADS} must be a positive integer, got {env!r}") from None
+        if n < 1:
+            raise ValueError(f"${_config.ENV_NUM_THREADS} must be a positive integer, got {env!r}")
+        return n
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except (AttributeError, OSError):
+        return max(1, os.cpu_count() or 1)
+
+
+def set_num_threads(n):
+    """Set the number of threads the kernels use (``None`` restores the default:
+    ``$FASTQKV_NUM_THREADS`` or the CPUs this process may run on)."""
+    global _num_threads
+    if n is None:
+        _num_threads = None
+        return
+    if isinstance(n, bool) or not isinstance(n, int):
+        try:
+            import operator
+            n = operator.index(n)
+        except TypeError:
+            raise TypeError(f"num_threads must be an integer, got {type(n).__name__}") from None
+    if n < 1:
+        raise ValueError(f"num_threads must be >= 1, got {n}")
+    _num_threads = int(n)
+
+
+def get_num_threads():
+    """The number of threads the kernels use."""
+    global _num_threads
+    if _num_threads is None:
+        _num_threads = _default_threads()
+    return _num_threads
