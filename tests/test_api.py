@@ -1,0 +1,100 @@
+"""The public functions built on the dispatched kernel agree with the oracle."""
+
+import numpy as np
+import pytest
+
+import fastqkv
+from fastqkv import reference as R
+from fastqkv import testing
+
+BACKENDS = [n for n, i in fastqkv.backends().items() if i.available]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_attention_weights(rng, backend):
+    q = rng.standard_normal((2, 4, 6, 8)).astype(np.float32)
+    k = rng.standard_normal((2, 2, 9, 8)).astype(np.float32)
+    mask = rng.random((2, 1, 6, 9)) < 0.7
+    mask[0, 0, 2] = False
+    kw = dict(mask=mask, causal=True, key_lens=np.array([9, 7]), softcap=3.0)
+    w = fastqkv.attention_weights(q, k, backend=backend, **kw)
+    want = R.attention_weights(q, k, **kw)
+    assert w.shape == want.shape == (2, 4, 6, 9) and w.dtype == np.float32
+    testing.assert_close(w, want, np.float32, cond=10)
+    assert fastqkv.attention_weights(q[0, 0], k[0, 0], backend=backend).shape == (6, 9)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_self_attention(rng, backend):
+    x = rng.standard_normal((2, 7, 32)).astype(np.float32)
+    ws = [rng.standard_normal(s).astype(np.float32) / 4 for s in ((32, 32), (32, 16), (32, 16), (32, 32))]
+    y = fastqkv.self_attention(x, *ws, num_heads=4, num_kv_heads=2, causal=True, backend=backend)
+    want = R.self_attention(x, *ws, num_heads=4, num_kv_heads=2, causal=True)
+    assert y.dtype == np.float32 and y.shape == (2, 7, 32)
+    testing.assert_close(y, want, np.float32, cond=100, vmax=np.abs(want).max())
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_varlen(rng, backend):
+    lq, lk = [2, 0, 1, 4], [5, 3, 0, 4]
+    cq, ck = np.cumsum([0] + lq), np.cumsum([0] + lk)
+    q = rng.standard_normal((cq[-1], 4, 8)).astype(np.float32)
+    k = rng.standard_normal((ck[-1], 1, 8)).astype(np.float32)
+    v = rng.standard_normal((ck[-1], 1, 8)).astype(np.float32)
+    o, l = fastqkv.attention_varlen(q, k, v, cq, ck, causal=True, return_lse=True, backend=backend)
+    ow, lw = R.attention_varlen(q, k, v, cq, ck, causal=True, return_lse=True)
+    testing.assert_close(o, ow, np.float32, cond=10)
+    testing.assert_close(l, lw, np.float32, cond=10)
+    assert (o[cq[2]:cq[3]] == 0).all()                    # sequence with no keys
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_paged(rng, backend):
+    kc = rng.standard_normal((9, 4, 2, 8)).astype(np.float32)
+    vc = rng.standard_normal((9, 4, 2, 8)).astype(np.float32)
+    bt = np.array([[3, 1, 7], [0, 8, -1]])
+    sl = np.array([11, 6])
+    q = rng.standard_normal((2, 4, 2, 8)).astype(np.float32)
+    o = fastqkv.paged_attention(q, kc, vc, bt, sl, causal=True, backend=backend)
+    testing.assert_close(o, R.paged_attention(q, kc, vc, bt, sl, causal=True), np.float32, cond=10)
+
+
+def test_merge(rng):
+    o1, o2 = rng.standard_normal((2, 3, 4, 5)), rng.standard_normal((2, 3, 4, 5))
+    l1, l2 = rng.standard_normal((2, 3, 4)), rng.standard_normal((2, 3, 4))
+    got = fastqkv.merge_attention([o1, o2], [l1, l2])
+    want = R.merge_attention([o1, o2], [l1, l2])
+    np.testing.assert_array_equal(got[0], want[0])
+    # blhd: lse stays (B, H, L)
+    ob = fastqkv.merge_attention([o1.transpose(0, 2, 1, 3), o2.transpose(0, 2, 1, 3)], [l1, l2],
+                                 layout="blhd")
+    np.testing.assert_allclose(ob[0], want[0].transpose(0, 2, 1, 3))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_empty_work_and_zero_keys(backend):
+    q = np.ones((2, 4, 3, 8), np.float32)
+    k = np.ones((2, 2, 5, 8), np.float32)
+    out, lse = fastqkv.attention(q[:0], k[:0], k[:0], return_lse=True, backend=backend)
+    assert out.shape == (0, 4, 3, 8) and lse.shape == (0, 4, 3)
+    out, lse = fastqkv.attention(q[:, :, :0], k, k, return_lse=True, backend=backend)
+    assert out.shape == (2, 4, 0, 8)
+    out, lse = fastqkv.attention(q, k[:, :, :0], k[:, :, :0], return_lse=True, backend=backend)
+    assert (out == 0).all() and np.isneginf(lse).all()
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_return_types(rng, backend):
+    q = rng.standard_normal((3, 5, 8))
+    out = fastqkv.attention(q, q, q, backend=backend)
+    assert isinstance(out, np.ndarray) and out.dtype == np.float64 and out.shape == (3, 5, 8)
+    out, lse = fastqkv.attention(q, q, q, return_lse=True, backend=backend)
+    assert lse.shape == (3, 5) and lse.dtype == np.float64
+
+
+def test_array_likes_are_accepted(rng):
+    q = rng.standard_normal((3, 4))
+    out = fastqkv.attention(q.tolist(), q.tolist(), q.tolist())
+    np.testing.assert_allclose(out, R.attention(q, q, q))
+    mv = memoryview(np.ascontiguousarray(q.astype(np.float32)))
+    assert fastqkv.attention(mv, mv, mv).dtype == np.float32
