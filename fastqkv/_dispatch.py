@@ -50,6 +50,7 @@ _modules: dict = {}
 _global_backend = None
 _context_backend = contextvars.ContextVar("fastqkv_backend", default=None)
 _num_threads = None
+_auto_candidates: list = []   # (name, module) of the available backends, in AUTO_ORDER
 
 
 def _probe(name):
@@ -107,11 +108,16 @@ def get_backend():
     return _context_backend.get() or _global_backend or _env_backend() or "auto"
 
 
+_env_cache = []
+
+
 def _env_backend():
-    name = os.environ.get(_config.ENV_BACKEND, "").strip()
-    if not name or name == "auto":
-        return None
-    return _check_name(name, f"${_config.ENV_BACKEND}")
+    """``$FASTQKV_BACKEND``, read once per process."""
+    if not _env_cache:
+        name = os.environ.get(_config.ENV_BACKEND, "").strip()
+        name = None if not name or name == "auto" else _check_name(name, f"${_config.ENV_BACKEND}")
+        _env_cache.append(name)
+    return _env_cache[0]
 
 
 def _require(name):
@@ -126,9 +132,11 @@ def resolve(backend, problem):
     if backend == "auto":
         pinned = _context_backend.get() or _global_backend or _env_backend()
         if pinned is None:
-            for name in _config.AUTO_ORDER:
-                if _probe(name).available and _modules[name].supports(problem) is None:
-                    return _modules[name], name
+            if not _auto_candidates:
+                _auto_candidates.extend((n, _modules[n]) for n in _config.AUTO_ORDER if _probe(n).available)
+            for name, mod in _auto_candidates:
+                if mod.supports(problem) is None:
+                    return mod, name
             raise RuntimeError("no backend supports this call")  # numpy supports all
         backend = pinned
     else:

@@ -36,13 +36,17 @@ def _bfloat16():
 BFLOAT16 = _bfloat16()
 
 
+_F32 = np.dtype(np.float32)
+_F64 = np.dtype(np.float64)
+
+
 def acc_dtype(dtype):
     """The accumulation (and lse) dtype for a storage dtype."""
-    return np.dtype(np.float64) if dtype == np.float64 else np.dtype(np.float32)
+    return _F64 if dtype.char == "d" else _F32
 
 
 def is_float_dtype(dtype):
-    return dtype.name in _FLOAT_NAMES
+    return dtype.char in "efd" or (BFLOAT16 is not None and dtype == BFLOAT16)
 
 
 def as_array(x, name):
@@ -73,8 +77,11 @@ def _float_array(x, name):
 def _walkable(a):
     """Return ``a`` or a copy that a kernel can walk: aligned, unit last stride,
     every stride a whole number of elements."""
+    flags = a.flags
+    if flags.c_contiguous and flags.aligned:
+        return a
     item = a.itemsize
-    ok = a.flags.aligned
+    ok = flags.aligned
     if ok:
         for n, s in zip(a.shape, a.strides):
             if n > 1 and s % item:
@@ -213,6 +220,20 @@ class Problem:
         for name in self.__slots__:
             setattr(self, name, kw.get(name))
 
+    @classmethod
+    def _fast(cls, q, k, v, out, lse, mask, bias, key_lens, alibi, scale, softcap, causal,
+              window_left, window_right, B, Hq, Hkv, Lq, Lk, D, Dv, dtype, acc_dtype, out_user,
+              lse_user, copy_to, return_lse, layout, ndim):
+        p = cls.__new__(cls)
+        p.q = q; p.k = k; p.v = v; p.out = out; p.lse = lse; p.mask = mask  # noqa: E702
+        p.bias = bias; p.key_lens = key_lens; p.alibi = alibi; p.scale = scale  # noqa: E702
+        p.softcap = softcap; p.causal = causal; p.window_left = window_left  # noqa: E702
+        p.window_right = window_right; p.B = B; p.Hq = Hq; p.Hkv = Hkv; p.Lq = Lq  # noqa: E702
+        p.Lk = Lk; p.D = D; p.Dv = Dv; p.dtype = dtype; p.acc_dtype = acc_dtype  # noqa: E702
+        p.out_user = out_user; p.lse_user = lse_user; p.copy_to = copy_to  # noqa: E702
+        p.return_lse = return_lse; p.layout = layout; p.ndim = ndim  # noqa: E702
+        return p
+
     @property
     def group(self):
         """Query heads per KV head."""
@@ -349,14 +370,10 @@ def plan_attention(q, k, v, *, causal=False, mask=None, bias=None, key_lens=None
         lse_user = np.empty(out_shape[:-1] if layout == "bhld" or ndim < 3 else _lse_shape(B, Hq, Lq, ndim), acc)
         lse4 = lse_user.reshape(B, Hq, Lq)
 
-    return Problem(
-        q=_walkable(q4), k=_walkable(k4), v=_walkable(v4),
-        out=_to_bhld(out_user, layout), lse=lse4, mask=mask, bias=bias,
-        key_lens=key_lens, alibi=alibi, scale=scale, softcap=softcap, causal=causal,
-        window_left=wl, window_right=wr, B=B, Hq=Hq, Hkv=Hkv, Lq=Lq, Lk=Lk, D=D, Dv=Dv,
-        dtype=dtype, acc_dtype=acc, out_user=out_user, lse_user=lse_user, copy_to=copy_to,
-        return_lse=return_lse, layout=layout, ndim=ndim,
-    )
+    return Problem._fast(
+        _walkable(q4), _walkable(k4), _walkable(v4), _to_bhld(out_user, layout), lse4, mask,
+        bias, key_lens, alibi, scale, softcap, causal, wl, wr, B, Hq, Hkv, Lq, Lk, D, Dv,
+        dtype, acc, out_user, lse_user, copy_to, return_lse, layout, ndim)
 
 
 def _lse_shape(B, H, L, ndim):
