@@ -9,12 +9,12 @@ from . import reference
 from ._api import (attention, attention_varlen, attention_weights, merge_attention,
                    paged_attention, self_attention)
 from ._dispatch import (BackendInfo, backends, get_backend, get_num_threads, set_backend,
-                        set_num_threads, use_backend)
+                        set_num_threads, use_backend, warmup)
 
 __version__ = "0.1.0"
 
 __all__ = [
     "attention", "attention_varlen", "paged_attention", "merge_attention", "attention_weights",
     "self_attention", "reference", "backends", "BackendInfo", "set_backend", "use_backend",
-    "get_backend", "set_num_threads", "get_num_threads", "__version__",
+    "get_backend", "set_num_threads", "get_num_threads", "warmup", "__version__",
 ]

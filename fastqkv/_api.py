@@ -2,9 +2,15 @@
 
 from __future__ import annotations
 
+from typing import Optional, Sequence, Tuple, Union
+
 import numpy as np
+from numpy.typing import ArrayLike, NDArray
 
 from . import _dispatch, _validate, reference
+
+Window = Optional[Tuple[int, int]]
+Result = Union[NDArray, Tuple[NDArray, NDArray]]
 
 __all__ = ["attention", "attention_varlen", "paged_attention", "merge_attention",
            "attention_weights", "self_attention"]
@@ -23,9 +29,13 @@ def _run(p, backend):
     return p.result()
 
 
-def attention(q, k, v, *, causal=False, mask=None, bias=None, key_lens=None, scale=None,
-              window=None, softcap=None, alibi_slopes=None, layout="bhld",
-              return_lse=False, out=None, backend="auto"):
+def attention(q: ArrayLike, k: ArrayLike, v: ArrayLike, *, causal: bool = False,
+              mask: Optional[ArrayLike] = None, bias: Optional[ArrayLike] = None,
+              key_lens: Optional[ArrayLike] = None, scale: Optional[float] = None,
+              window: Window = None, softcap: Optional[float] = None,
+              alibi_slopes: Optional[ArrayLike] = None, layout: str = "bhld",
+              return_lse: bool = False, out: Optional[NDArray] = None,
+              backend: str = "auto") -> Result:
     """Fused attention ``softmax(scale * q k^T + bias) v``.
 
     Semantics are those of :func:`fastqkv.reference.attention` (its module
@@ -40,9 +50,12 @@ def attention(q, k, v, *, causal=False, mask=None, bias=None, key_lens=None, sca
     return _run(p, backend)
 
 
-def attention_weights(q, k, *, causal=False, mask=None, bias=None, key_lens=None, scale=None,
-                      window=None, softcap=None, alibi_slopes=None, layout="bhld",
-                      backend="auto"):
+def attention_weights(q: ArrayLike, k: ArrayLike, *, causal: bool = False,
+                      mask: Optional[ArrayLike] = None, bias: Optional[ArrayLike] = None,
+                      key_lens: Optional[ArrayLike] = None, scale: Optional[float] = None,
+                      window: Window = None, softcap: Optional[float] = None,
+                      alibi_slopes: Optional[ArrayLike] = None, layout: str = "bhld",
+                      backend: str = "auto") -> NDArray:
     """Softmax probabilities ``(B, Hq, Lq, Lk)`` for inspection; see
     :func:`fastqkv.reference.attention_weights`.  The normaliser comes from
     the dispatched fused pass's lse; scores are recomputed with NumPy."""
@@ -64,15 +77,20 @@ def attention_weights(q, k, *, causal=False, mask=None, bias=None, key_lens=None
     return reference.weights_user_shape(w, p.ndim)
 
 
-def merge_attention(outs, lses, *, layout="bhld"):
+def merge_attention(outs: Sequence[ArrayLike], lses: Sequence[ArrayLike], *,
+                    layout: str = "bhld") -> Tuple[NDArray, NDArray]:
     """Combine partial results over disjoint key sets; see
     :func:`fastqkv.reference.merge_attention`."""
     return reference.merge_attention(outs, lses, layout=layout)
 
 
-def attention_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, *, causal=False, scale=None,
-                     window=None, softcap=None, alibi_slopes=None, return_lse=False,
-                     out=None, backend="auto", mask=None, bias=None, key_lens=None):
+def attention_varlen(q: ArrayLike, k: ArrayLike, v: ArrayLike, cu_seqlens_q: ArrayLike,
+                     cu_seqlens_k: ArrayLike, *, causal: bool = False,
+                     scale: Optional[float] = None, window: Window = None,
+                     softcap: Optional[float] = None, alibi_slopes: Optional[ArrayLike] = None,
+                     return_lse: bool = False, out: Optional[NDArray] = None,
+                     backend: str = "auto", mask: None = None, bias: None = None,
+                     key_lens: None = None) -> Result:
     """Attention over a packed ragged batch; see
     :func:`fastqkv.reference.attention_varlen`."""
     _dispatch._check_name(backend, "backend")
@@ -84,9 +102,14 @@ def attention_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, *, causal=False, scale
                                                         backend=backend))
 
 
-def paged_attention(q, k_cache, v_cache, block_table, seq_lens, *, causal=False, mask=None,
-                    bias=None, scale=None, window=None, softcap=None, alibi_slopes=None,
-                    layout="bhld", return_lse=False, out=None, backend="auto", key_lens=None):
+def paged_attention(q: ArrayLike, k_cache: ArrayLike, v_cache: ArrayLike,
+                    block_table: ArrayLike, seq_lens: ArrayLike, *, causal: bool = False,
+                    mask: Optional[ArrayLike] = None, bias: Optional[ArrayLike] = None,
+                    scale: Optional[float] = None, window: Window = None,
+                    softcap: Optional[float] = None, alibi_slopes: Optional[ArrayLike] = None,
+                    layout: str = "bhld", return_lse: bool = False,
+                    out: Optional[NDArray] = None, backend: str = "auto",
+                    key_lens: None = None) -> Result:
     """Attention against a paged KV cache; see
     :func:`fastqkv.reference.paged_attention`."""
     _dispatch._check_name(backend, "backend")
@@ -98,9 +121,13 @@ def paged_attention(q, k_cache, v_cache, block_table, seq_lens, *, causal=False,
                      layout=layout, return_lse=return_lse, out=out, backend=backend)
 
 
-def self_attention(x, w_q, w_k, w_v, w_o, *, num_heads, num_kv_heads=None, causal=False,
-                   mask=None, bias=None, key_lens=None, scale=None, window=None, softcap=None,
-                   alibi_slopes=None, backend="auto"):
+def self_attention(x: ArrayLike, w_q: ArrayLike, w_k: ArrayLike, w_v: ArrayLike,
+                   w_o: ArrayLike, *, num_heads: int, num_kv_heads: Optional[int] = None,
+                   causal: bool = False, mask: Optional[ArrayLike] = None,
+                   bias: Optional[ArrayLike] = None, key_lens: Optional[ArrayLike] = None,
+                   scale: Optional[float] = None, window: Window = None,
+                   softcap: Optional[float] = None, alibi_slopes: Optional[ArrayLike] = None,
+                   backend: str = "auto") -> NDArray:
     """Multi-head self-attention layer; see :func:`fastqkv.reference.self_attention`.
     Projections use NumPy matmul (float32 for half-width inputs); attention
     is the dispatched fused kernel."""

@@ -192,3 +192,21 @@ def get_num_threads():
     if _num_threads is None:
         _num_threads = _default_threads()
     return _num_threads
+
+
+def warmup(names=None):
+    """Prepare backends ahead of the first call (compile the Numba kernels,
+    start the C thread pool).  Returns ``{name: seconds}`` for each backend
+    warmed; unavailable backends are skipped."""
+    import time
+    out = {}
+    for name in names or list(BACKEND_MODULES):
+        _check_name(name, "backend")
+        if not _probe(name).available:
+            continue
+        fn = getattr(_modules[name], "warmup", None)
+        t0 = time.perf_counter()
+        if fn is not None:
+            fn()
+        out[name] = time.perf_counter() - t0
+    return out

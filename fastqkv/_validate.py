@@ -56,7 +56,10 @@ def as_array(x, name):
     if x is None:
         raise TypeError(f"{name} must be an array, got None")
     try:
-        a = np.asarray(x)
+        if hasattr(x, "__dlpack__") and not hasattr(x, "__array__") and not hasattr(x, "__array_interface__"):
+            a = np.from_dlpack(x)           # zero-copy view of a DLPack producer
+        else:
+            a = np.asarray(x)               # buffer protocol, __array_interface__, __array__
     except Exception as exc:  # noqa: BLE001 - re-raised with the argument's name
         raise TypeError(f"{name} must be an array-like of numbers, got {type(x).__name__}: {exc}") from None
     if a.dtype == object:

@@ -98,3 +98,29 @@ def test_array_likes_are_accepted(rng):
     np.testing.assert_allclose(out, R.attention(q, q, q))
     mv = memoryview(np.ascontiguousarray(q.astype(np.float32)))
     assert fastqkv.attention(mv, mv, mv).dtype == np.float32
+
+
+class _DLPackOnly:
+    """An array producer that speaks DLPack and nothing else."""
+
+    def __init__(self, a):
+        self._a = a
+
+    def __dlpack__(self, **kw):
+        return self._a.__dlpack__(**kw)
+
+    def __dlpack_device__(self):
+        return self._a.__dlpack_device__()
+
+
+def test_dlpack_producers_are_viewed_without_copy(rng):
+    q = rng.standard_normal((2, 5, 8)).astype(np.float32)
+    out = fastqkv.attention(_DLPackOnly(q), _DLPackOnly(q), _DLPackOnly(q))
+    np.testing.assert_allclose(out, R.attention(q, q, q), rtol=1e-5)
+    assert np.shares_memory(fastqkv._validate.as_array(_DLPackOnly(q), "q"), q)
+
+
+def test_warmup_reports_available_backends():
+    done = fastqkv.warmup()
+    assert "numpy" in done
+    assert set(done) <= {n for n, i in fastqkv.backends().items() if i.available}
