@@ -1,4 +1,17 @@
-"""The ``c`` backend: thin wrapper over the compiled module ``fastqkv._ckernels``."""
+"""The ``c`` backend: thin wrapper over the compiled module ``fastqkv._ckernels``.
+
+The extension holds one kernel body compiled per ISA (generic, AVX2+FMA,
+AVX-512); the variant is chosen once at import from cpuid/xgetbv, or forced
+with ``$FASTQKV_ISA=generic|avx2|avx512`` (an unknown or unusable value makes
+the backend unavailable, with the reason in ``fastqkv.backends()``).
+:func:`forced_isa` switches the variant at run time for tests and benchmarks.
+"""
+
+from __future__ import annotations
+
+import contextlib
+
+import numpy as np
 
 _IMPORT_ERROR = None
 try:
@@ -7,16 +20,57 @@ except ImportError as exc:  # the extension was not built (no compiler, failed b
     _ckernels = None
     _IMPORT_ERROR = exc
 
+_DTYPES = (np.dtype(np.float32), np.dtype(np.float64))
+
 
 def probe():
     if _ckernels is None:
-        return False, f"the compiled module fastqkv._ckernels is not importable ({_IMPORT_ERROR})", {}
-    return True, "compiled", {}
+        return False, (f"the compiled module fastqkv._ckernels is not importable "
+                       f"({_IMPORT_ERROR}); reinstall with a C compiler to build it"), {}
+    details = {
+        "isa": _ckernels.isa(),
+        "isa_compiled": list(_ckernels.isa_compiled()),
+        "isa_supported": list(_ckernels.isa_supported()),
+    }
+    err = _ckernels.isa_error()
+    if err is not None:
+        return False, err, details
+    return True, f"compiled, ISA {details['isa']}", details
 
 
 def supports(problem):
-    return "not implemented"
+    if problem.dtype not in _DTYPES:
+        return f"dtype {problem.dtype} is not supported by the c backend yet (float32, float64 only)"
+    return None
 
 
 def run(problem, num_threads):
-    raise NotImplementedError
+    p = problem
+    _ckernels.attention(p.q, p.k, p.v, p.out, p.lse, p.mask, p.bias, p.key_lens, p.alibi,
+                        p.scale, p.softcap, p.window_left, p.window_right, num_threads)
+
+
+def isa():
+    """The ISA variant in use, or None."""
+    return None if _ckernels is None else _ckernels.isa()
+
+
+def isa_variants():
+    """ISA variants both compiled into this build and runnable on this CPU."""
+    if _ckernels is None:
+        return []
+    sup = set(_ckernels.isa_supported())
+    return [name for name in _ckernels.isa_compiled() if name in sup]
+
+
+@contextlib.contextmanager
+def forced_isa(name):
+    """Run the c backend with ISA variant ``name`` inside the block
+    (process-wide; not for use while other threads run attention)."""
+    if _ckernels is None:
+        raise RuntimeError(f"fastqkv._ckernels is not importable ({_IMPORT_ERROR})")
+    prev = _ckernels.set_isa(name)
+    try:
+        yield
+    finally:
+        _ckernels.set_isa(prev)

@@ -1,0 +1,74 @@
+/* fastqkv C backend: the problem description shared by module.c, driver.c
+ * and the per-ISA kernels.  The Python wrapper validates every argument;
+ * module.c re-checks only what protects memory; the kernels trust it. */
+#ifndef FASTQKV_H
+#define FASTQKV_H
+
+#include <stddef.h>
+#include <stdint.h>
+
+enum { FQ_F32 = 0, FQ_F64 = 1 };
+
+/* status codes returned by fq_run (never printed, never exit()) */
+enum { FQ_OK = 0, FQ_ENOMEM = 1, FQ_EISA = 2, FQ_EINVAL = 3 };
+
+typedef struct fq_problem {
+    int dtype;                       /* FQ_F32 or FQ_F64 (storage = accumulation) */
+    int64_t B, Hq, Hkv, G, Lq, Lk, D, Dv;
+    const char *q, *k, *v;           /* (B,H,L,D) views, byte strides, unit last stride */
+    char *out;
+    char *lse;                       /* NULL or contiguous (B,Hq,Lq) */
+    int64_t sq[3], sk[3], sv[3], so[3];
+    const unsigned char *mask;       /* NULL or bool (B,Hq,Lq,Lk), any strides */
+    int64_t sm[4];
+    const char *bias;                /* NULL or (B,Hq,Lq,Lk) in the dtype, any strides */
+    int64_t sb[4];
+    const int64_t *key_lens;         /* NULL or (B,) within [0, Lk] */
+    const char *alibi;               /* NULL or contiguous (B,Hq) */
+    double scale, softcap;           /* softcap 0 = off */
+    int64_t wl, wr;                  /* window, -1 = unbounded; causal is wr = 0 */
+    /* tiling, chosen by the driver */
+    int64_t qt;                      /* query positions per work item (rows = G*qt) */
+    int64_t kt;                      /* keys per tile, a multiple of the kernel's NR */
+} fq_problem;
+
+/* Per-thread scratch, allocated once and grown on demand. */
+typedef struct fq_scratch {
+    void *buf;
+    size_t cap;
+} fq_scratch;
+
+/* One dtype of one ISA variant. */
+typedef struct fq_kfuncs {
+    /* computes output rows of query positions [q0, q0+qt) of every query
+     * head of KV group g of batch b */
+    int (*item)(const fq_problem *p, int64_t b, int64_t g, int64_t q0, void *scratch);
+    size_t (*scratch_bytes)(const fq_problem *p);
+    void (*vexp)(const void *x, void *y, int64_t n);   /* test hook for the vector exp */
+    int nr;                          /* key-tile granularity (QK micro-kernel columns) */
+} fq_kfuncs;
+
+typedef struct fq_isa {
+    const char *name;
+    fq_kfuncs f32, f64;
+    int rows;                        /* target rows per work item (tuned) */
+    int kt;                          /* keys per tile (tuned) */
+} fq_isa;
+
+extern const fq_isa fq_isa_generic;
+#if FQ_HAVE_AVX2
+extern const fq_isa fq_isa_avx2;
+#endif
+#if FQ_HAVE_AVX512
+extern const fq_isa fq_isa_avx512;
+#endif
+
+/* cpu_features.c */
+int fq_cpu_has_avx2_fma(void);
+int fq_cpu_has_avx512(void);
+
+/* driver.c */
+int fq_run(const fq_problem *p, const fq_isa *isa, int nthreads);
+int fq_set_tiles(int rows, int kt);   /* 0 = the ISA's tuned default */
+
+#endif

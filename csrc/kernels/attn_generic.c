@@ -1,0 +1,11 @@
+/* Portable variant: 16-byte vectors (SSE2 on x86-64, NEON on aarch64). */
+#define FQ_ISA_NAME "generic"
+#define FQ_ISA_SYM fq_isa_generic
+#define FQ_VBYTES 16
+#define MR_QK 4
+#define NV_QK 3
+#define MR_PV 4
+#define NV_PV 2
+#define FQ_ROWS 64
+#define FQ_KT 192
+#include "attn_isa.inc"

@@ -1,0 +1,110 @@
+/* The vector vocabulary of the kernels, written once with GNU C vector
+ * extensions.  Each ISA translation unit defines FQ_VBYTES (16 = SSE2/NEON
+ * baseline, 32 = AVX2, 64 = AVX-512) and is compiled with that ISA's flags,
+ * so the same source becomes xmm, ymm or zmm code.  FMA comes from
+ * -ffp-contract=fast on a*b+c (the AVX2/AVX-512 units are built with -mfma).
+ *
+ * Included by attn_tile.inc once per element type with FQ_T set.  Names are
+ * suffixed with FQ_SFX (f32/f64) so both instantiations live in one unit. */
+
+#define FQ_CAT_(a, b) a##_##b
+#define FQ_CAT(a, b) FQ_CAT_(a, b)
+#define N(name) FQ_CAT(name, FQ_SFX)
+
+#define AI static inline __attribute__((always_inline))
+
+typedef FQ_T N(vec) __attribute__((vector_size(FQ_VBYTES)));
+typedef FQ_T N(vecu) __attribute__((vector_size(FQ_VBYTES), aligned(sizeof(FQ_T)), may_alias));
+typedef __typeof__((N(vec)){0} < (N(vec)){0}) N(ivec);
+
+#define V N(vec)
+#define VU N(vecu)
+#define VI N(ivec)
+#define VL ((int64_t)(FQ_VBYTES / sizeof(FQ_T)))
+
+AI V N(vload)(const FQ_T *p) { return *(const VU *)p; }
+AI void N(vstore)(FQ_T *p, V x) { *(VU *)p = x; }
+AI V N(vsplat)(FQ_T s) { return (V){0} + s; }
+/* m ? a : b, lane-wise (m lanes are all-ones or zero) */
+AI V N(vsel)(VI m, V a, V b) { return (V)((m & (VI)a) | (~m & (VI)b)); }
+/* max that keeps b when a compares false (drops NaN: callers check for it) */
+AI V N(vmax)(V a, V b) { return N(vsel)(a > b, a, b); }
+AI FQ_T N(hmax)(V x)
+{
+    FQ_T m = x[0];
+    for (int i = 1; i < VL; i++)
+        m = x[i] > m ? x[i] : m;
+    return m;
+}
+AI FQ_T N(hsum)(V x)
+{
+    FQ_T s = 0;
+    for (int i = 0; i < VL; i++)
+        s += x[i];
+    return s;
+}
+
+/* Vectorised exp, Cephes style: x = n ln2 + r with |r| <= ln2/2 (Cody-Waite
+ * two-constant ln2), exp(r) by a polynomial, 2^n built in the exponent bits
+ * (n taken from the rounding magic number, no float->int conversion).
+ * exp(-inf) = 0 exactly, inputs below ln(min normal) flush to 0 (callers only
+ * pass x <= 0, where such values are negligible next to the row sum of >= 1),
+ * NaN -> NaN, inputs above 88 (f32) / ~709 (f64) are clamped.
+ * Error bound (tested in tests/test_c_backend.py over [-87, 0] resp. [-708, 0]
+ * and a few positive values): float32 relative error < 4e-7 (~3 ulp, Cephes
+ * expf polynomial, degree 7); float64 relative error < 1e-15 (~5 ulp, Taylor
+ * degree 13 on |r| <= 0.347, truncation < 2e-17). */
+#if FQ_IS_F64
+AI V N(vexp)(V x)
+{
+    const V lo = N(vsplat)(-708.3964185322641), hi = N(vsplat)(709.0);
+    const V magic = N(vsplat)(6755399441055744.0);   /* 1.5 * 2^52 */
+    const VI under = x < lo;
+    x = N(vsel)(under, lo, x);
+    x = N(vsel)(x > hi, hi, x);
+    V t = x * 1.4426950408889634 + magic;
+    V n = t - magic;
+    V r = x - n * 6.93145751953125E-1;
+    r = r - n * 1.42860682030941723212E-6;
+    V p = N(vsplat)(1.0 / 6227020800.0);
+    p = p * r + 1.0 / 479001600.0;
+    p = p * r + 1.0 / 39916800.0;
+    p = p * r + 1.0 / 3628800.0;
+    p = p * r + 1.0 / 362880.0;
+    p = p * r + 1.0 / 40320.0;
+    p = p * r + 1.0 / 5040.0;
+    p = p * r + 1.0 / 720.0;
+    p = p * r + 1.0 / 120.0;
+    p = p * r + 1.0 / 24.0;
+    p = p * r + 1.0 / 6.0;
+    p = p * r + 0.5;
+    p = p * r + 1.0;
+    p = p * r + 1.0;
+    VI e = ((VI)t - (VI)magic + 1023) << 52;
+    V res = p * (V)e;
+    return (V)((VI)res & ~under);
+}
+#else
+AI V N(vexp)(V x)
+{
+    const V lo = N(vsplat)(-87.33654f), hi = N(vsplat)(88.0f);
+    const V magic = N(vsplat)(12582912.0f);          /* 1.5 * 2^23 */
+    const VI under = x < lo;
+    x = N(vsel)(under, lo, x);
+    x = N(vsel)(x > hi, hi, x);
+    V t = x * 1.44269504088896341f + magic;
+    V n = t - magic;
+    V r = x - n * 0.693359375f;
+    r = r - n * -2.12194440e-4f;
+    V p = N(vsplat)(1.9875691500E-4f);
+    p = p * r + 1.3981999507E-3f;
+    p = p * r + 8.3334519073E-3f;
+    p = p * r + 4.1665795894E-2f;
+    p = p * r + 1.6666665459E-1f;
+    p = p * r + 5.0000001201E-1f;
+    p = p * (r * r) + r + 1.0f;
+    VI e = ((VI)t - (VI)magic + 127) << 23;
+    V res = p * (V)e;
+    return (V)((VI)res & ~under);
+}
+#endif
