@@ -1,17 +1,66 @@
-"""The ``numba`` backend (lazy: numba is imported on first use)."""
+"""The ``numba`` backend: the fused tiled kernel as Numba JIT code.
+
+Importing this package does not import numba; :mod:`fastqkv._numba.kernels`
+(which does) is imported by the first :func:`run`, :func:`warmup` or
+:func:`cache_status`.  The compiled code is cached on disk by Numba
+(``cache=True``), so after the first process only loading it costs time.
+
+Backend interface (see :mod:`fastqkv._dispatch`): :func:`probe`,
+:func:`supports`, :func:`run`; plus :func:`warmup` and :func:`cache_status`
+for ``fastqkv.warmup()`` and ``fastqkv info``.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+
+import numpy as np
+
+__all__ = ["probe", "supports", "run", "warmup", "cache_status"]
+
+_SUPPORTED = (np.dtype(np.float32), np.dtype(np.float64))
 
 
 def probe():
+    """``(available, reason, details)`` without importing or compiling anything."""
+    spec = importlib.util.find_spec("numba")
+    if spec is None:
+        return False, "numba is not installed (pip install numba)", {}
+    details = {}
     try:
-        import numba  # noqa: F401
-    except ImportError as exc:
-        return False, f"numba is not installed ({exc})", {}
-    return False, "the Numba kernels are not implemented yet", {}
+        from importlib.metadata import version
+        details["numba"] = version("numba")
+    except Exception:  # noqa: BLE001 - metadata is informational only
+        pass
+    return True, "available (Numba JIT; compiled code cached on disk)", details
 
 
 def supports(problem):
-    return "not implemented"
+    """None, or why this call cannot run on the numba backend."""
+    if problem.dtype not in _SUPPORTED:
+        return f"dtype {problem.dtype} is not supported by the numba backend (float32 and float64 only)"
+    return None
+
+
+def _kernels():
+    from . import kernels
+    return kernels
 
 
 def run(problem, num_threads):
-    raise NotImplementedError
+    """Fill ``problem.out`` (and ``problem.lse``) for a validated, non-empty
+    problem with ``Lk > 0``."""
+    _kernels().run(problem, num_threads)
+
+
+def warmup():
+    """Compile (or load from the disk cache) the kernels for float32 and
+    float64; one signature per dtype serves every option.  Returns
+    :func:`cache_status`."""
+    return _kernels().warmup()
+
+
+def cache_status():
+    """Whether Numba's disk cache holds the kernels:
+    ``{"warm": bool | None, "signatures": "n of N", "dir": path}``."""
+    return _kernels().cache_status()

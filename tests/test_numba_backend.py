@@ -1,0 +1,168 @@
+"""The numba backend against the NumPy oracle, plus its backend interface.
+
+Every case of :func:`fastqkv.testing.generate_cases` runs at 1 and 2 threads;
+the extra cases below sweep head dims, lengths, GQA ratios, strides and the
+numerical corner cases that need the fused kernel's tile logic (several key
+and query tiles, partially visible tiles, invisible non-finite values).
+"""
+
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+import fastqkv
+from fastqkv import reference, testing
+
+numba = pytest.importorskip("numba")
+
+from fastqkv import _numba  # noqa: E402
+
+BACKEND = "numba"
+THREADS = (1, 2)
+CASES = testing.generate_cases(quick=False, seed=0)
+
+
+@pytest.mark.parametrize("threads", THREADS)
+@pytest.mark.parametrize("case", CASES, ids=lambda c: c.name)
+def test_generated_case(case, threads):
+    testing.check_case(case, BACKEND, num_threads=threads)
+
+
+def _case(name, rng, *shape, **kw):
+    return testing.make_case(name, rng, *shape, **kw)
+
+
+def _sweep():
+    rng = np.random.default_rng(1)
+    out = []
+    for D in (1, 3, 64, 80, 128):
+        for L in (1, 7, 113):
+            for dtype in (np.float32, np.float64):
+                out.append(_case(f"D{D}-L{L}-{np.dtype(dtype).name}-causal", rng, 1, 2, 2, L, L, D,
+                                 dtype=dtype, causal=True))
+    for g in (1, 4, 8):
+        out.append(_case(f"gqa{g}-prefill", rng, 2, 8, 8 // g, 70, 70, 32, causal=True))
+        out.append(_case(f"gqa{g}-decode-long", rng, 2, 8, 8 // g, 1, 600, 32,
+                         key_lens=np.array([600, 257])))
+        out.append(_case(f"gqa{g}-chunked-causal", rng, 1, 8, 8 // g, 40, 300, 16, causal=True))
+    out.append(_case("window-both-sides-multi-tile", rng, 1, 4, 2, 150, 150, 16, window=(40, 17)))
+    out.append(_case("window-left-only", rng, 1, 2, 1, 90, 200, 8, window=(30, -1)))
+    out.append(_case("negative-scale", rng, 1, 2, 1, 9, 70, 16, scale=-0.7, causal=True))
+    out.append(_case("zero-scale", rng, 1, 2, 1, 9, 70, 16, scale=0.0))
+    out.append(_case("blhd-strided-mask-bias", rng, 2, 4, 2, 19, 77, 24, strides="transposed",
+                     mask=rng.random((2, 1, 19, 77)) < 0.7, bias=rng.standard_normal((19, 77)),
+                     out_strided=True))
+    return out
+
+
+@pytest.mark.parametrize("threads", THREADS)
+@pytest.mark.parametrize("case", _sweep(), ids=lambda c: c.name)
+def test_sweep_case(case, threads):
+    testing.check_case(case, BACKEND, num_threads=threads)
+
+
+def _compare(q, k, v, threads=2, **kw):
+    ref_out, ref_lse = reference.attention(q, k, v, return_lse=True, **kw)
+    with fastqkv.use_backend(BACKEND):
+        old = fastqkv.get_num_threads()
+        fastqkv.set_num_threads(threads)
+        try:
+            out, lse = fastqkv.attention(q, k, v, return_lse=True, backend=BACKEND, **kw)
+        finally:
+            fastqkv.set_num_threads(old)
+    tol = testing.TOLERANCES[np.dtype(q.dtype).name]
+    cond = testing._condition(q, k, kw.get("scale") or 1 / np.sqrt(q.shape[-1]))
+    testing.assert_close(out, ref_out, q.dtype, cond=cond, what="out")
+    testing.assert_close(lse, ref_lse, q.dtype, cond=cond, what="lse")
+    assert tol > 0
+    return out, lse
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_zero_and_negative_strides(dtype):
+    rng = np.random.default_rng(2)
+    k = rng.standard_normal((1, 2, 50, 16)).astype(dtype)[:, :, ::-1]      # negative L stride
+    v = np.broadcast_to(rng.standard_normal((1, 2, 1, 12)).astype(dtype), (1, 2, 50, 12))  # zero stride
+    q = rng.standard_normal((1, 6, 9, 16)).astype(dtype)[:, ::-1]          # negative H stride
+    _compare(q, k, v, causal=True)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_masked_nonfinite_values_do_not_leak(dtype):
+    """NaN/inf in K and V of keys a mask hides, inside a tile that other rows see."""
+    rng = np.random.default_rng(3)
+    q = rng.standard_normal((1, 4, 6, 8)).astype(dtype)
+    k = rng.standard_normal((1, 2, 70, 8)).astype(dtype)
+    v = rng.standard_normal((1, 2, 70, 8)).astype(dtype)
+    mask = np.ones((1, 4, 6, 70), bool)
+    mask[0, :2, :, 5] = False                 # heads 0-1 hide key 5, heads 2-3 see it
+    mask[0, :, :, 66] = False                 # nobody sees key 66
+    k[0, 1, 66] = np.nan
+    v[0, 1, 66] = np.inf
+    v[0, 0, 5] = np.nan                       # kv head 0 = query heads 0, 1: hidden
+    out, lse = _compare(q, k, v, mask=mask)
+    assert np.isfinite(out).all() and np.isfinite(lse).all()
+
+
+def test_huge_logits_both_signs():
+    rng = np.random.default_rng(4)
+    q = (rng.standard_normal((1, 2, 5, 16)) * 400).astype(np.float32)
+    k = rng.standard_normal((1, 2, 300, 16)).astype(np.float32)
+    v = rng.standard_normal((1, 2, 300, 16)).astype(np.float32)
+    for scale in (1.0, -1.0):
+        _compare(q, k, v, scale=scale)
+
+
+def test_nan_in_visible_score_reaches_row():
+    rng = np.random.default_rng(5)
+    q = rng.standard_normal((1, 1, 3, 8)).astype(np.float32)
+    k = rng.standard_normal((1, 1, 200, 8)).astype(np.float32)
+    v = rng.standard_normal((1, 1, 200, 8)).astype(np.float32)
+    k[0, 0, 150, 2] = np.nan                  # a later key tile than the row max
+    out, lse = _compare(q, k, v)
+    assert np.isnan(out).all() and np.isnan(lse).all()
+
+
+def test_readonly_inputs_and_float64_out():
+    rng = np.random.default_rng(6)
+    q, k, v = (rng.standard_normal((2, 4, 9, 8)) for _ in range(3))
+    for a in (q, k, v):
+        a.setflags(write=False)
+    out = np.full((2, 4, 9, 8), np.nan)
+    got = fastqkv.attention(q, k, v, out=out, backend=BACKEND)
+    assert got is out
+    np.testing.assert_allclose(out, reference.attention(q, k, v), rtol=1e-12, atol=1e-12)
+
+
+def test_thread_count_is_restored():
+    before = numba.get_num_threads()
+    rng = np.random.default_rng(7)
+    q = rng.standard_normal((1, 2, 4, 8)).astype(np.float32)
+    fastqkv.set_num_threads(1)
+    try:
+        fastqkv.attention(q, q, q, backend=BACKEND)
+    finally:
+        fastqkv.set_num_threads(None)
+    assert numba.get_num_threads() == before
+
+
+def test_interface():
+    ok, reason, details = _numba.probe()
+    assert ok and reason and "numba" in details
+    p = fastqkv._validate.plan_attention(np.zeros((1, 2, 3), np.float16), np.zeros((1, 2, 3), np.float16),
+                                         np.zeros((1, 2, 3), np.float16))
+    assert "float16" in _numba.supports(p)
+    p32 = fastqkv._validate.plan_attention(np.zeros((1, 2, 3), np.float32), np.zeros((1, 2, 3), np.float32),
+                                           np.zeros((1, 2, 3), np.float32))
+    assert _numba.supports(p32) is None
+    status = _numba.warmup()
+    assert status["warm"] is True, status
+    assert _numba.cache_status()["warm"] is True
+
+
+def test_import_does_not_import_numba():
+    code = ("import sys, fastqkv, fastqkv._numba as nb; nb.probe(); "
+            "assert 'numba' not in sys.modules, 'numba imported'")
+    subprocess.run([sys.executable, "-c", code], check=True)
