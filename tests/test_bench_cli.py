@@ -1,0 +1,164 @@
+"""`fastqkv bench`: a smoke run on tiny shapes, the JSON schema, the plot, and
+the one-line skips of missing optional pieces (torch, onnxruntime, rich,
+matplotlib).  Only the numpy backend is timed, so no JIT compile is paid."""
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from fastqkv import _bench, _validate, cli, reference
+
+TINY = ["bench", "--tiny", "--no-progress", "--backend", "numpy"]
+
+
+def run(capsys, *extra):
+    code = cli.main(TINY + list(extra))
+    out = capsys.readouterr()
+    return code, out.out, out.err
+
+
+def test_tiny_smoke_run_prints_machine_table_and_auto_lines(capsys):
+    code, out, err = run(capsys, "--no-peers")
+    assert code == 0, out + err
+    assert "Traceback" not in out + err
+    assert "sgemm" in out and "read bandwidth" in out
+    assert "GFLOP/s" in out and "GB/s" in out
+    names = [c.name for c in _bench.shape_classes("tiny")]
+    for name in names:
+        assert f"auto {name}: picks" in out
+    assert "MISMATCH" not in out
+
+
+def test_case_filter_and_json_schema(capsys, tmp_path):
+    path = tmp_path / "bench.json"
+    code, out, _ = run(capsys, "--no-peers", "--case", "decode", "--json", str(path))
+    assert code == 0
+    data = json.loads(path.read_text())
+    m = data["machine"]
+    for key in ("threads", "sgemm_gflops", "dgemm_gflops", "bandwidth_gbs", "sgemm_method",
+                "bandwidth_method", "versions", "backends"):
+        assert key in m
+    assert m["sgemm_gflops"] > 0 and m["bandwidth_gbs"] > 0
+    assert data["size"] == "tiny"
+    names = [c["name"] for c in data["cases"]]
+    assert names and all("decode" in n for n in names)
+    for c in data["cases"]:
+        assert c["bound"] == "memory" and c["flops"] > 0 and c["kv_bytes"] > 0
+        assert {"choice", "auto_ms"} <= set(c["auto"])
+        r = next(r for r in c["results"] if r["runner"] == "numpy")
+        for key in ("ms", "spread_pct", "samples", "gflops", "gbs", "check", "first_call_ms"):
+            assert key in r
+        assert r["check"] == "ok" and r["ms"] > 0 and r["gbs"] > 0
+
+
+def test_plot_writes_a_png(capsys, tmp_path):
+    pytest.importorskip("matplotlib")
+    path = tmp_path / "bench.png"
+    code, out, _ = run(capsys, "--no-peers", "--case", "prefill-mha", "--case", "decode",
+                       "--plot", str(path))
+    assert code == 0
+    assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_missing_matplotlib_is_one_line(capsys, tmp_path, monkeypatch):
+    monkeypatch.setitem(sys.modules, "matplotlib", None)
+    path = tmp_path / "bench.png"
+    code, out, err = run(capsys, "--no-peers", "--case", "prefill-mha", "--plot", str(path))
+    assert code == 0 and not path.exists()
+    assert [ln for ln in out.splitlines() if "plot skipped" in ln] == \
+        ["plot skipped: matplotlib is not installed (pip install matplotlib)"]
+    assert "Traceback" not in out + err
+
+
+def test_missing_peers_are_one_line_each(capsys, monkeypatch):
+    monkeypatch.setitem(sys.modules, "torch", None)
+    monkeypatch.setitem(sys.modules, "onnxruntime", None)
+    code, out, err = run(capsys, "--backend", "torch", "--backend", "ort", "--case", "prefill-mha")
+    assert code == 0
+    lines = out.splitlines()
+    assert sum("torch" in ln and "not installed" in ln for ln in lines) == 1
+    assert sum("onnxruntime" in ln and "not installed" in ln for ln in lines) == 1
+    assert "Traceback" not in out + err
+
+
+def test_missing_rich_is_one_line(capsys, monkeypatch):
+    monkeypatch.setitem(sys.modules, "rich", None)
+    monkeypatch.setitem(sys.modules, "rich.progress", None)
+    prog = _bench._Progress(1, want_bar=True)
+    prog.advance("done")
+    prog.close()
+    out = capsys.readouterr().out
+    assert "rich is not installed" in out and "[1/1] done" in out
+
+
+def test_bad_arguments(capsys):
+    assert cli.main(["bench", "--tiny", "--backend", "gpu"]) == 2
+    assert cli.main(["bench", "--tiny", "--case", "no-such-case"]) == 2
+    assert "unknown backend" in capsys.readouterr().err
+
+
+def test_a_wrong_backend_result_is_marked(capsys, monkeypatch):
+    from fastqkv import _numpy_backend
+
+    def broken(p, n):
+        reference._attention_problem(p)
+        p.out[..., 0] += 1.0
+
+    monkeypatch.setattr(_numpy_backend, "run", broken)
+    code, out, _ = run(capsys, "--no-peers", "--case", "prefill-mha")
+    assert code == 1
+    assert "!!! MISMATCH prefill-mha numpy" in out
+
+
+@pytest.mark.parametrize("size", _bench.SIZES)
+def test_shape_classes_cover_the_design(size):
+    cases = _bench.shape_classes(size)
+    names = [c.name for c in cases]
+    assert len(set(names)) == len(names)
+    kinds = {c.kind for c in cases}
+    assert {"prefill", "encoder", "decode", "chunked"} <= kinds
+    assert any(c.Hq != c.Hkv for c in cases)                        # GQA
+    assert any(c.ragged == "key_lens" for c in cases)               # ragged decode
+    assert any(c.ragged == "padding" for c in cases)                # key padding
+    assert {"float32", "float64", "float16"} <= {c.dtype for c in cases}
+    assert any(c.Lq < c.Lk and c.causal and c.Lq > 1 for c in cases)  # chunked prefill
+
+
+@pytest.mark.parametrize("case", _bench.shape_classes("tiny"), ids=lambda c: c.name)
+def test_flops_count_visible_pairs(case):
+    inp = _bench.make_inputs(case)
+    p = _validate.plan_attention(inp.q, inp.k, inp.v, **inp.kwargs)
+    pairs = sum(int(reference.visible_keys(p, b)[0].sum()) for b in range(p.B))
+    assert case.visible_pairs() == pairs
+    assert case.flops() == 4.0 * case.Hq * pairs * case.D
+
+
+@pytest.mark.parametrize("peer", ["torch", "ort"])
+@pytest.mark.parametrize("case", _bench.shape_classes("tiny"), ids=lambda c: c.name)
+def test_peers_agree_with_the_oracle(peer, case):
+    pytest.importorskip({"torch": "torch", "ort": "onnxruntime"}[peer])
+    inp = _bench.make_inputs(case)
+    try:
+        call, fetch, _ = _bench.prepare(peer, inp, 1)
+    except _bench.Skip as exc:
+        pytest.skip(str(exc))
+    assert _bench.check(inp, fetch(call())) is None
+
+
+def test_check_flags_a_wrong_output():
+    inp = _bench.make_inputs(_bench.shape_classes("tiny")[0])
+    good = reference.attention(inp.q, inp.k, inp.v, **inp.kwargs)
+    assert _bench.check(inp, good) is None
+    bad = good.copy()
+    bad[0, 0, -1, 0] += 1
+    assert "max abs error" in _bench.check(inp, bad)
+
+
+def test_module_entry_point():
+    r = subprocess.run([sys.executable, "-m", "fastqkv", "bench", "--tiny", "--no-peers", "--backend", "numpy",
+                        "--case", "float64"], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert "auto float64-prefill: picks" in r.stdout
