@@ -18,11 +18,13 @@
 /* below this many multiply-adds the calling thread does everything (tuned on
  * AMD EPYC Zen 4: waking a worker costs ~10-20 us) */
 #define FQ_SERIAL_FLOPS (1 << 21)
+#define FQ_PACK_PANELS 16        /* panels per item of the packing pass */
 
 typedef struct {
     const fq_problem *p;
     const fq_kfuncs *kf;
-    int64_t nitems, nqt, BH;
+    int pack;           /* 1: the packing pass, 0: attention items */
+    int64_t nitems, nqt, BH, pchunks;
     int64_t next;       /* atomic */
     int status;         /* atomic, first error wins */
 } fq_job;
@@ -37,12 +39,13 @@ static struct {
     int pending;                 /* workers still busy with the current job */
     fq_job *job;
     fq_scratch scratch[FQ_MAX_THREADS];
+    fq_scratch kpack, vbad;      /* the packing pass's output, grown on demand */
     unsigned long start_gen[FQ_MAX_THREADS];
     int tile_rows, tile_kt;      /* overrides for tuning, 0 = ISA default */
 } pool = {
     PTHREAD_MUTEX_INITIALIZER, PTHREAD_MUTEX_INITIALIZER,
     PTHREAD_COND_INITIALIZER, PTHREAD_COND_INITIALIZER,
-    0, 0, 0, 0, NULL, {{0, 0}}, {0}, 0, 0,
+    0, 0, 0, 0, NULL, {{0, 0}}, {0, 0}, {0, 0}, {0}, 0, 0,
 };
 
 static void run_items(fq_job *job, int tid)
@@ -52,6 +55,12 @@ static void run_items(fq_job *job, int tid)
         int64_t it = __atomic_fetch_add(&job->next, 1, __ATOMIC_RELAXED);
         if (it >= job->nitems)
             break;
+        if (job->pack) {
+            int64_t bg = it / job->pchunks, c = it % job->pchunks;
+            int64_t pn0 = c * FQ_PACK_PANELS, pn1 = pn0 + FQ_PACK_PANELS;
+            job->kf->pack(job->p, bg, pn0, pn1 < job->p->npan ? pn1 : job->p->npan);
+            continue;
+        }
         int64_t qtile = job->nqt - 1 - it / job->BH;
         int64_t bg = it % job->BH;
         int64_t b = bg / job->p->Hkv, g = bg % job->p->Hkv;
@@ -119,9 +128,8 @@ static int ensure_workers(int n)
     return pool.nstarted + 1 < n ? pool.nstarted + 1 : n;
 }
 
-static int ensure_scratch(int tid, size_t bytes)
+static int ensure_buf(fq_scratch *s, size_t bytes)
 {
-    fq_scratch *s = &pool.scratch[tid];
     if (s->cap >= bytes)
         return 0;
     void *nb = NULL;
@@ -132,6 +140,28 @@ static int ensure_scratch(int tid, size_t bytes)
     s->buf = nb;
     s->cap = cap;
     return 0;
+}
+
+/* run every item of `job` on threads 0..n-1 (the caller is thread 0) */
+static void run_job(fq_job *job, int n)
+{
+    if (n <= 1) {
+        run_items(job, 0);
+        return;
+    }
+    pthread_mutex_lock(&pool.mu);
+    pool.job = job;
+    pool.nactive = n;
+    pool.pending = n - 1;
+    pool.gen++;
+    pthread_cond_broadcast(&pool.cv_work);
+    pthread_mutex_unlock(&pool.mu);
+    run_items(job, 0);
+    pthread_mutex_lock(&pool.mu);
+    while (pool.pending > 0)
+        pthread_cond_wait(&pool.cv_done, &pool.mu);
+    pool.job = NULL;
+    pthread_mutex_unlock(&pool.mu);
 }
 
 int fq_set_tiles(int rows, int kt)
@@ -172,13 +202,12 @@ int fq_run(const fq_problem *p0, const fq_isa *isa, int nthreads)
     p.kt = kt;
 
     fq_job job;
+    memset(&job, 0, sizeof job);
     job.p = &p;
     job.kf = kf;
     job.nqt = (p.Lq + qt - 1) / qt;
     job.BH = p.B * p.Hkv;
     job.nitems = job.nqt * job.BH;
-    job.next = 0;
-    job.status = 0;
     if (job.nitems < nthreads)
         nthreads = (int)job.nitems;
 
@@ -187,7 +216,7 @@ int fq_run(const fq_problem *p0, const fq_isa *isa, int nthreads)
     if (nthreads > 1)
         nthreads = ensure_workers(nthreads);
     for (int t = 0; t < nthreads; t++) {
-        if (ensure_scratch(t, bytes)) {
+        if (ensure_buf(&pool.scratch[t], bytes)) {
             if (t == 0) {
                 pthread_mutex_unlock(&pool.call_lock);
                 return FQ_ENOMEM;
@@ -196,23 +225,23 @@ int fq_run(const fq_problem *p0, const fq_isa *isa, int nthreads)
             break;
         }
     }
-    if (nthreads == 1) {
-        run_items(&job, 0);
-    } else {
-        pthread_mutex_lock(&pool.mu);
-        pool.job = &job;
-        pool.nactive = nthreads;
-        pool.pending = nthreads - 1;
-        pool.gen++;
-        pthread_cond_broadcast(&pool.cv_work);
-        pthread_mutex_unlock(&pool.mu);
-        run_items(&job, 0);
-        pthread_mutex_lock(&pool.mu);
-        while (pool.pending > 0)
-            pthread_cond_wait(&pool.cv_done, &pool.mu);
-        pool.job = NULL;
-        pthread_mutex_unlock(&pool.mu);
+    /* several query tiles per group: pack K^T once for all of them */
+    if (job.nqt > 1) {
+        int64_t npan = (p.Lk + kf->nr - 1) / kf->nr;
+        size_t elt = p.dtype == FQ_F64 ? 8 : 4;
+        size_t kb = (size_t)(job.BH * npan * kf->nr * p.D) * elt;
+        if (!ensure_buf(&pool.kpack, kb) && !ensure_buf(&pool.vbad, (size_t)(job.BH * npan))) {
+            p.kpack = pool.kpack.buf;
+            p.vbad = pool.vbad.buf;
+            p.npan = npan;
+            fq_job pj = job;
+            pj.pack = 1;
+            pj.pchunks = (npan + FQ_PACK_PANELS - 1) / FQ_PACK_PANELS;
+            pj.nitems = job.BH * pj.pchunks;
+            run_job(&pj, nthreads);
+        }
     }
+    run_job(&job, nthreads);
     pthread_mutex_unlock(&pool.call_lock);
     return job.status;
 }

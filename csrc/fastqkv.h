@@ -30,6 +30,11 @@ typedef struct fq_problem {
     /* tiling, chosen by the driver */
     int64_t qt;                      /* query positions per work item (rows = G*qt) */
     int64_t kt;                      /* keys per tile, a multiple of the kernel's NR */
+    /* K^T panels of every (batch, KV head) over the whole key axis, packed
+     * once per call by the driver's first pass (NULL: each item packs) */
+    void *kpack;
+    unsigned char *vbad;             /* per panel: its V rows hold inf/NaN */
+    int64_t npan;                    /* panels per (batch, KV head) */
 } fq_problem;
 
 /* Per-thread scratch, allocated once and grown on demand. */
@@ -44,6 +49,8 @@ typedef struct fq_kfuncs {
      * head of KV group g of batch b */
     int (*item)(const fq_problem *p, int64_t b, int64_t g, int64_t q0, void *scratch);
     size_t (*scratch_bytes)(const fq_problem *p);
+    /* first pass: K^T panels [pn0, pn1) of (batch, KV head) bg into p->kpack */
+    void (*pack)(const fq_problem *p, int64_t bg, int64_t pn0, int64_t pn1);
     void (*vexp)(const void *x, void *y, int64_t n);   /* test hook for the vector exp */
     int nr;                          /* key-tile granularity (QK micro-kernel columns) */
 } fq_kfuncs;

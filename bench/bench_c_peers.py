@@ -1,0 +1,282 @@
+"""fastqkv's c backend against PyTorch SDPA and ONNX Runtime (com.microsoft
+GroupQueryAttention / MultiHeadAttention), same process, same thread count.
+
+    python bench/bench_c_peers.py [--threads 2] [--repeat 15] [--only prefill]
+
+Prints ms (median), GFLOP/s (4 * B * Hq * visible pairs * D) and the ratio
+c / peer (speed-up, > 1 means c is faster), next to this machine's sgemm
+GFLOP/s (numpy 2048^2 float32 matmul, measured in a subprocess with
+OPENBLAS_CORETYPE / OPENBLAS_L2_SIZE unset) and the per-call overhead on a
+tiny problem.  Peers that are not installed are skipped.  ONNX models are
+encoded directly as protobuf bytes, so the `onnx` package is not needed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import struct
+import subprocess
+import sys
+import time
+
+import numpy as np
+
+import fastqkv
+from fastqkv import _c, _validate
+
+try:
+    import torch
+except ImportError:  # pragma: no cover
+    torch = None
+try:
+    import onnxruntime as ort
+except ImportError:  # pragma: no cover
+    ort = None
+
+
+def timeit(fn, repeat, warmup=2, min_time=0.0):
+    for _ in range(warmup):
+        fn()
+    ts = []
+    t_end = time.perf_counter() + min_time
+    while len(ts) < repeat or time.perf_counter() < t_end:
+        t0 = time.perf_counter()
+        fn()
+        ts.append(time.perf_counter() - t0)
+    return statistics.median(ts)
+
+
+def sgemm_gflops(threads):
+    code = ("import numpy as np, time, statistics\n"
+            "a = np.random.default_rng(0).standard_normal((2048, 2048)).astype(np.float32)\n"
+            "b = a.copy(); a @ b\n"
+            "ts = []\n"
+            "for _ in range(15):\n"
+            "    t = time.perf_counter(); a @ b; ts.append(time.perf_counter() - t)\n"
+            "print(2 * 2048 ** 3 / statistics.median(ts) / 1e9)\n")
+    env = {k: v for k, v in os.environ.items() if k not in ("OPENBLAS_CORETYPE", "OPENBLAS_L2_SIZE")}
+    for var in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS"):
+        env[var] = str(threads)
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
+    return float(out.stdout.strip()) if out.returncode == 0 else float("nan")
+
+
+# ---------------------------------------------------------------------------
+# minimal protobuf encoding of an ONNX model with one contrib node
+
+def _varint(n):
+    out = bytearray()
+    n &= (1 << 64) - 1
+    while True:
+        b = n & 0x7F
+        n >>= 7
+        if n:
+            out.append(b | 0x80)
+        else:
+            out.append(b)
+            return bytes(out)
+
+
+def _field(num, wire, payload):
+    return _varint(num << 3 | wire) + payload
+
+
+def _int(num, v):
+    return _field(num, 0, _varint(v))
+
+
+def _bytes(num, b):
+    if isinstance(b, str):
+        b = b.encode()
+    return _field(num, 2, _varint(len(b)) + b)
+
+
+def _attr(name, v):
+    if isinstance(v, float):
+        return _bytes(5, _bytes(1, name) + _field(2, 5, struct.pack("<f", v)) + _int(20, 1))
+    return _bytes(5, _bytes(1, name) + _int(3, v) + _int(20, 2))
+
+
+def _value_info(name, elem, shape):
+    dims = b"".join(_bytes(1, _int(1, d)) for d in shape)
+    ttype = _bytes(1, _int(1, elem) + _bytes(2, dims))
+    return _bytes(1, name) + _bytes(2, ttype)
+
+
+def onnx_model(op, inputs, outputs, attrs):
+    """inputs/outputs: [(name, elem_type, shape)], '' names = omitted optional inputs."""
+    node = b"".join(_bytes(1, n) for n, _, _ in inputs)
+    node += b"".join(_bytes(2, n) for n, _, _ in outputs)
+    node += _bytes(3, "n0") + _bytes(4, op)
+    node += b"".join(_attr(k, v) for k, v in attrs.items())
+    node += _bytes(7, "com.microsoft")
+    graph = _bytes(1, node) + _bytes(2, "g")
+    graph += b"".join(_bytes(11, _value_info(n, e, s)) for n, e, s in inputs if n)
+    graph += b"".join(_bytes(12, _value_info(n, e, s)) for n, e, s in outputs)
+    model = _int(1, 8) + _bytes(7, graph)
+    model += _bytes(8, _bytes(1, "") + _int(2, 17)) + _bytes(8, _bytes(1, "com.microsoft") + _int(2, 1))
+    return model
+
+
+F32, I32 = 1, 6
+
+
+def ort_session(model, threads):
+    so = ort.SessionOptions()
+    so.intra_op_num_threads = threads
+    so.inter_op_num_threads = 1
+    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    return ort.InferenceSession(model, so, providers=["CPUExecutionProvider"])
+
+
+def ort_gqa(B, Hq, Hkv, Lq, Lk, D, threads):
+    """com.microsoft.GroupQueryAttention (always causal, bottom-right); the
+    first Lk - Lq keys are the past KV cache."""
+    past = Lk - Lq
+    rng = np.random.default_rng(0)
+    feeds = {
+        "q": rng.standard_normal((B, Lq, Hq * D)).astype(np.float32),
+        "k": rng.standard_normal((B, Lq, Hkv * D)).astype(np.float32),
+        "v": rng.standard_normal((B, Lq, Hkv * D)).astype(np.float32),
+        "pk": rng.standard_normal((B, Hkv, past, D)).astype(np.float32),
+        "pv": rng.standard_normal((B, Hkv, past, D)).astype(np.float32),
+        "seqlens_k": np.full((B,), Lk - 1, np.int32),
+        "total": np.array([Lk], np.int32),
+    }
+    inputs = [("q", F32, (B, Lq, Hq * D)), ("k", F32, (B, Lq, Hkv * D)), ("v", F32, (B, Lq, Hkv * D)),
+              ("pk", F32, (B, Hkv, past, D)), ("pv", F32, (B, Hkv, past, D)),
+              ("seqlens_k", I32, (B,)), ("total", I32, (1,))]
+    outputs = [("o", F32, (B, Lq, Hq * D)), ("pko", F32, (B, Hkv, Lk, D)), ("pvo", F32, (B, Hkv, Lk, D))]
+    model = onnx_model("GroupQueryAttention", inputs, outputs,
+                       {"num_heads": Hq, "kv_num_heads": Hkv, "scale": float(1 / np.sqrt(D))})
+    sess = ort_session(model, threads)
+    return lambda: sess.run(["o"], feeds)
+
+
+def ort_mha(B, H, L, D, threads, key_padding):
+    rng = np.random.default_rng(0)
+    feeds = {n: rng.standard_normal((B, L, H * D)).astype(np.float32) for n in "qkv"}
+    inputs = [("q", F32, (B, L, H * D)), ("k", F32, (B, L, H * D)), ("v", F32, (B, L, H * D))]
+    if key_padding:
+        lens = np.array([L - (b * L) // (2 * B) for b in range(B)], np.int32)
+        feeds["kpm"] = (np.arange(L)[None, :] < lens[:, None]).astype(np.int32)
+        inputs += [("", F32, ()), ("kpm", I32, (B, L))]
+    model = onnx_model("MultiHeadAttention", inputs, [("o", F32, (B, L, H * D))],
+                       {"num_heads": H, "scale": float(1 / np.sqrt(D))})
+    sess = ort_session(model, threads)
+    return lambda: sess.run(["o"], feeds)
+
+
+# ---------------------------------------------------------------------------
+
+def visible_pairs(Lq, Lk, causal, key_lens=None, B=1):
+    tot = 0
+    for b in range(B):
+        lk = Lk if key_lens is None else int(key_lens[b])
+        if causal:
+            i = np.arange(Lq) + (lk - Lq)
+            tot += int(np.clip(i + 1, 0, lk).sum())
+        else:
+            tot += Lq * lk
+    return tot
+
+
+def bench_case(name, B, Hq, Hkv, Lq, Lk, D, *, causal, dtype=np.float32, key_padding=False,
+               threads=2, repeat=15, peers=("torch", "ort")):
+    rng = np.random.default_rng(0)
+    q = rng.standard_normal((B, Hq, Lq, D)).astype(dtype)
+    k = rng.standard_normal((B, Hkv, Lk, D)).astype(dtype)
+    v = rng.standard_normal((B, Hkv, Lk, D)).astype(dtype)
+    mask = key_lens = None
+    if key_padding:
+        key_lens = np.array([Lk - (b * Lk) // (2 * B) for b in range(B)], np.int64)
+        mask = (np.arange(Lk)[None, :] < key_lens[:, None])[:, None, None, :]
+    flops = 4.0 * Hq * D * visible_pairs(Lq, Lk, causal, key_lens, B) * (1 if key_padding else B)
+    out = np.empty((B, Hq, Lq, D), dtype)
+    fastqkv.set_num_threads(threads)
+    t_c = timeit(lambda: fastqkv.attention(q, k, v, causal=causal, mask=mask, out=out, backend="c"), repeat)
+    row = {"case": name, "c": t_c}
+    if torch is not None and "torch" in peers:
+        torch.set_num_threads(threads)
+        tq, tk, tv = (torch.from_numpy(x) for x in (q, k, v))
+        kw = {"enable_gqa": Hq != Hkv}
+        if causal and Lq != Lk:
+            from torch.nn.attention.bias import causal_lower_right
+            kw["attn_mask"] = causal_lower_right(Lq, Lk)
+        elif causal:
+            kw["is_causal"] = True
+        if key_padding:
+            kw["attn_mask"] = torch.from_numpy(mask)
+        sdpa = torch.nn.functional.scaled_dot_product_attention
+        with torch.inference_mode():
+            row["torch"] = timeit(lambda: sdpa(tq, tk, tv, **kw), repeat)
+    if ort is not None and "ort" in peers and dtype == np.float32:
+        if causal:
+            fn = ort_gqa(B, Hq, Hkv, Lq, Lk, D, threads)
+        else:
+            fn = ort_mha(B, Hq, Lq, D, threads, key_padding)
+        row["ort"] = timeit(fn, repeat)
+    row["gflops"] = flops / t_c / 1e9
+    return row
+
+
+CASES = {
+    "prefill-mha-1k": dict(B=1, Hq=32, Hkv=32, Lq=1024, Lk=1024, D=128, causal=True),
+    "prefill-gqa-1k": dict(B=1, Hq=32, Hkv=8, Lq=1024, Lk=1024, D=128, causal=True),
+    "prefill-gqa-2k": dict(B=1, Hq=32, Hkv=8, Lq=2048, Lk=2048, D=128, causal=True),
+    "chunked-prefill": dict(B=1, Hq=32, Hkv=8, Lq=128, Lk=4096, D=128, causal=True),
+    "encoder-128": dict(B=8, Hq=12, Hkv=12, Lq=128, Lk=128, D=64, causal=False),
+    "encoder-512-pad": dict(B=8, Hq=12, Hkv=12, Lq=512, Lk=512, D=64, causal=False, key_padding=True),
+    "float64-prefill-512": dict(B=1, Hq=8, Hkv=8, Lq=512, Lk=512, D=64, causal=True, dtype=np.float64,
+                                peers=("torch",)),
+}
+
+
+def overhead(repeat=2000):
+    rng = np.random.default_rng(0)
+    q, k, v = (rng.standard_normal((1, 1, 1, 64)).astype(np.float32) for _ in range(3))
+    out = np.empty_like(q)
+    fastqkv.set_num_threads(2)
+    full = timeit(lambda: fastqkv.attention(q, k, v, out=out, backend="c"), repeat, warmup=100)
+    p = _validate.plan_attention(q, k, v, out=out)
+    run = timeit(lambda: _c.run(p, 2), repeat, warmup=100)
+    from fastqkv import _ckernels
+    raw = timeit(lambda: _ckernels.attention(q, k, v, out, None, None, None, None, None, 0.125, 0.0,
+                                             -1, -1, 2), repeat, warmup=100)
+    return full, run, raw
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--repeat", type=int, default=15)
+    ap.add_argument("--only", default="", help="substring of the case names to run")
+    args = ap.parse_args(argv)
+    info = fastqkv.backends()["c"]
+    if not info.available:
+        sys.exit(f"c backend unavailable: {info.reason}")
+    print(f"c backend: {info.details}; threads={args.threads}")
+    print(f"peers: torch {torch.__version__ if torch else 'missing'}, "
+          f"onnxruntime {ort.__version__ if ort else 'missing'}")
+    sg = sgemm_gflops(args.threads)
+    print(f"sgemm (numpy 2048^2 float32, {args.threads} threads): {sg:.1f} GFLOP/s")
+    hdr = f"{'case':22s} {'c ms':>8s} {'GFLOP/s':>8s} {'%sgemm':>7s} {'torch ms':>9s} {'x torch':>8s} {'ort ms':>8s} {'x ort':>6s}"
+    print(hdr)
+    for name, kw in CASES.items():
+        if args.only and args.only not in name:
+            continue
+        r = bench_case(name, threads=args.threads, repeat=args.repeat, **kw)
+        t, o = r.get("torch"), r.get("ort")
+        print(f"{name:22s} {r['c'] * 1e3:8.2f} {r['gflops']:8.1f} {100 * r['gflops'] / sg:6.0f}% "
+              f"{t * 1e3 if t else float('nan'):9.2f} {t / r['c'] if t else float('nan'):8.2f} "
+              f"{o * 1e3 if o else float('nan'):8.2f} {o / r['c'] if o else float('nan'):6.2f}", flush=True)
+    if not args.only or "overhead" in args.only:
+        full, run, raw = overhead()
+        print(f"tiny B1 H1 L1 D64 per call: fastqkv.attention {full * 1e6:.2f} us, "
+              f"_c.run {run * 1e6:.2f} us, _ckernels.attention {raw * 1e6:.2f} us")
+
+
+if __name__ == "__main__":
+    main()
