@@ -141,61 +141,83 @@ def _exp_impl(x):
 # micro-kernels (know nothing of tiling, masks or threads)
 
 @njit(nogil=True, cache=True, fastmath=FASTMATH)
-def _abt_tile(a, b, c, alpha, accumulate, mp, n4, kd):
-    """``c[:mp, :n4] = a[:mp, :kd] @ b[:n4, :kd].T``, or with ``accumulate``
-    ``c[r] = alpha[r] * c[r] + ...``.  ``mp`` even, ``n4 % 4 == 0``; a 2 x 4
-    block of dot products per step, each vectorised along ``kd``."""
+def _abt_tile(a, b, b_row, b_col, c, alpha, accumulate, mp, n4, kd):
+    """``c[:mp, :n4] = a[:mp, :kd] @ b[b_row:b_row+n4, b_col:b_col+kd].T``, or
+    with ``accumulate`` ``c[r] = alpha[r] * c[r] + ...``.  ``mp`` and ``n4``
+    are multiples of 4: a 4 x 4 block of dot products per step, each
+    vectorised along ``kd`` (16 vector accumulators)."""
     z = c.dtype.type(0)
-    for r in range(0, mp, 2):
-        al0 = alpha[r]
-        al1 = alpha[r + 1]
+    for r in range(0, mp, 4):
         for j in range(0, n4, 4):
-            s0 = z
-            s1 = z
-            s2 = z
-            s3 = z
-            t0 = z
-            t1 = z
-            t2 = z
-            t3 = z
+            s00 = s01 = s02 = s03 = z
+            s10 = s11 = s12 = s13 = z
+            s20 = s21 = s22 = s23 = z
+            s30 = s31 = s32 = s33 = z
             for t in range(kd):
                 x0 = a[r, t]
                 x1 = a[r + 1, t]
-                y0 = b[j, t]
-                y1 = b[j + 1, t]
-                y2 = b[j + 2, t]
-                y3 = b[j + 3, t]
-                s0 += x0 * y0
-                s1 += x0 * y1
-                s2 += x0 * y2
-                s3 += x0 * y3
-                t0 += x1 * y0
-                t1 += x1 * y1
-                t2 += x1 * y2
-                t3 += x1 * y3
-            if accumulate:
-                s0 += al0 * c[r, j]
-                s1 += al0 * c[r, j + 1]
-                s2 += al0 * c[r, j + 2]
-                s3 += al0 * c[r, j + 3]
-                t0 += al1 * c[r + 1, j]
-                t1 += al1 * c[r + 1, j + 1]
-                t2 += al1 * c[r + 1, j + 2]
-                t3 += al1 * c[r + 1, j + 3]
-            c[r, j] = s0
-            c[r, j + 1] = s1
-            c[r, j + 2] = s2
-            c[r, j + 3] = s3
-            c[r + 1, j] = t0
-            c[r + 1, j + 1] = t1
-            c[r + 1, j + 2] = t2
-            c[r + 1, j + 3] = t3
+                x2 = a[r + 2, t]
+                x3 = a[r + 3, t]
+                y0 = b[b_row + j, b_col + t]
+                y1 = b[b_row + j + 1, b_col + t]
+                y2 = b[b_row + j + 2, b_col + t]
+                y3 = b[b_row + j + 3, b_col + t]
+                s00 += x0 * y0
+                s01 += x0 * y1
+                s02 += x0 * y2
+                s03 += x0 * y3
+                s10 += x1 * y0
+                s11 += x1 * y1
+                s12 += x1 * y2
+                s13 += x1 * y3
+                s20 += x2 * y0
+                s21 += x2 * y1
+                s22 += x2 * y2
+                s23 += x2 * y3
+                s30 += x3 * y0
+                s31 += x3 * y1
+                s32 += x3 * y2
+                s33 += x3 * y3
+            _store4(c, r, j, alpha[r], accumulate, s00, s01, s02, s03)
+            _store4(c, r + 1, j, alpha[r + 1], accumulate, s10, s11, s12, s13)
+            _store4(c, r + 2, j, alpha[r + 2], accumulate, s20, s21, s22, s23)
+            _store4(c, r + 3, j, alpha[r + 3], accumulate, s30, s31, s32, s33)
+
+
+@njit(nogil=True, cache=True, fastmath=FASTMATH, inline="always")
+def _store4(c, r, j, al, accumulate, s0, s1, s2, s3):
+    if accumulate:
+        s0 += al * c[r, j]
+        s1 += al * c[r, j + 1]
+        s2 += al * c[r, j + 2]
+        s3 += al * c[r, j + 3]
+    c[r, j] = s0
+    c[r, j + 1] = s1
+    c[r, j + 2] = s2
+    c[r, j + 3] = s3
+
+
+@njit(nogil=True, cache=True, fastmath=FASTMATH)
+def _pv_rows(p, vs, o, alpha, mp, n, dvp):
+    """``o[r] = alpha[r] * o[r] + p[r, :n] @ vs[:n]`` as SAXPYs over V rows,
+    skipping keys of probability 0 (for few rows: no V transpose needed)."""
+    for r in range(mp):
+        al = alpha[r]
+        if al != 1:
+            for c in range(dvp):
+                o[r, c] *= al
+    for j in range(n):
+        for r in range(mp):
+            x = p[r, j]
+            if x != 0:
+                for c in range(dvp):
+                    o[r, c] += x * vs[j, c]
 
 
 @njit(nogil=True, cache=True)
-def _pv_tile_guarded(p, vt, o, alpha, mp, n, dvp):
-    """Like :func:`_abt_tile` for P @ V but skips keys of probability 0, for V tiles that
-    hold inf or NaN: an invisible key's value must not reach the output."""
+def _pv_guarded(p, vt, j0, o, alpha, mp, n, dvp):
+    """``O = alpha O + P V`` over a transposed V tile holding inf or NaN: keys
+    of probability 0 (invisible ones) are skipped so 0 * inf never leaks."""
     z = o.dtype.type(0)
     for r in range(mp):
         al = alpha[r]
@@ -204,7 +226,7 @@ def _pv_tile_guarded(p, vt, o, alpha, mp, n, dvp):
             for j in range(n):
                 x = p[r, j]
                 if x != 0:
-                    acc += x * vt[c, j]
+                    acc += x * vt[c, j0 + j]
             o[r, c] = al * o[r, c] + acc
 
 
@@ -216,6 +238,34 @@ def _scale_max(row, lo, hi, sc):
         x = row[j] * sc
         row[j] = x
         mt = _maximum(mt, x)
+    return mt
+
+
+@njit(nogil=True, cache=True, fastmath=FASTMATH)
+def _scores_options(row, lo, hi, j0, ip, sc, softcap, has_bias, brow, slope, has_mask, mrow):
+    """Scores ``row[lo:hi]`` (keys ``j0 + lo ...``) with the options, in the
+    oracle's order: scale, softcap, bias, ALiBi, mask.  One vectorisable pass
+    per option.  Returns the NaN-propagating row max."""
+    T = row.dtype.type
+    ninf = T(-np.inf)
+    for j in range(lo, hi):
+        row[j] = row[j] * sc
+    if softcap > 0:
+        for j in range(lo, hi):
+            row[j] = softcap * math.tanh(row[j] / softcap)
+    if has_bias:
+        for j in range(lo, hi):
+            row[j] += brow[j0 + j]
+    if slope != 0:
+        for j in range(lo, hi):
+            row[j] -= slope * T(abs(ip - j0 - j))
+    if has_mask:
+        for j in range(lo, hi):
+            if not mrow[j0 + j]:
+                row[j] = ninf
+    mt = ninf
+    for j in range(lo, hi):
+        mt = _maximum(mt, row[j])
     return mt
 
 
@@ -237,104 +287,86 @@ def _fill(row, lo, hi, value):
 
 
 # ---------------------------------------------------------------------------
+# packing
+
+@njit(nogil=True, cache=True)
+def _pack_rows(x, b, kvh, j0, n, npad, dst):
+    """``dst[:n, :w] = x[b, kvh, j0:j0+n]`` and zero rows ``n:npad``."""
+    w = x.shape[3]
+    z = dst.dtype.type(0)
+    for jj in range(n):
+        src = x[b, kvh, j0 + jj]
+        for t in range(w):
+            dst[jj, t] = src[t]
+    for jj in range(n, npad):
+        for t in range(w):
+            dst[jj, t] = z
+
+
+@njit(nogil=True, cache=True, fastmath=FASTMATH)
+def _pack_head(k, v, b, kvh, lkb, kp, vtp, badc):
+    """Pack the keys ``< lkb`` of one KV head for every query tile: K rows to
+    ``kp[b, kvh]``, V transposed to ``vtp[b, kvh]`` (zero past ``lkb``), and
+    ``badc[b, kvh, j]`` = number of keys ``< j`` whose V row holds inf/NaN."""
+    z = kp.dtype.type(0)
+    dv = v.shape[3]
+    kd = kp[b, kvh]
+    vt = vtp[b, kvh]
+    _pack_rows(k, b, kvh, 0, lkb, kd.shape[0], kd)
+    cnt = 0
+    badc[b, kvh, 0] = 0
+    for j in range(lkb):
+        src = v[b, kvh, j]
+        chk = z
+        for c in range(dv):
+            x = src[c]
+            vt[c, j] = x
+            chk += x * z
+        if not (chk == 0):
+            cnt += 1
+        badc[b, kvh, j + 1] = cnt
+    for c in range(vt.shape[0]):
+        lo = lkb if c < dv else 0
+        for j in range(lo, vt.shape[1]):
+            vt[c, j] = z
+
+
+# ---------------------------------------------------------------------------
 # the tile loop of one work item
 
 @njit(nogil=True, cache=True)
-def _scores_general(row, n, j0, b, h, i, ip, sc, softcap, wl, wr, flags, mask, bias, alibi):
-    """Scores of one row of a tile with every option: softcap, bias, ALiBi,
-    window and mask, in that order; invisible keys become -inf.  Returns the
-    row max."""
-    T = row.dtype.type
-    ninf = T(-np.inf)
-    has_mask = (flags & HAS_MASK) != 0
-    has_bias = (flags & HAS_BIAS) != 0
-    has_alibi = (flags & HAS_ALIBI) != 0
-    slope = alibi[b, h] if has_alibi else T(0)
-    mt = ninf
-    for jj in range(n):
-        j = j0 + jj
-        vis = True
-        if wl >= 0 and j < ip - wl:
-            vis = False
-        if wr >= 0 and j > ip + wr:
-            vis = False
-        if has_mask and not mask[b, h, i, j]:
-            vis = False
-        if vis:
-            x = row[jj] * sc
-            if softcap > 0:
-                x = softcap * math.tanh(x / softcap)
-            if has_bias:
-                x += bias[b, h, i, j]
-            if has_alibi:
-                x -= slope * T(abs(ip - j))
-            row[jj] = x
-            mt = _maximum(mt, x)
-        else:
-            row[jj] = ninf
-    return mt
-
-
-@njit(nogil=True, cache=True)
-def _pack_k(k, b, kvh, j0, n, npad, d, ks):
-    z = ks.dtype.type(0)
-    for jj in range(n):
-        for t in range(d):
-            ks[jj, t] = k[b, kvh, j0 + jj, t]
-    for jj in range(n, npad):
-        for t in range(d):
-            ks[jj, t] = z
-
-
-@njit(nogil=True, cache=True)
-def _pack_vt(v, b, kvh, j0, n, npad, dv, vt):
-    """Transpose a V tile into ``vt[:dv, :npad]``; True if it holds inf/NaN."""
-    z = vt.dtype.type(0)
-    chk = z
-    for jj in range(n):
-        for c in range(dv):
-            x = v[b, kvh, j0 + jj, c]
-            vt[c, jj] = x
-            chk += x * z
-    for c in range(dv):
-        for jj in range(n, npad):
-            vt[c, jj] = z
-    return not (chk == 0)
-
-
-@njit(nogil=True, cache=True)
 def _work_item(q, k, v, out, lse, mask, bias, key_lens, alibi, sc, softcap, wl, wr, flags,
-               b, kvh, i0, i1, tk, qs, ks, vt, s, o, m, l, alpha):
+               b, kvh, i0, i1, tk, prepacked, kp, vtp, badc, qs, ks, vs, s, o, m, l, alpha):
     """Attention for query rows ``i0:i1`` of every head of KV head ``kvh``."""
     T = s.dtype.type
     ninf = T(-np.inf)
-    Hq = q.shape[1]
     Lq = q.shape[2]
     Lk = k.shape[2]
     d = q.shape[3]
     dv = v.shape[3]
-    dvp = vt.shape[0]
-    g = Hq // k.shape[1]
-    general = (flags & (HAS_MASK | HAS_BIAS | HAS_ALIBI)) != 0 or softcap > 0
+    dvp = o.shape[1]
+    g = q.shape[1] // k.shape[1]
+    has_mask = (flags & HAS_MASK) != 0
+    has_bias = (flags & HAS_BIAS) != 0
+    has_alibi = (flags & HAS_ALIBI) != 0
+    options = has_mask or has_bias or has_alibi or softcap > 0
     nq = i1 - i0
     M = g * nq
-    mp = M + (M & 1)
+    mp = (M + 3) & ~3
     lkb = key_lens[b] if (flags & HAS_KEY_LENS) != 0 else Lk
     off = lkb - Lq                      # aligned position i' = i + off
 
     # pack the group's query rows: row r is head kvh*g + r // nq, query i0 + r % nq
-    for r in range(M):
-        h = kvh * g + r // nq
-        i = i0 + r % nq
-        for t in range(d):
-            qs[r, t] = q[b, h, i, t]
+    for r in range(mp):
+        if r < M:
+            src = q[b, kvh * g + r // nq, i0 + r % nq]
+            for t in range(d):
+                qs[r, t] = src[t]
+        else:
+            for t in range(d):
+                qs[r, t] = 0
         m[r] = ninf
         l[r] = 0
-        for c in range(dvp):
-            o[r, c] = 0
-    for r in range(M, mp):
-        for t in range(d):
-            qs[r, t] = 0
         alpha[r] = 1
         for c in range(dvp):
             o[r, c] = 0
@@ -350,28 +382,41 @@ def _work_item(q, k, v, out, lse, mask, bias, key_lens, alibi, sc, softcap, wl, 
     for j0 in range(lo, hi, tk):
         n = min(tk, hi - j0)
         npad = (n + 3) & ~3
-        _pack_k(k, b, kvh, j0, n, npad, d, ks)
-        bad_v = _pack_vt(v, b, kvh, j0, n, npad, dv, vt)
-        _abt_tile(qs, ks, s, alpha, False, mp, npad, d)
+        if prepacked:
+            kt = kp[b, kvh]
+            k_row = j0
+        else:
+            _pack_rows(k, b, kvh, j0, n, npad, ks)
+            _pack_rows(v, b, kvh, j0, n, n, vs)
+            kt = ks
+            k_row = 0
+        _abt_tile(qs, kt, k_row, 0, s, alpha, False, mp, npad, d)
         for r in range(M):
             row = s[r]
             h = kvh * g + r // nq
             i = i0 + r % nq
             ip = i + off
-            if general:
-                mt = _scores_general(row, n, j0, b, h, i, ip, sc, softcap, wl, wr, flags,
-                                     mask, bias, alibi)
+            a = 0
+            e = n
+            if wl >= 0:
+                a = min(max(ip - wl - j0, 0), n)
+            if wr >= 0:
+                e = max(min(ip + wr + 1 - j0, n), 0)
+            if e < a:
+                e = a
+            _fill(row, 0, a, ninf)
+            _fill(row, e, n, ninf)
+            if options:
+                bb = b if has_bias else 0
+                hb = h if has_bias else 0
+                ib = i if has_bias else 0
+                bm = b if has_mask else 0
+                hm = h if has_mask else 0
+                im = i if has_mask else 0
+                slope = alibi[b, h] if has_alibi else T(0)
+                mt = _scores_options(row, a, e, j0, ip, sc, softcap, has_bias, bias[bb, hb, ib],
+                                     slope, has_mask, mask[bm, hm, im])
             else:
-                a = 0
-                e = n
-                if wl >= 0:
-                    a = min(max(ip - wl - j0, 0), n)
-                if wr >= 0:
-                    e = max(min(ip + wr + 1 - j0, n), 0)
-                if e < a:
-                    e = a
-                _fill(row, 0, a, ninf)
-                _fill(row, e, n, ninf)
                 mt = _scale_max(row, a, e, sc)
             mo = m[r]
             mn = _maximum(mo, mt)
@@ -383,62 +428,82 @@ def _work_item(q, k, v, out, lse, mask, bias, key_lens, alibi, sc, softcap, wl, 
             _fill(row, n, npad, T(0))
         for r in range(M, mp):
             _fill(s[r], 0, npad, T(0))
-        if bad_v:
-            _pv_tile_guarded(s, vt, o, alpha, mp, n, dvp)
+        if not prepacked:
+            _pv_rows(s, vs, o, alpha, mp, n, dvp)
+        elif badc[b, kvh, j0 + n] != badc[b, kvh, j0]:
+            _pv_guarded(s, vtp[b, kvh], j0, o, alpha, mp, n, dvp)
         else:
-            _abt_tile(s, vt, o, alpha, True, mp, dvp, npad)
+            _abt_tile(s, vtp[b, kvh], 0, j0, o, alpha, True, mp, dvp, npad)
 
     has_lse = (flags & HAS_LSE) != 0
     for r in range(M):
         h = kvh * g + r // nq
         i = i0 + r % nq
         ll = l[r]
+        dst = out[b, h, i]
         if ll == 0:
             for c in range(dv):
-                out[b, h, i, c] = 0
+                dst[c] = 0
             if has_lse:
                 lse[b, h, i] = ninf
         else:
             for c in range(dv):
-                out[b, h, i, c] = o[r, c] / ll
+                dst[c] = o[r, c] / ll
             if has_lse:
                 lse[b, h, i] = m[r] + math.log(ll)
 
 
 def _attention_py(q, k, v, out, lse, mask, bias, key_lens, alibi, sc, softcap, wl, wr, flags,
                   tq, tk, nthreads):
-    """Parallel driver: ``prange`` over threads, each with its own scratch,
-    each walking work items ``t, t + nt, ...`` of ``(b, kv head, query tile)``."""
+    """Parallel driver.  When a KV head serves several query tiles, its K and
+    (transposed) V are packed once first, in parallel over ``(b, kv head)``;
+    otherwise each tile is packed by the work item that uses it.  Then
+    ``prange`` over threads, each with its own scratch, each walking work
+    items ``t, t + nt, ...`` of ``(b, kv head, query tile)``."""
     B = q.shape[0]
     Lq = q.shape[2]
     Hkv = k.shape[1]
+    Lk = k.shape[2]
     d = q.shape[3]
     dv = v.shape[3]
     g = q.shape[1] // Hkv
     nqt = (Lq + tq - 1) // tq
     n_items = B * Hkv * nqt
     nt = max(1, min(nthreads, n_items))
-    mpmax = g * tq + 1
+    mpmax = (g * tq + 3) & ~3
     dvp = (dv + 3) & ~3
     tkp = (tk + 3) & ~3
+    prepacked = nqt > 1
+    lkp = Lk + 3                        # a tile may start anywhere and reads npad <= n + 3 keys
+    if prepacked:
+        kp = np.empty((B, Hkv, lkp, d), q.dtype)
+        vtp = np.empty((B, Hkv, dvp, lkp), q.dtype)
+        badc = np.empty((B, Hkv, Lk + 1), np.int64)
+    else:
+        kp = np.empty((1, 1, 1, 1), q.dtype)
+        vtp = np.empty((1, 1, 1, 1), q.dtype)
+        badc = np.empty((1, 1, 1), np.int64)
+    if prepacked:
+        for it in prange(B * Hkv):
+            b = it // Hkv
+            lkb = key_lens[b] if (flags & HAS_KEY_LENS) != 0 else Lk
+            _pack_head(k, v, b, it % Hkv, lkb, kp, vtp, badc)
     for t in prange(nt):
         qs = np.empty((mpmax, d), q.dtype)
         ks = np.empty((tkp, d), q.dtype)
-        vt = np.zeros((dvp, tkp), q.dtype)
+        vs = np.zeros((tkp, dvp), q.dtype)
         s = np.empty((mpmax, tkp), q.dtype)
         o = np.empty((mpmax, dvp), q.dtype)
         m = np.empty(mpmax, q.dtype)
         l = np.empty(mpmax, q.dtype)
-        alpha = np.ones(mpmax, q.dtype)
+        alpha = np.empty(mpmax, q.dtype)
         for it in range(t, n_items, nt):
             qt = it % nqt
             rest = it // nqt
-            kvh = rest % Hkv
-            b = rest // Hkv
             i0 = qt * tq
-            i1 = min(i0 + tq, Lq)
             _work_item(q, k, v, out, lse, mask, bias, key_lens, alibi, sc, softcap, wl, wr,
-                       flags, b, kvh, i0, i1, tk, qs, ks, vt, s, o, m, l, alpha)
+                       flags, rest // Hkv, rest % Hkv, i0, min(i0 + tq, Lq), tk, prepacked,
+                       kp, vtp, badc, qs, ks, vs, s, o, m, l, alpha)
 
 
 def _signature(dt):
