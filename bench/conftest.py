@@ -1,0 +1,47 @@
+"""pytest-benchmark suite over the design's shape classes:
+
+    pytest bench --benchmark-only [--bench-size quick] [--bench-threads 2]
+
+Each case is a ``benchmark.group``, so fastqkv's backends, ``auto`` and the
+peers (PyTorch SDPA, ONNX Runtime; skipped when not installed) are compared
+side by side.
+"""
+
+import os
+
+import pytest
+
+from cases import RUNNERS, SIZES, make_inputs, shape_classes
+
+
+def pytest_addoption(parser):
+    group = parser.getgroup("fastqkv bench")
+    group.addoption("--bench-size", choices=SIZES, default=os.environ.get("FASTQKV_BENCH_SIZE", "full"),
+                    help="shape sizes: full (the design's), quick or tiny (default $FASTQKV_BENCH_SIZE or full)")
+    group.addoption("--bench-threads", type=int, default=None,
+                    help="threads for fastqkv and the peers (default fastqkv.get_num_threads())")
+
+
+def pytest_generate_tests(metafunc):
+    if "bench_case" in metafunc.fixturenames:
+        size = metafunc.config.getoption("--bench-size")
+        pairs = [(c, r) for c in shape_classes(size) for r in RUNNERS]    # case-major order
+        metafunc.parametrize(("bench_case", "runner"), pairs, ids=[f"{c.name}-{r}" for c, r in pairs])
+
+
+@pytest.fixture(scope="session")
+def bench_threads(request):
+    import fastqkv
+    return request.config.getoption("--bench-threads") or fastqkv.get_num_threads()
+
+
+_current = {}
+
+
+@pytest.fixture
+def bench_inputs(bench_case):
+    """The case's arrays, kept while consecutive tests use the same case."""
+    if _current.get("case") != bench_case:
+        _current.clear()
+        _current.update(case=bench_case, inputs=make_inputs(bench_case))
+    return _current["inputs"]

@@ -1,0 +1,31 @@
+"""Every shape class x every runner (fastqkv backends, auto, PyTorch SDPA,
+ONNX Runtime), grouped by case; each result is checked against the oracle
+before it is timed."""
+
+import pytest
+
+from cases import Skip, check, numpy_seconds, prepare
+
+NUMPY_LIMIT_S = 1.0   # the dense oracle is skipped where one call would take longer
+
+
+def test_attention(benchmark, bench_case, runner, bench_inputs, bench_threads):
+    case = bench_case
+    if runner == "numpy" and numpy_seconds(case) > NUMPY_LIMIT_S:
+        pytest.skip(f"dense oracle would take ~{numpy_seconds(case):.1f} s per call")
+    try:
+        call, fetch, note = prepare(runner, bench_inputs, bench_threads)
+    except Skip as exc:
+        pytest.skip(str(exc))
+    bad = check(bench_inputs, fetch(call()))          # also the warm-up (numba JIT)
+    assert bad is None, f"{case.name} {runner}: {bad}"
+    benchmark.group = f"{case.name}: {case.describe()}"
+    benchmark.extra_info.update(case=case.name, runner=runner, note=note, threads=bench_threads,
+                                flops=case.flops(), kv_bytes=case.kv_bytes())
+    benchmark(call)
+    stats = getattr(benchmark, "stats", None)
+    if stats is not None:
+        med = stats.stats.median
+        benchmark.extra_info["gflops"] = case.flops() / med / 1e9
+        if case.bound == "memory":
+            benchmark.extra_info["kv_gbs"] = case.kv_bytes() / med / 1e9
