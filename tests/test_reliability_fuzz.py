@@ -1,0 +1,225 @@
+"""Property-based fuzzing of every available backend against the oracle.
+
+Hypothesis draws shapes (ranks 2-4, both layouts, GQA ratios 1-8, odd head
+dims, empty dims), strides (transposed, sliced, reversed, Fortran order,
+zero-stride broadcasts), dtypes (float32/float64 on every backend,
+float16/bfloat16 through ``backend="auto"``), thread counts and options
+(causal, mask, bias with -inf entries, key_lens, window, softcap, scale,
+ALiBi), and compares with :func:`fastqkv.testing.check_case`.
+
+Profiles (tests/conftest.py): ``ci`` (default, bounded and derandomized) and
+``release``::
+
+    HYPOTHESIS_PROFILE=release pytest -q tests/test_reliability_fuzz.py
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+import numpy as np
+import pytest
+
+hypothesis = pytest.importorskip("hypothesis")
+from hypothesis import given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+
+import fastqkv  # noqa: E402
+from fastqkv import reference, testing  # noqa: E402
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import helpers_subprocess as hs  # noqa: E402
+
+BACKENDS = hs.available_backends()
+HALF = [d.name for d in testing.half_dtypes()]
+
+# the ci profile gives each test this many examples; heavier tests take fewer
+_BASE = settings().max_examples
+
+
+def _examples(fraction):
+    return max(5, int(_BASE * fraction))
+
+
+STRIDES = ("contiguous", "contiguous", "transposed", "sliced", "reversed", "fortran", "broadcast")
+
+
+def _view(rng, shape, dtype, how, amp=1.0):
+    """Random array of ``shape`` (any rank >= 2) seen through strides ``how``."""
+    shape = tuple(shape)
+
+    def fill(s):
+        return (rng.standard_normal(s) * amp).astype(dtype)
+
+    if how == "transposed" and len(shape) >= 3:
+        sw = shape[:-3] + (shape[-2], shape[-3], shape[-1])
+        return np.swapaxes(fill(sw), -3, -2)
+    if how == "sliced":
+        big = fill(shape[:-2] + (2 * shape[-2], shape[-1] + 3))
+        return big[..., ::2, 1:shape[-1] + 1]
+    if how == "reversed":
+        a = fill(shape)
+        return np.flip(a, axis=(0, a.ndim - 2) if a.ndim > 2 else 0)
+    if how == "fortran":
+        return np.asfortranarray(fill(shape))
+    if how == "broadcast" and shape[-2] > 0:
+        return np.broadcast_to(fill(shape[:-2] + (1, shape[-1])), shape)
+    return fill(shape)
+
+
+@st.composite
+def cases(draw, dtypes=("float32", "float64")):
+    dtype = draw(st.sampled_from(dtypes))
+    dt = testing.half_dtypes()[-1] if dtype == "bfloat16" else np.dtype(dtype)
+    ndim = draw(st.sampled_from((4, 4, 4, 3, 2)))
+    layout = draw(st.sampled_from(("bhld", "blhd")))
+    B = draw(st.integers(1, 3)) if ndim == 4 else 1
+    Hkv = draw(st.integers(1, 3)) if ndim > 2 else 1
+    Hq = Hkv * (draw(st.sampled_from((1, 1, 2, 4, 8))) if ndim > 2 else 1)
+    Lq = draw(st.integers(1, 40))
+    Lk = draw(st.one_of(st.integers(1, 70), st.integers(100, 300)))
+    if draw(st.integers(0, 19)) == 0:   # sometimes an empty dim
+        if draw(st.booleans()):
+            Lq = 0
+        else:
+            Lk = 0
+        if ndim == 4 and draw(st.booleans()):
+            B = 0
+    D = draw(st.sampled_from((1, 2, 3, 7, 8, 16, 31, 32, 64, 80, 128)))
+    Dv = D if draw(st.booleans()) else draw(st.sampled_from((1, 5, 8, 24, 64)))
+    seed = draw(st.integers(0, 2**32 - 1))
+    rng = np.random.default_rng(seed)
+    amp = draw(st.sampled_from((1.0, 1.0, 1.0, 8.0, 40.0)))
+
+    def user(Bn, H, L, Dn):
+        if ndim == 4:
+            return (Bn, H, L, Dn) if layout == "bhld" else (Bn, L, H, Dn)
+        if ndim == 3:
+            return (H, L, Dn) if layout == "bhld" else (L, H, Dn)
+        return (L, Dn)
+
+    sq, sk, sv = (draw(st.sampled_from(STRIDES)) for _ in range(3))
+    q = _view(rng, user(B, Hq, Lq, D), dt, sq, amp)
+    k = _view(rng, user(B, Hkv, Lk, D), dt, sk)
+    v = _view(rng, user(B, Hkv, Lk, Dv), dt, sv)
+
+    kw = {}
+    if layout != "bhld":
+        kw["layout"] = layout
+    if draw(st.booleans()):
+        kw["causal"] = True
+    mask_kind = draw(st.sampled_from((None, None, "keypad", "full", "2d", "perhead")))
+    if mask_kind:
+        shape = {"keypad": (B, 1, 1, Lk), "full": (B, Hq, Lq, Lk), "2d": (Lq, Lk),
+                 "perhead": (1, Hq, 1, Lk)}[mask_kind]
+        density = draw(st.sampled_from((0.0, 0.3, 0.8, 1.0)))
+        kw["mask"] = rng.random(shape) < density
+    bias_kind = draw(st.sampled_from((None, None, "2d", "keys", "full")))
+    if bias_kind:
+        shape = {"2d": (Lq, Lk), "keys": (B, 1, 1, Lk), "full": (B, Hq, Lq, Lk)}[bias_kind]
+        bias = rng.standard_normal(shape) * draw(st.sampled_from((0.5, 4.0)))
+        if bias.size and draw(st.booleans()):
+            bias[rng.random(shape) < 0.2] = -np.inf
+        kw["bias"] = bias.astype(draw(st.sampled_from(("float32", "float64"))))
+    if ndim == 4 or B == 1:
+        if draw(st.booleans()):
+            kw["key_lens"] = rng.integers(0, Lk + 1, size=B) if ndim == 4 else np.array([rng.integers(0, Lk + 1)])
+    if draw(st.booleans()):
+        kw["window"] = (draw(st.integers(-1, Lk + 2)), draw(st.integers(-1, Lk + 2)))
+    if draw(st.booleans()):
+        kw["softcap"] = draw(st.floats(0.5, 50.0))
+    if draw(st.integers(0, 3)) == 0:
+        kw["scale"] = draw(st.sampled_from((0.01, 0.3, 1.0, 2.5, -0.7)))
+    if draw(st.integers(0, 3)) == 0:
+        kw["alibi_slopes"] = rng.random((B, Hq) if ndim == 4 and draw(st.booleans()) else (Hq,)) * 0.5
+    case = testing.Case(f"fuzz-seed{seed}", q, k, v, kw, out_strided=draw(st.booleans()))
+    return case
+
+
+def _check(case, backend, threads):
+    testing.check_case(case, backend, num_threads=threads)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@settings(max_examples=_examples(1.0))
+@given(case=cases(), threads=st.sampled_from((1, 2, 3)))
+def test_fuzz_against_oracle(backend, case, threads):
+    _check(case, backend, threads)
+
+
+@pytest.mark.skipif(not HALF, reason="no half-width dtypes")
+@settings(max_examples=_examples(0.5))
+@given(case=cases(dtypes=tuple(HALF)), threads=st.sampled_from((1, 2)))
+def test_fuzz_half_width_auto(case, threads):
+    _check(case, "auto", threads)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@settings(max_examples=_examples(0.5))
+@given(data=st.data())
+def test_fuzz_merge_of_key_splits(backend, data):
+    """Attention over two disjoint key ranges merged == attention over all keys."""
+    case = data.draw(cases(dtypes=("float64",)))
+    kw = {key: val for key, val in case.kwargs.items()
+          if key not in ("causal", "window", "alibi_slopes", "key_lens", "mask", "bias")}
+    q, k, v = case.q, case.k, case.v
+    axis = -2 if kw.get("layout", "bhld") == "bhld" or q.ndim == 2 else -3
+    Lk = k.shape[axis]
+    cut = data.draw(st.integers(0, Lk))
+    sl = [slice(None)] * k.ndim
+    sl[axis] = slice(0, cut)
+    head = tuple(sl)
+    sl[axis] = slice(cut, None)
+    tail = tuple(sl)
+    o1, l1 = fastqkv.attention(q, k[head], v[head], return_lse=True, backend=backend, **kw)
+    o2, l2 = fastqkv.attention(q, k[tail], v[tail], return_lse=True, backend=backend, **kw)
+    out, lse = fastqkv.merge_attention([o1, o2], [l1, l2], layout=kw.get("layout", "bhld"))
+    ref_out, ref_lse = reference.attention(q, k, v, return_lse=True, **kw)
+    scale = kw.get("scale") or 1.0 / np.sqrt(q.shape[-1])
+    cond = testing._condition(q, k, scale)
+    testing.assert_close(out, ref_out, q.dtype, cond=cond * 4, vmax=max(1.0, float(np.abs(v).max(initial=0))),
+                         context=case.describe())
+    testing.assert_close(lse, ref_lse, q.dtype, cond=cond * 4, what="lse", context=case.describe())
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@settings(max_examples=_examples(0.5))
+@given(data=st.data())
+def test_fuzz_paged_and_varlen(backend, data):
+    """paged_attention and attention_varlen on random block tables / packings."""
+    seed = data.draw(st.integers(0, 2**32 - 1))
+    rng = np.random.default_rng(seed)
+    dtype = data.draw(st.sampled_from((np.float32, np.float64)))
+    B = data.draw(st.integers(1, 4))
+    Hkv = data.draw(st.integers(1, 2))
+    Hq = Hkv * data.draw(st.sampled_from((1, 2, 4)))
+    D = data.draw(st.sampled_from((3, 8, 32)))
+    bs = data.draw(st.sampled_from((1, 4, 16)))
+    nmax = data.draw(st.integers(1, 6))
+    nblocks = B * nmax + 2
+    Lq = data.draw(st.integers(1, 6))
+    kc = rng.standard_normal((nblocks, bs, Hkv, D)).astype(dtype)
+    vc = rng.standard_normal((nblocks, bs, Hkv, D)).astype(dtype)
+    table = rng.permutation(nblocks)[:B * nmax].reshape(B, nmax)
+    seq = rng.integers(0, nmax * bs + 1, size=B)
+    q = rng.standard_normal((B, Hq, Lq, D)).astype(dtype)
+    causal = data.draw(st.booleans())
+    got = fastqkv.paged_attention(q, kc, vc, table, seq, causal=causal, backend=backend)
+    want = reference.paged_attention(q, kc, vc, table, seq, causal=causal)
+    cond = testing._condition(q, kc, 1 / np.sqrt(D))
+    testing.assert_close(got, want, dtype, cond=cond, vmax=max(1.0, float(np.abs(vc).max())),
+                         context=f"paged seed={seed}")
+
+    lq = rng.integers(0, 6, size=B)
+    lk = rng.integers(0, 30, size=B)
+    cq, ck = np.concatenate([[0], np.cumsum(lq)]), np.concatenate([[0], np.cumsum(lk)])
+    tq = rng.standard_normal((cq[-1], Hq, D)).astype(dtype)
+    tk = rng.standard_normal((ck[-1], Hkv, D)).astype(dtype)
+    tv = rng.standard_normal((ck[-1], Hkv, D)).astype(dtype)
+    got, gl = fastqkv.attention_varlen(tq, tk, tv, cq, ck, causal=causal, return_lse=True, backend=backend)
+    want, wl = reference.attention_varlen(tq, tk, tv, cq, ck, causal=causal, return_lse=True)
+    cond = testing._condition(tq, tk, 1 / np.sqrt(D))
+    testing.assert_close(got, want, dtype, cond=cond, vmax=max(1.0, float(np.abs(tv).max(initial=0))),
+                         context=f"varlen seed={seed}")
+    testing.assert_close(gl, wl, dtype, cond=cond, what="lse", context=f"varlen seed={seed}")
