@@ -141,8 +141,8 @@ def _exp_impl(x):
 # micro-kernels (know nothing of tiling, masks or threads)
 
 @njit(nogil=True, cache=True, fastmath=FASTMATH)
-def _abt_tile(a, b, b_row, b_col, c, alpha, accumulate, mp, n4, kd):
-    """``c[:mp, :n4] = a[:mp, :kd] @ b[b_row:b_row+n4, b_col:b_col+kd].T``, or
+def _abt_tile(a, b, c, alpha, accumulate, mp, n4, kd):
+    """``c[:mp, :n4] = a[:mp, :kd] @ b[:n4, :kd].T``, or
     with ``accumulate`` ``c[r] = alpha[r] * c[r] + ...``.  ``mp`` and ``n4``
     are multiples of 4: a 4 x 4 block of dot products per step, each
     vectorised along ``kd`` (16 vector accumulators)."""
@@ -158,10 +158,10 @@ def _abt_tile(a, b, b_row, b_col, c, alpha, accumulate, mp, n4, kd):
                 x1 = a[r + 1, t]
                 x2 = a[r + 2, t]
                 x3 = a[r + 3, t]
-                y0 = b[b_row + j, b_col + t]
-                y1 = b[b_row + j + 1, b_col + t]
-                y2 = b[b_row + j + 2, b_col + t]
-                y3 = b[b_row + j + 3, b_col + t]
+                y0 = b[j, t]
+                y1 = b[j + 1, t]
+                y2 = b[j + 2, t]
+                y3 = b[j + 3, t]
                 s00 += x0 * y0
                 s01 += x0 * y1
                 s02 += x0 * y2
@@ -215,7 +215,7 @@ def _pv_rows(p, vs, o, alpha, mp, n, dvp):
 
 
 @njit(nogil=True, cache=True)
-def _pv_guarded(p, vt, j0, o, alpha, mp, n, dvp):
+def _pv_guarded(p, vt, o, alpha, mp, n, dvp):
     """``O = alpha O + P V`` over a transposed V tile holding inf or NaN: keys
     of probability 0 (invisible ones) are skipped so 0 * inf never leaks."""
     z = o.dtype.type(0)
@@ -226,15 +226,15 @@ def _pv_guarded(p, vt, j0, o, alpha, mp, n, dvp):
             for j in range(n):
                 x = p[r, j]
                 if x != 0:
-                    acc += x * vt[c, j0 + j]
+                    acc += x * vt[c, j]
             o[r, c] = al * o[r, c] + acc
 
 
 @njit(nogil=True, cache=True, fastmath=FASTMATH)
-def _scale_max(row, lo, hi, sc):
-    """``row[lo:hi] *= sc``; returns the NaN-propagating max of ``row[lo:hi]``."""
+def _scale_max(row, sc):
+    """``row *= sc``; returns the NaN-propagating max of ``row``."""
     mt = row.dtype.type(-np.inf)
-    for j in range(lo, hi):
+    for j in range(row.shape[0]):
         x = row[j] * sc
         row[j] = x
         mt = _maximum(mt, x)
@@ -242,12 +242,15 @@ def _scale_max(row, lo, hi, sc):
 
 
 @njit(nogil=True, cache=True, fastmath=FASTMATH)
-def _scores_options(row, lo, hi, j0, ip, sc, softcap, has_bias, brow, slope, has_mask, mrow):
-    """Scores ``row[lo:hi]`` (keys ``j0 + lo ...``) with the options, in the
-    oracle's order: scale, softcap, bias, ALiBi, mask.  One vectorisable pass
-    per option.  Returns the NaN-propagating row max."""
+def _scores_options(row, j0, ip, sc, softcap, has_bias, brow, slope, has_mask, mrow):
+    """Scores of ``row`` (keys ``j0, j0 + 1, ...``; ``brow`` and ``mrow`` are
+    aligned with it) with the options, in the oracle's order: scale, softcap,
+    bias, ALiBi, mask.  One vectorisable pass per option.  Returns the
+    NaN-propagating row max."""
     T = row.dtype.type
     ninf = T(-np.inf)
+    lo = 0
+    hi = row.shape[0]
     for j in range(lo, hi):
         row[j] = row[j] * sc
     if softcap > 0:
@@ -255,13 +258,13 @@ def _scores_options(row, lo, hi, j0, ip, sc, softcap, has_bias, brow, slope, has
             row[j] = softcap * math.tanh(row[j] / softcap)
     if has_bias:
         for j in range(lo, hi):
-            row[j] += brow[j0 + j]
+            row[j] += brow[j]
     if slope != 0:
         for j in range(lo, hi):
             row[j] -= slope * T(abs(ip - j0 - j))
     if has_mask:
         for j in range(lo, hi):
-            if not mrow[j0 + j]:
+            if not mrow[j]:
                 row[j] = ninf
     mt = ninf
     for j in range(lo, hi):
@@ -270,10 +273,10 @@ def _scores_options(row, lo, hi, j0, ip, sc, softcap, has_bias, brow, slope, has
 
 
 @njit(nogil=True, cache=True, fastmath=FASTMATH)
-def _exp_sum(row, n, m):
-    """``row[:n] = exp(row[:n] - m)``; returns their sum."""
+def _exp_sum(row, m):
+    """``row = exp(row - m)``; returns its sum."""
     acc = row.dtype.type(0)
-    for j in range(n):
+    for j in range(row.shape[0]):
         x = _exp(row[j] - m)
         row[j] = x
         acc += x
@@ -281,54 +284,71 @@ def _exp_sum(row, n, m):
 
 
 @njit(nogil=True, cache=True)
-def _fill(row, lo, hi, value):
-    for j in range(lo, hi):
+def _fill(row, value):
+    for j in range(row.shape[0]):
         row[j] = value
 
 
 # ---------------------------------------------------------------------------
-# packing
+# packing: K and V tiles of `tk` keys aligned at multiples of `tk`
 
 @njit(nogil=True, cache=True)
-def _pack_rows(x, b, kvh, j0, n, npad, dst):
-    """``dst[:n, :w] = x[b, kvh, j0:j0+n]`` and zero rows ``n:npad``."""
-    w = x.shape[3]
-    z = dst.dtype.type(0)
-    for jj in range(n):
-        src = x[b, kvh, j0 + jj]
-        for t in range(w):
-            dst[jj, t] = src[t]
-    for jj in range(n, npad):
-        for t in range(w):
-            dst[jj, t] = z
+def _pack_k(k, b, kvh, j0, n, ks):
+    """``ks[:n] = k[b, kvh, j0:j0+n]``; rows ``n:`` zero."""
+    z = ks.dtype.type(0)
+    for jj in range(ks.shape[0]):
+        dst = ks[jj]
+        if jj < n:
+            src = k[b, kvh, j0 + jj]
+            for t in range(dst.shape[0]):
+                dst[t] = src[t]
+        else:
+            for t in range(dst.shape[0]):
+                dst[t] = z
 
 
 @njit(nogil=True, cache=True, fastmath=FASTMATH)
-def _pack_head(k, v, b, kvh, lkb, kp, vtp, badc):
-    """Pack the keys ``< lkb`` of one KV head for every query tile: K rows to
-    ``kp[b, kvh]``, V transposed to ``vtp[b, kvh]`` (zero past ``lkb``), and
-    ``badc[b, kvh, j]`` = number of keys ``< j`` whose V row holds inf/NaN."""
-    z = kp.dtype.type(0)
+def _pack_v(v, b, kvh, j0, n, vs):
+    """``vs[:n, :dv] = v[b, kvh, j0:j0+n]`` (columns ``dv:`` stay zero)."""
     dv = v.shape[3]
-    kd = kp[b, kvh]
-    vt = vtp[b, kvh]
-    _pack_rows(k, b, kvh, 0, lkb, kd.shape[0], kd)
-    cnt = 0
-    badc[b, kvh, 0] = 0
-    for j in range(lkb):
-        src = v[b, kvh, j]
-        chk = z
+    for jj in range(n):
+        src = v[b, kvh, j0 + jj]
+        dst = vs[jj]
+        for c in range(dv):
+            dst[c] = src[c]
+
+
+@njit(nogil=True, cache=True, fastmath=FASTMATH)
+def _pack_vt(v, b, kvh, j0, n, vt):
+    """``vt[:dv, :n] = v[b, kvh, j0:j0+n].T``, zero elsewhere; True if the
+    packed keys hold inf or NaN."""
+    z = vt.dtype.type(0)
+    dv = v.shape[3]
+    chk = z
+    for jj in range(n):
+        src = v[b, kvh, j0 + jj]
         for c in range(dv):
             x = src[c]
-            vt[c, j] = x
+            vt[c, jj] = x
             chk += x * z
-        if not (chk == 0):
-            cnt += 1
-        badc[b, kvh, j + 1] = cnt
     for c in range(vt.shape[0]):
-        lo = lkb if c < dv else 0
-        for j in range(lo, vt.shape[1]):
-            vt[c, j] = z
+        dst = vt[c]
+        lo = n if c < dv else 0
+        for jj in range(lo, dst.shape[0]):
+            dst[jj] = z
+    return not (chk == 0)
+
+
+@njit(nogil=True, cache=True)
+def _pack_head(k, v, b, kvh, lkb, tk, kp, vtp, bad):
+    """Pack the keys ``< lkb`` of one KV head once for all its query tiles:
+    K tiles to ``kp[b, kvh, tile]``, transposed V tiles to
+    ``vtp[b, kvh, tile]``, ``bad[b, kvh, tile]`` = the V tile holds inf/NaN."""
+    for tile in range((lkb + tk - 1) // tk):
+        j0 = tile * tk
+        n = min(tk, lkb - j0)
+        _pack_k(k, b, kvh, j0, n, kp[b, kvh, tile])
+        bad[b, kvh, tile] = _pack_vt(v, b, kvh, j0, n, vtp[b, kvh, tile])
 
 
 # ---------------------------------------------------------------------------
@@ -336,7 +356,7 @@ def _pack_head(k, v, b, kvh, lkb, kp, vtp, badc):
 
 @njit(nogil=True, cache=True)
 def _work_item(q, k, v, out, lse, mask, bias, key_lens, alibi, sc, softcap, wl, wr, flags,
-               b, kvh, i0, i1, tk, prepacked, kp, vtp, badc, qs, ks, vs, s, o, m, l, alpha):
+               b, kvh, i0, i1, tk, prepacked, kp, vtp, bad, qs, ks, vs, s, o, m, l, alpha):
     """Attention for query rows ``i0:i1`` of every head of KV head ``kvh``."""
     T = s.dtype.type
     ninf = T(-np.inf)
@@ -358,18 +378,17 @@ def _work_item(q, k, v, out, lse, mask, bias, key_lens, alibi, sc, softcap, wl, 
 
     # pack the group's query rows: row r is head kvh*g + r // nq, query i0 + r % nq
     for r in range(mp):
+        dst = qs[r]
         if r < M:
             src = q[b, kvh * g + r // nq, i0 + r % nq]
             for t in range(d):
-                qs[r, t] = src[t]
+                dst[t] = src[t]
         else:
-            for t in range(d):
-                qs[r, t] = 0
+            _fill(dst, T(0))
         m[r] = ninf
         l[r] = 0
         alpha[r] = 1
-        for c in range(dvp):
-            o[r, c] = 0
+        _fill(o[r], T(0))
 
     # visible key range of the whole item; tiles outside it are skipped
     lo = 0
@@ -379,24 +398,23 @@ def _work_item(q, k, v, out, lse, mask, bias, key_lens, alibi, sc, softcap, wl, 
     if wr >= 0:
         hi = min(hi, i1 - 1 + off + wr + 1)
 
-    for j0 in range(lo, hi, tk):
+    for j0 in range((lo // tk) * tk, hi, tk):
+        tile = j0 // tk
         n = min(tk, hi - j0)
         npad = (n + 3) & ~3
         if prepacked:
-            kt = kp[b, kvh]
-            k_row = j0
+            kt = kp[b, kvh, tile]
         else:
-            _pack_rows(k, b, kvh, j0, n, npad, ks)
-            _pack_rows(v, b, kvh, j0, n, n, vs)
+            _pack_k(k, b, kvh, j0, n, ks)
+            _pack_v(v, b, kvh, j0, n, vs)
             kt = ks
-            k_row = 0
-        _abt_tile(qs, kt, k_row, 0, s, alpha, False, mp, npad, d)
+        _abt_tile(qs, kt, s, alpha, False, mp, npad, d)
         for r in range(M):
             row = s[r]
             h = kvh * g + r // nq
             i = i0 + r % nq
             ip = i + off
-            a = 0
+            a = 0                       # keys j0 + a .. j0 + e - 1 are in the row's window
             e = n
             if wl >= 0:
                 a = min(max(ip - wl - j0, 0), n)
@@ -404,36 +422,32 @@ def _work_item(q, k, v, out, lse, mask, bias, key_lens, alibi, sc, softcap, wl, 
                 e = max(min(ip + wr + 1 - j0, n), 0)
             if e < a:
                 e = a
-            _fill(row, 0, a, ninf)
-            _fill(row, e, n, ninf)
+            _fill(row[:a], ninf)
+            _fill(row[e:n], ninf)
             if options:
-                bb = b if has_bias else 0
-                hb = h if has_bias else 0
-                ib = i if has_bias else 0
-                bm = b if has_mask else 0
-                hm = h if has_mask else 0
-                im = i if has_mask else 0
+                brow = bias[b, h, i, j0 + a:j0 + e] if has_bias else bias[0, 0, 0]
+                mrow = mask[b, h, i, j0 + a:j0 + e] if has_mask else mask[0, 0, 0]
                 slope = alibi[b, h] if has_alibi else T(0)
-                mt = _scores_options(row, a, e, j0, ip, sc, softcap, has_bias, bias[bb, hb, ib],
-                                     slope, has_mask, mask[bm, hm, im])
+                mt = _scores_options(row[a:e], j0 + a, ip, sc, softcap, has_bias, brow,
+                                     slope, has_mask, mrow)
             else:
-                mt = _scale_max(row, a, e, sc)
+                mt = _scale_max(row[a:e], sc)
             mo = m[r]
             mn = _maximum(mo, mt)
             ms = T(0) if mn == ninf else mn
             al = _exp(mo - ms)
-            l[r] = l[r] * al + _exp_sum(row, n, ms)
+            l[r] = l[r] * al + _exp_sum(row[:n], ms)
             alpha[r] = al
             m[r] = mn
-            _fill(row, n, npad, T(0))
+            _fill(row[n:npad], T(0))
         for r in range(M, mp):
-            _fill(s[r], 0, npad, T(0))
+            _fill(s[r, :npad], T(0))
         if not prepacked:
             _pv_rows(s, vs, o, alpha, mp, n, dvp)
-        elif badc[b, kvh, j0 + n] != badc[b, kvh, j0]:
-            _pv_guarded(s, vtp[b, kvh], j0, o, alpha, mp, n, dvp)
+        elif bad[b, kvh, tile]:
+            _pv_guarded(s, vtp[b, kvh, tile], o, alpha, mp, n, dvp)
         else:
-            _abt_tile(s, vtp[b, kvh], 0, j0, o, alpha, True, mp, dvp, npad)
+            _abt_tile(s, vtp[b, kvh, tile], o, alpha, True, mp, dvp, npad)
 
     has_lse = (flags & HAS_LSE) != 0
     for r in range(M):
@@ -456,10 +470,10 @@ def _work_item(q, k, v, out, lse, mask, bias, key_lens, alibi, sc, softcap, wl, 
 def _attention_py(q, k, v, out, lse, mask, bias, key_lens, alibi, sc, softcap, wl, wr, flags,
                   tq, tk, nthreads):
     """Parallel driver.  When a KV head serves several query tiles, its K and
-    (transposed) V are packed once first, in parallel over ``(b, kv head)``;
-    otherwise each tile is packed by the work item that uses it.  Then
-    ``prange`` over threads, each with its own scratch, each walking work
-    items ``t, t + nt, ...`` of ``(b, kv head, query tile)``."""
+    (transposed) V tiles are packed once first, in parallel over ``(b, kv
+    head)``; otherwise each tile is packed by the work item that uses it.
+    Then ``prange`` over threads, each with its own scratch, each walking
+    work items ``t, t + nt, ...`` of ``(b, kv head, query tile)``."""
     B = q.shape[0]
     Lq = q.shape[2]
     Hkv = k.shape[1]
@@ -474,20 +488,20 @@ def _attention_py(q, k, v, out, lse, mask, bias, key_lens, alibi, sc, softcap, w
     dvp = (dv + 3) & ~3
     tkp = (tk + 3) & ~3
     prepacked = nqt > 1
-    lkp = Lk + 3                        # a tile may start anywhere and reads npad <= n + 3 keys
+    ntile = (Lk + tk - 1) // tk
     if prepacked:
-        kp = np.empty((B, Hkv, lkp, d), q.dtype)
-        vtp = np.empty((B, Hkv, dvp, lkp), q.dtype)
-        badc = np.empty((B, Hkv, Lk + 1), np.int64)
+        kp = np.empty((B, Hkv, ntile, tkp, d), q.dtype)
+        vtp = np.empty((B, Hkv, ntile, dvp, tkp), q.dtype)
+        bad = np.zeros((B, Hkv, ntile), np.bool_)
     else:
-        kp = np.empty((1, 1, 1, 1), q.dtype)
-        vtp = np.empty((1, 1, 1, 1), q.dtype)
-        badc = np.empty((1, 1, 1), np.int64)
+        kp = np.empty((1, 1, 1, 1, 1), q.dtype)
+        vtp = np.empty((1, 1, 1, 1, 1), q.dtype)
+        bad = np.zeros((1, 1, 1), np.bool_)
     if prepacked:
         for it in prange(B * Hkv):
             b = it // Hkv
             lkb = key_lens[b] if (flags & HAS_KEY_LENS) != 0 else Lk
-            _pack_head(k, v, b, it % Hkv, lkb, kp, vtp, badc)
+            _pack_head(k, v, b, it % Hkv, lkb, tk, kp, vtp, bad)
     for t in prange(nt):
         qs = np.empty((mpmax, d), q.dtype)
         ks = np.empty((tkp, d), q.dtype)
@@ -503,7 +517,7 @@ def _attention_py(q, k, v, out, lse, mask, bias, key_lens, alibi, sc, softcap, w
             i0 = qt * tq
             _work_item(q, k, v, out, lse, mask, bias, key_lens, alibi, sc, softcap, wl, wr,
                        flags, rest // Hkv, rest % Hkv, i0, min(i0 + tq, Lq), tk, prepacked,
-                       kp, vtp, badc, qs, ks, vs, s, o, m, l, alpha)
+                       kp, vtp, bad, qs, ks, vs, s, o, m, l, alpha)
 
 
 def _signature(dt):
