@@ -7,8 +7,8 @@
 #define FQ_ISA_NAME "avx2"
 #define FQ_ISA_SYM fq_isa_avx2
 #define FQ_VBYTES 32
-#define MR_QK 4
-#define NV_QK 3
+#define MR_QK 6
+#define NV_QK 2
 #define MR_PV 6
 #define NV_PV 2
 #define FQ_ROWS 64

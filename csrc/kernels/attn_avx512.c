@@ -5,8 +5,8 @@
 #define FQ_ISA_NAME "avx512"
 #define FQ_ISA_SYM fq_isa_avx512
 #define FQ_VBYTES 64
-#define MR_QK 8
-#define NV_QK 3
+#define MR_QK 12
+#define NV_QK 2
 #define MR_PV 8
 #define NV_PV 2
 #define FQ_ROWS 64

@@ -15,7 +15,15 @@
 
 typedef FQ_T N(vec) __attribute__((vector_size(FQ_VBYTES)));
 typedef FQ_T N(vecu) __attribute__((vector_size(FQ_VBYTES), aligned(sizeof(FQ_T)), may_alias));
-typedef __typeof__((N(vec)){0} < (N(vec)){0}) N(ivec);
+#if FQ_IS_F64
+typedef int64_t N(ivec) __attribute__((vector_size(FQ_VBYTES)));
+typedef int64_t N(ivec16) __attribute__((vector_size(16)));
+typedef int64_t N(ivec32) __attribute__((vector_size(32)));
+#else
+typedef int32_t N(ivec) __attribute__((vector_size(FQ_VBYTES)));
+typedef int32_t N(ivec16) __attribute__((vector_size(16)));
+typedef int32_t N(ivec32) __attribute__((vector_size(32)));
+#endif
 
 #define V N(vec)
 #define VU N(vecu)
@@ -24,24 +32,80 @@ typedef __typeof__((N(vec)){0} < (N(vec)){0}) N(ivec);
 
 AI V N(vload)(const FQ_T *p) { return *(const VU *)p; }
 AI void N(vstore)(FQ_T *p, V x) { *(VU *)p = x; }
-AI V N(vsplat)(FQ_T s) { return (V){0} + s; }
+/* an initializer list, not 0 + s (which is not an identity for -0.0 and
+ * would cost an add before every broadcast) */
+#define FQ_NLANES (FQ_VBYTES / FQ_ELEM_BYTES)
+#if FQ_NLANES == 2
+AI V N(vsplat)(FQ_T s) { return (V){s, s}; }
+#elif FQ_NLANES == 4
+AI V N(vsplat)(FQ_T s) { return (V){s, s, s, s}; }
+#elif FQ_NLANES == 8
+AI V N(vsplat)(FQ_T s) { return (V){s, s, s, s, s, s, s, s}; }
+#elif FQ_NLANES == 16
+AI V N(vsplat)(FQ_T s) { return (V){s, s, s, s, s, s, s, s, s, s, s, s, s, s, s, s}; }
+#else
+#error "unsupported vector length"
+#endif
+#undef FQ_NLANES
 /* m ? a : b, lane-wise (m lanes are all-ones or zero) */
 AI V N(vsel)(VI m, V a, V b) { return (V)((m & (VI)a) | (~m & (VI)b)); }
 /* max that keeps b when a compares false (drops NaN: callers check for it) */
 AI V N(vmax)(V a, V b) { return N(vsel)(a > b, a, b); }
+/* horizontal max / sum as a tree: halve the vector down to 16 bytes, then
+ * the 2 or 4 lanes left (log depth instead of a serial chain) */
+typedef FQ_T N(vec16) __attribute__((vector_size(16)));
+#if FQ_VBYTES >= 32
+typedef FQ_T N(vec32) __attribute__((vector_size(32)));
+#endif
+
+AI N(vec16) N(fold16)(V x, int is_max)
+{
+#if FQ_VBYTES == 16
+    (void)is_max;
+    return x;
+#else
+#if FQ_VBYTES == 64
+    union { V v; N(vec32) h[2]; } u = {x};
+    N(vec32) a = u.h[0], b = u.h[1], y;
+    if (is_max) {
+        N(ivec32) m = b > a;
+        y = (N(vec32))((m & (N(ivec32))b) | (~m & (N(ivec32))a));
+    } else {
+        y = a + b;
+    }
+#else
+    N(vec32) y = x;
+#endif
+    union { N(vec32) v; N(vec16) h[2]; } w = {y};
+    N(vec16) c = w.h[0], d = w.h[1];
+    if (is_max) {
+        N(ivec16) m = d > c;
+        return (N(vec16))((m & (N(ivec16))d) | (~m & (N(ivec16))c));
+    }
+    return c + d;
+#endif
+}
+
+/* NaN lanes are dropped by the max: callers look for NaN separately */
 AI FQ_T N(hmax)(V x)
 {
-    FQ_T m = x[0];
-    for (int i = 1; i < VL; i++)
-        m = x[i] > m ? x[i] : m;
-    return m;
+    N(vec16) h = N(fold16)(x, 1);
+#if FQ_IS_F64
+    return h[1] > h[0] ? h[1] : h[0];
+#else
+    FQ_T a = h[1] > h[0] ? h[1] : h[0], b = h[3] > h[2] ? h[3] : h[2];
+    return b > a ? b : a;
+#endif
 }
+
 AI FQ_T N(hsum)(V x)
 {
-    FQ_T s = 0;
-    for (int i = 0; i < VL; i++)
-        s += x[i];
-    return s;
+    N(vec16) h = N(fold16)(x, 0);
+#if FQ_IS_F64
+    return h[0] + h[1];
+#else
+    return (h[0] + h[2]) + (h[1] + h[3]);
+#endif
 }
 
 /* Vectorised exp, Cephes style: x = n ln2 + r with |r| <= ln2/2 (Cody-Waite
