@@ -11,7 +11,11 @@ from fastqkv._bench import (PEERS, SIZES, BenchCase, Skip, check, make_inputs, n
                             prepare, shape_classes)
 
 __all__ = ["PEERS", "SIZES", "BenchCase", "Skip", "check", "make_inputs", "numpy_seconds",
-           "prepare", "shape_classes", "RUNNERS"]
+           "prepare", "shape_classes", "RUNNERS", "MEDIANS"]
 
 # fastqkv's backends, auto, then the peers (skipped when not installed)
 RUNNERS = ("auto", "c", "numba", "numpy") + PEERS
+
+# {case name: {runner: (median seconds, note)}}, filled by the timed tests and
+# summarised (auto's choice against the fastest backend) at the end of the session
+MEDIANS = {}

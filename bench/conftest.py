@@ -11,7 +11,7 @@ import os
 
 import pytest
 
-from cases import RUNNERS, SIZES, make_inputs, shape_classes
+from cases import MEDIANS, PEERS, RUNNERS, SIZES, make_inputs, shape_classes
 
 
 def pytest_addoption(parser):
@@ -45,3 +45,22 @@ def bench_inputs(bench_case):
         _current.clear()
         _current.update(case=bench_case, inputs=make_inputs(bench_case))
     return _current["inputs"]
+
+
+def pytest_terminal_summary(terminalreporter):
+    """One line per case: auto's choice against the fastest fastqkv backend."""
+    if not MEDIANS:
+        return
+    tr = terminalreporter
+    tr.section("auto dispatch against the fastest backend")
+    for case, runs in MEDIANS.items():
+        backends = {r: t for r, (t, _) in runs.items() if r != "auto" and r not in PEERS}
+        if "auto" not in runs or not backends:
+            continue
+        choice = runs["auto"][1].removeprefix("-> ")
+        fastest = min(backends, key=backends.get)
+        line = f"{case}: auto picks {choice}, fastest {fastest} {backends[fastest] * 1e3:.3f} ms"
+        if choice in backends:
+            ratio = backends[choice] / backends[fastest]
+            line += f"; {choice} {100 * (ratio - 1):+.1f} % ({'within' if ratio <= 1.05 else 'NOT within'} 5 %)"
+        tr.write_line(line)
