@@ -48,6 +48,21 @@ def timeit(fn, repeat, warmup=2, min_time=0.0):
     return statistics.median(ts)
 
 
+def time_interleaved(fns, repeat, warmup=2):
+    """Median seconds of each function, run in alternation (round robin) so
+    that any other load on the machine hits every contender alike."""
+    for fn in fns.values():
+        for _ in range(warmup):
+            fn()
+    ts = {name: [] for name in fns}
+    for _ in range(repeat):
+        for name, fn in fns.items():
+            t0 = time.perf_counter()
+            fn()
+            ts[name].append(time.perf_counter() - t0)
+    return {name: statistics.median(v) for name, v in ts.items()}
+
+
 def sgemm_gflops(threads):
     code = ("import numpy as np, time, statistics\n"
             "a = np.random.default_rng(0).standard_normal((2048, 2048)).astype(np.float32)\n"
@@ -193,11 +208,10 @@ def bench_case(name, B, Hq, Hkv, Lq, Lk, D, *, causal, dtype=np.float32, key_pad
     if key_padding:
         key_lens = np.array([Lk - (b * Lk) // (2 * B) for b in range(B)], np.int64)
         mask = (np.arange(Lk)[None, :] < key_lens[:, None])[:, None, None, :]
-    flops = 4.0 * Hq * D * visible_pairs(Lq, Lk, causal, key_lens, B) * (1 if key_padding else B)
+    flops = 4.0 * Hq * D * visible_pairs(Lq, Lk, causal, key_lens, B)
     out = np.empty((B, Hq, Lq, D), dtype)
     fastqkv.set_num_threads(threads)
-    t_c = timeit(lambda: fastqkv.attention(q, k, v, causal=causal, mask=mask, out=out, backend="c"), repeat)
-    row = {"case": name, "c": t_c}
+    fns = {"c": lambda: fastqkv.attention(q, k, v, causal=causal, mask=mask, out=out, backend="c")}
     if torch is not None and "torch" in peers:
         torch.set_num_threads(threads)
         tq, tk, tv = (torch.from_numpy(x) for x in (q, k, v))
@@ -210,14 +224,19 @@ def bench_case(name, B, Hq, Hkv, Lq, Lk, D, *, causal, dtype=np.float32, key_pad
         if key_padding:
             kw["attn_mask"] = torch.from_numpy(mask)
         sdpa = torch.nn.functional.scaled_dot_product_attention
-        with torch.inference_mode():
-            row["torch"] = timeit(lambda: sdpa(tq, tk, tv, **kw), repeat)
+
+        def run_torch():
+            with torch.inference_mode():
+                sdpa(tq, tk, tv, **kw)
+        fns["torch"] = run_torch
     if ort is not None and "ort" in peers and dtype == np.float32:
         if causal:
-            fn = ort_gqa(B, Hq, Hkv, Lq, Lk, D, threads)
+            fns["ort"] = ort_gqa(B, Hq, Hkv, Lq, Lk, D, threads)
         else:
-            fn = ort_mha(B, Hq, Lq, D, threads, key_padding)
-        row["ort"] = timeit(fn, repeat)
+            fns["ort"] = ort_mha(B, Hq, Lq, D, threads, key_padding)
+    row = {"case": name}
+    row.update(time_interleaved(fns, repeat))
+    t_c = row["c"]
     row["gflops"] = flops / t_c / 1e9
     return row
 
