@@ -78,6 +78,17 @@ def records(stdout):
     return out
 
 
+def run_record(code, *, timeout=300, env=None):
+    """Run ``code`` in a child that must exit 0 after emitting a record;
+    returns the first record (fails the calling test otherwise)."""
+    proc = run_python(code, timeout=timeout, env=env)
+    recs = records(proc.stdout)
+    if proc.returncode != 0 or not recs:
+        import pytest
+        pytest.fail(describe(proc))
+    return recs[0]
+
+
 def describe(proc, tail=3000):
     """A failure message for a finished child."""
     rc = proc.returncode

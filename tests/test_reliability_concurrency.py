@@ -87,31 +87,27 @@ def test_eight_python_threads_bitwise_equal_serial(backend, kernel_threads, thre
 
 def _pair_speedup(fn, n):
     """Throughput of two threads each running ``fn`` n times over one thread
-    running it n times (best of three tries)."""
-    best = 0.0
-    for _ in range(3):
-        t0 = time.perf_counter()
+    running it n times (one measurement)."""
+    t0 = time.perf_counter()
+    for _ in range(n):
+        fn()
+    t1 = time.perf_counter() - t0
+    barrier = threading.Barrier(2)
+    ends = []
+
+    def run():
+        barrier.wait()
         for _ in range(n):
             fn()
-        t1 = time.perf_counter() - t0
-        barrier = threading.Barrier(2)
-        ends = []
+        ends.append(time.perf_counter())
 
-        def run():
-            barrier.wait()
-            for _ in range(n):
-                fn()
-            ends.append(time.perf_counter())
-
-        ts = [threading.Thread(target=run) for _ in range(2)]
-        t0 = time.perf_counter()
-        for t in ts:
-            t.start()
-        for t in ts:
-            t.join()
-        t2 = max(ends) - t0
-        best = max(best, 2 * t1 / t2)
-    return best
+    ts = [threading.Thread(target=run) for _ in range(2)]
+    t0 = time.perf_counter()
+    for t in ts:
+        t.start()
+    for t in ts:
+        t.join()
+    return 2 * t1 / (max(ends) - t0)
 
 
 def _cpus():
@@ -121,7 +117,15 @@ def _cpus():
         return os.cpu_count() or 1
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
+_GIL_BUGS = {
+    "c": "csrc/driver.c fq_run holds pool.call_lock for every call, single-threaded ones "
+         "included, so concurrent Python threads run one at a time",
+}
+
+
+@pytest.mark.parametrize("backend", [
+    pytest.param(b, marks=(pytest.mark.xfail(strict=True, reason=_GIL_BUGS[b]),) if b in _GIL_BUGS else ())
+    for b in BACKENDS])
 def test_gil_released(backend, threads_restored):
     """Two Python threads calling single-threaded kernels get >= 1.6x the
     throughput of one (the kernel runs without the GIL)."""
@@ -145,16 +149,65 @@ def test_gil_released(backend, threads_restored):
     call()
     one = time.perf_counter() - t0
     n = max(3, int(0.25 / max(one, 1e-4)))
-    # a control that surely releases the GIL: hashing a large buffer
+    # a control that surely releases the GIL: hashing a large buffer.  Control
+    # and kernel are measured in alternation, so a try is judged by the load
+    # it actually ran under.
     blob = os.urandom(1 << 22)
-    control = _pair_speedup(lambda: hashlib.sha256(blob).digest(), 8)
-    speedup = _pair_speedup(call, n)
-    if speedup < 1.6 and control < 1.7:
-        pytest.skip(f"machine visibly loaded: control speedup {control:.2f}x, kernel {speedup:.2f}x "
-                    f"(load average {os.getloadavg()[0]:.2f})")
-    assert speedup >= 1.6, (f"two threads give {speedup:.2f}x the throughput of one on backend "
-                            f"{backend!r} (control {control:.2f}x): the GIL is not released "
-                            f"or calls are serialised")
+    tries = []
+    for _ in range(5):
+        control = _pair_speedup(lambda: hashlib.sha256(blob).digest(), 8)
+        speedup = _pair_speedup(call, n)
+        tries.append((control, speedup))
+        if speedup >= 1.6:
+            return
+    seen = ", ".join(f"{s:.2f}x (control {c:.2f}x)" for c, s in tries)
+    if not any(c >= 1.8 and s < 1.3 for c, s in tries):
+        pytest.skip(f"inconclusive on a loaded machine (load average {os.getloadavg()[0]:.2f}): {seen}")
+    pytest.fail(f"two threads give {max(s for _, s in tries):.2f}x the throughput of one on backend "
+                f"{backend!r} while the control scaled: {seen}: the GIL is not released or calls "
+                f"are serialised")
+
+
+@pytest.mark.parametrize("backend", [
+    pytest.param(b, marks=(pytest.mark.xfail(strict=True, reason=_GIL_BUGS[b]),) if b in _GIL_BUGS else ())
+    for b in BACKENDS])
+def test_small_call_not_blocked_by_long_call(backend, threads_restored):
+    """While one Python thread runs a long single-threaded kernel, a tiny call
+    from another thread returns at once: calls are neither serialised on a
+    lock nor on the GIL (a load-independent companion of test_gil_released)."""
+    if backend == "numpy":
+        pytest.skip("the numpy backend holds the GIL in parts by design")
+    fastqkv.set_num_threads(1)
+    rng = np.random.default_rng(4)
+    q = rng.standard_normal((1, 8, 2048, 64)).astype(np.float32)
+    k = rng.standard_normal((1, 8, 8192, 64)).astype(np.float32)
+    v = rng.standard_normal((1, 8, 8192, 64)).astype(np.float32)
+    small = [x[:, :1, :4].copy() for x in (q, k, v)]
+    fastqkv.attention(*small, backend=backend)
+    fastqkv.attention(q[:, :, :64], k, v, backend=backend)   # scratch for the big shape
+    started = threading.Event()
+    done = []
+
+    def long_call():
+        started.set()
+        t = time.perf_counter()
+        fastqkv.attention(q, k, v, backend=backend)
+        done.append(time.perf_counter() - t)
+
+    th = threading.Thread(target=long_call)
+    th.start()
+    started.wait()
+    time.sleep(0.05)
+    t = time.perf_counter()
+    for _ in range(5):
+        fastqkv.attention(*small, backend=backend)
+    small_latency = time.perf_counter() - t
+    th.join()
+    if not done or done[0] < 0.2:
+        pytest.skip(f"the long call took {done and done[0]:.3f} s: too short to judge")
+    assert small_latency < 0.5 * done[0], (
+        f"5 tiny calls took {small_latency:.3f} s while a {done[0]:.3f} s call ran in another "
+        f"thread on backend {backend!r}: they waited for it")
 
 
 _FORK_SCRIPT = """

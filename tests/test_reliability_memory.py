@@ -56,10 +56,7 @@ def test_no_score_matrix_allocation(backend):
     32 MiB beyond its inputs and output; the scores alone would be 128 MiB."""
     if backend not in hs.COMPILED:
         pytest.skip("the dense oracle backend materialises the scores by design")
-    proc = hs.run_python(_PEAK_SCRIPT.format(backend=backend), timeout=300)
-    recs = hs.records(proc.stdout)
-    assert proc.returncode == 0 and recs, hs.describe(proc)
-    for name, r in recs[0].items():
+    for name, r in hs.run_record(_PEAK_SCRIPT.format(backend=backend)).items():
         limit = 32 * MiB + r["result"]
         assert r["traced_peak"] < limit, f"{name}: traced peak {r['traced_peak'] / MiB:.1f} MiB"
         assert r["rss_growth"] < limit, f"{name}: peak RSS grew by {r['rss_growth'] / MiB:.1f} MiB"
@@ -115,10 +112,7 @@ emit(dict(rss_growth=rss1 - rss0, traced_growth=t1 - t0, calls=N))
 
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_no_leak_over_10000_calls(backend):
-    proc = hs.run_python(_LEAK_SCRIPT.format(backend=backend), timeout=600)
-    recs = hs.records(proc.stdout)
-    assert proc.returncode == 0 and recs, hs.describe(proc)
-    r = recs[0]
+    r = hs.run_record(_LEAK_SCRIPT.format(backend=backend), timeout=600)
     # 8000 measured calls: 1 MiB of RSS is ~130 bytes a call
     assert r["rss_growth"] < 2 * MiB, f"RSS grew by {r['rss_growth'] / 1024:.0f} KiB over 8000 calls"
     assert r["traced_growth"] < 64 * 1024, f"traced memory grew by {r['traced_growth'] / 1024:.0f} KiB"
@@ -148,13 +142,18 @@ emit(dict(peak_over_base=peak - base, out_bytes=out.nbytes))
 """
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
+_STEADY_BUGS = {
+    "numba": "the numba driver allocates packed K/V copies and per-thread scratch with np.empty on "
+             "every call (~930 KiB traced here); DESIGN.md: no allocation in a steady out= loop",
+}
+
+
+@pytest.mark.parametrize("backend", [
+    pytest.param(b, marks=(pytest.mark.xfail(strict=True, reason=_STEADY_BUGS[b]),) if b in _STEADY_BUGS else ())
+    for b in BACKENDS])
 def test_steady_out_loop_allocates_no_output(backend):
     """A loop passing ``out=`` allocates nothing output-sized per call."""
-    proc = hs.run_python(_STEADY_SCRIPT.format(backend=backend), timeout=300)
-    recs = hs.records(proc.stdout)
-    assert proc.returncode == 0 and recs, hs.describe(proc)
-    r = recs[0]
+    r = hs.run_record(_STEADY_SCRIPT.format(backend=backend))
     if backend == "numpy":
         pytest.skip("the dense oracle backend allocates scores by design "
                     f"(peak {r['peak_over_base'] / MiB:.1f} MiB)")

@@ -297,7 +297,5 @@ def test_bitwise_reproducible(backend, threads):
             assert again == first, "results differ between runs in one process"
     finally:
         fastqkv.set_num_threads(old)
-    proc = hs.run_python(_REPRO_SCRIPT.format(threads=threads, backend=backend), timeout=300)
-    recs = hs.records(proc.stdout)
-    assert proc.returncode == 0 and recs, hs.describe(proc)
-    assert recs[0] == first, "results differ between processes"
+    assert hs.run_record(_REPRO_SCRIPT.format(threads=threads, backend=backend)) == first, \
+        "results differ between processes"
