@@ -52,6 +52,14 @@ def threads_restored():
     fastqkv.set_num_threads(old)
 
 
+@pytest.fixture
+def single_threaded_kernel(backend, threads_restored):
+    """Kernels at 1 thread, for the GIL tests (not the numpy backend)."""
+    if backend == "numpy":
+        pytest.skip("the numpy backend holds the GIL in parts by design")
+    fastqkv.set_num_threads(1)
+
+
 @pytest.mark.parametrize("kernel_threads", [1, 2])
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_eight_python_threads_bitwise_equal_serial(backend, kernel_threads, threads_restored):
@@ -123,17 +131,12 @@ _GIL_BUGS = {
 }
 
 
-@pytest.mark.parametrize("backend", [
-    pytest.param(b, marks=(pytest.mark.xfail(strict=True, reason=_GIL_BUGS[b]),) if b in _GIL_BUGS else ())
-    for b in BACKENDS])
-def test_gil_released(backend, threads_restored):
+@pytest.mark.parametrize("backend", hs.backend_params(BACKENDS, _GIL_BUGS))
+def test_gil_released(backend, single_threaded_kernel):
     """Two Python threads calling single-threaded kernels get >= 1.6x the
     throughput of one (the kernel runs without the GIL)."""
-    if backend == "numpy":
-        pytest.skip("the numpy backend holds the GIL in parts by design")
     if _cpus() < 2:
         pytest.skip("needs 2 CPUs")
-    fastqkv.set_num_threads(1)
     rng = np.random.default_rng(3)
     q = rng.standard_normal((1, 4, 256, 64)).astype(np.float32)
     k = rng.standard_normal((1, 4, 512, 64)).astype(np.float32)
@@ -168,16 +171,11 @@ def test_gil_released(backend, threads_restored):
                 f"are serialised")
 
 
-@pytest.mark.parametrize("backend", [
-    pytest.param(b, marks=(pytest.mark.xfail(strict=True, reason=_GIL_BUGS[b]),) if b in _GIL_BUGS else ())
-    for b in BACKENDS])
-def test_small_call_not_blocked_by_long_call(backend, threads_restored):
+@pytest.mark.parametrize("backend", hs.backend_params(BACKENDS, _GIL_BUGS))
+def test_small_call_not_blocked_by_long_call(backend, single_threaded_kernel):
     """While one Python thread runs a long single-threaded kernel, a tiny call
     from another thread returns at once: calls are neither serialised on a
     lock nor on the GIL (a load-independent companion of test_gil_released)."""
-    if backend == "numpy":
-        pytest.skip("the numpy backend holds the GIL in parts by design")
-    fastqkv.set_num_threads(1)
     rng = np.random.default_rng(4)
     q = rng.standard_normal((1, 8, 2048, 64)).astype(np.float32)
     k = rng.standard_normal((1, 8, 8192, 64)).astype(np.float32)
@@ -263,9 +261,7 @@ _FORK_BUGS = {
 
 
 @pytest.mark.skipif(not hasattr(os, "fork"), reason="needs os.fork")
-@pytest.mark.parametrize("backend", [
-    pytest.param(b, marks=(pytest.mark.xfail(strict=True, reason=_FORK_BUGS[b]),) if b in _FORK_BUGS else ())
-    for b in BACKENDS])
+@pytest.mark.parametrize("backend", hs.backend_params(BACKENDS, _FORK_BUGS))
 def test_fork_after_use(backend):
     proc = hs.run_python(_FORK_SCRIPT.format(backend=backend), timeout=180)
     assert proc.returncode == 0, hs.describe(proc)

@@ -148,9 +148,7 @@ _STEADY_BUGS = {
 }
 
 
-@pytest.mark.parametrize("backend", [
-    pytest.param(b, marks=(pytest.mark.xfail(strict=True, reason=_STEADY_BUGS[b]),) if b in _STEADY_BUGS else ())
-    for b in BACKENDS])
+@pytest.mark.parametrize("backend", hs.backend_params(BACKENDS, _STEADY_BUGS))
 def test_steady_out_loop_allocates_no_output(backend):
     """A loop passing ``out=`` allocates nothing output-sized per call."""
     r = hs.run_record(_STEADY_SCRIPT.format(backend=backend))
