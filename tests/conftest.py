@@ -19,9 +19,9 @@ except ImportError:  # hypothesis is a test extra; the fuzz suite skips without 
     pass
 else:
     _settings.register_profile(
-        "ci", max_examples=40, deadline=None, derandomize=True, print_blob=True,
+        "ci", max_examples=200, deadline=None, derandomize=True, print_blob=True,
         suppress_health_check=[_HealthCheck.too_slow, _HealthCheck.data_too_large])
     _settings.register_profile(
-        "release", max_examples=3000, deadline=None, print_blob=True,
+        "release", max_examples=20000, deadline=None, print_blob=True,
         suppress_health_check=[_HealthCheck.too_slow, _HealthCheck.data_too_large])
     _settings.load_profile(_os.environ.get("HYPOTHESIS_PROFILE", "ci"))

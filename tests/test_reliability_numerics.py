@@ -120,6 +120,20 @@ def test_nan_and_inf_inputs(backend, dtype):
     bias[1, 7] = np.nan                           # NaN bias on a visible key: row 1 NaN
     bias[2, 9] = np.inf                           # +inf bias: row 2 NaN (inf - inf)
     cases.append(_case("nan-inf-bias", q, k, v, bias=bias))
+    q, k, v = _qkv(rng, 2, 2, 1, 6, 40, 8, dtype)
+    mask = np.ones((2, 1, 6, 40), bool)
+    mask[0, :, 2] = False                         # row 2 of batch 0 sees nothing...
+    q[0, :, 2] = np.nan                           # ...so its NaN query never becomes a score
+    bias = np.zeros((2, 2, 6, 40))
+    bias[~np.broadcast_to(mask, bias.shape)] = np.nan     # NaN bias only where masked
+    bias[1, :, :, 30:] = np.nan                   # and past key_lens of batch 1
+    bias[0, :, 5, :10] = np.inf                   # and outside the window
+    cases.append(_case("hidden-nan-q-bias", q, k, v, mask=mask, bias=bias, key_lens=np.array([40, 30]),
+                       window=(20, -1)))
+    q, k, v = _qkv(rng, 1, 2, 1, 5, 30, 8, dtype)
+    q[0, 0, 1] = np.inf                           # +-inf scores capped by softcap: finite
+    cases.append(_case("inf-q-softcap", q, k, v, softcap=3.0))
+    cases.append(_case("zero-scale-inf-q", q, k, v, scale=0.0))      # 0 * inf = NaN row
     for c in cases:
         testing.check_case(c, backend)
 
