@@ -9,6 +9,6 @@
 #define NV_QK 2
 #define MR_PV 8
 #define NV_PV 2
-#define FQ_ROWS 64
-#define FQ_KT 192
+#define FQ_ROWS 128
+#define FQ_KT 256
 #include "attn_isa.inc"
