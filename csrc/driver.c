@@ -19,6 +19,9 @@
  * AMD EPYC Zen 4: waking a worker costs ~10-20 us) */
 #define FQ_SERIAL_FLOPS (1 << 21)
 #define FQ_PACK_PANELS 16        /* panels per item of the packing pass */
+/* the packing pass keeps a K^T copy of up to this many bytes (kept between
+ * calls); larger problems pack per item instead */
+#define FQ_PACK_MAX_BYTES ((size_t)256 << 20)
 
 typedef struct {
     const fq_problem *p;
@@ -230,7 +233,8 @@ int fq_run(const fq_problem *p0, const fq_isa *isa, int nthreads)
         int64_t npan = (p.Lk + kf->nr - 1) / kf->nr;
         size_t elt = p.dtype == FQ_F64 ? 8 : 4;
         size_t kb = (size_t)(job.BH * npan * kf->nr * p.D) * elt;
-        if (!ensure_buf(&pool.kpack, kb) && !ensure_buf(&pool.vbad, (size_t)(job.BH * npan))) {
+        if (kb <= FQ_PACK_MAX_BYTES && !ensure_buf(&pool.kpack, kb) &&
+            !ensure_buf(&pool.vbad, (size_t)(job.BH * npan))) {
             p.kpack = pool.kpack.buf;
             p.vbad = pool.vbad.buf;
             p.npan = npan;

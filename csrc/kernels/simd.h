@@ -111,9 +111,10 @@ AI FQ_T N(hsum)(V x)
 /* Vectorised exp, Cephes style: x = n ln2 + r with |r| <= ln2/2 (Cody-Waite
  * two-constant ln2), exp(r) by a polynomial, 2^n built in the exponent bits
  * (n taken from the rounding magic number, no float->int conversion).
- * exp(-inf) = 0 exactly, inputs below ln(min normal) flush to 0 (callers only
- * pass x <= 0, where such values are negligible next to the row sum of >= 1),
- * NaN -> NaN, inputs above 88 (f32) / ~709 (f64) are clamped.
+ * exp(-inf) = 0 exactly, inputs below ln(min normal) flush to 0 (their lanes
+ * are cleared at the end, whatever the arithmetic made of them; callers pass
+ * x = s - max <= 0, where such values are negligible next to the row sum of
+ * >= 1), NaN -> NaN.  Domain: x <= 88 (f32) / 709 (f64); no clamp above.
  * Error bound (tested in tests/test_c_backend.py over [-87, 0] resp. [-708, 0]
  * and a few positive values): float32 relative error < 4e-7 (~3 ulp, Cephes
  * expf polynomial, degree 7); float64 relative error < 1e-15 (~5 ulp, Taylor
@@ -121,11 +122,8 @@ AI FQ_T N(hsum)(V x)
 #if FQ_IS_F64
 AI V N(vexp)(V x)
 {
-    const V lo = N(vsplat)(-708.3964185322641), hi = N(vsplat)(709.0);
     const V magic = N(vsplat)(6755399441055744.0);   /* 1.5 * 2^52 */
-    const VI under = x < lo;
-    x = N(vsel)(under, lo, x);
-    x = N(vsel)(x > hi, hi, x);
+    const VI under = x < -708.3964185322641;
     V t = x * 1.4426950408889634 + magic;
     V n = t - magic;
     V r = x - n * 6.93145751953125E-1;
@@ -151,11 +149,8 @@ AI V N(vexp)(V x)
 #else
 AI V N(vexp)(V x)
 {
-    const V lo = N(vsplat)(-87.33654f), hi = N(vsplat)(88.0f);
     const V magic = N(vsplat)(12582912.0f);          /* 1.5 * 2^23 */
-    const VI under = x < lo;
-    x = N(vsel)(under, lo, x);
-    x = N(vsel)(x > hi, hi, x);
+    const VI under = x < -87.33654f;
     V t = x * 1.44269504088896341f + magic;
     V n = t - magic;
     V r = x - n * 0.693359375f;
