@@ -1,7 +1,7 @@
 """Property-based fuzzing of every available backend against the oracle.
 
 Hypothesis draws shapes (ranks 2-4, both layouts, GQA ratios 1-8, odd head
-dims, empty dims), strides (transposed, sliced, reversed, Fortran order,
+dims, empty dims), a few planted NaN/inf values, strides (transposed, sliced, reversed, Fortran order,
 zero-stride broadcasts), dtypes (float32/float64 on every backend,
 float16/bfloat16 through ``backend="auto"``), thread counts and options
 (causal, mask, bias with -inf entries, key_lens, window, softcap, scale,
@@ -45,12 +45,17 @@ def _examples(fraction):
 STRIDES = ("contiguous", "contiguous", "transposed", "sliced", "reversed", "fortran", "broadcast")
 
 
-def _view(rng, shape, dtype, how, amp=1.0):
-    """Random array of ``shape`` (any rank >= 2) seen through strides ``how``."""
+def _view(rng, shape, dtype, how, amp=1.0, poison=None):
+    """Random array of ``shape`` (any rank >= 2) seen through strides ``how``;
+    ``poison`` ("nan", "inf") plants a few such values."""
     shape = tuple(shape)
 
     def fill(s):
-        return (rng.standard_normal(s) * amp).astype(dtype)
+        a = (rng.standard_normal(s) * amp).astype(dtype)
+        if poison and a.size:
+            idx = rng.integers(0, a.size, size=1 + a.size // 500)
+            a.reshape(-1)[idx] = np.nan if poison == "nan" else np.inf * rng.choice([-1, 1], size=idx.size)
+        return a
 
     if how == "transposed" and len(shape) >= 3:
         sw = shape[:-3] + (shape[-2], shape[-3], shape[-1])
@@ -100,9 +105,17 @@ def cases(draw, dtypes=("float32", "float64")):
         return (L, Dn)
 
     sq, sk, sv = (draw(st.sampled_from(STRIDES)) for _ in range(3))
-    q = _view(rng, user(B, Hq, Lq, D), dt, sq, amp)
-    k = _view(rng, user(B, Hkv, Lk, D), dt, sk)
-    v = _view(rng, user(B, Hkv, Lk, Dv), dt, sv)
+    pq, pk, pv = (draw(st.sampled_from((None,) * 8 + ("nan", "inf"))) for _ in range(3))
+    # NaN/inf in V reaches a row through a zero weight only by the oracle's
+    # float64 rule (see test_reliability_numerics.test_nonfinite_v_behind_zero_weight):
+    # with V poisoned keep weights away from 0 (no -inf bias, no underflow)
+    tame = pv is not None
+    if tame:
+        amp = 1.0
+        pq = pk = None
+    q = _view(rng, user(B, Hq, Lq, D), dt, sq, amp, pq)
+    k = _view(rng, user(B, Hkv, Lk, D), dt, sk, 1.0, pk)
+    v = _view(rng, user(B, Hkv, Lk, Dv), dt, sv, 1.0, pv)
 
     kw = {}
     if layout != "bhld":
@@ -118,8 +131,8 @@ def cases(draw, dtypes=("float32", "float64")):
     bias_kind = draw(st.sampled_from((None, None, "2d", "keys", "full")))
     if bias_kind:
         shape = {"2d": (Lq, Lk), "keys": (B, 1, 1, Lk), "full": (B, Hq, Lq, Lk)}[bias_kind]
-        bias = rng.standard_normal(shape) * draw(st.sampled_from((0.5, 4.0)))
-        if bias.size and draw(st.booleans()):
+        bias = rng.standard_normal(shape) * (0.5 if tame else draw(st.sampled_from((0.5, 4.0))))
+        if bias.size and not tame and draw(st.booleans()):
             bias[rng.random(shape) < 0.2] = -np.inf
         kw["bias"] = bias.astype(draw(st.sampled_from(("float32", "float64"))))
     if ndim == 4 or B == 1:
@@ -128,10 +141,10 @@ def cases(draw, dtypes=("float32", "float64")):
     if draw(st.booleans()):
         kw["window"] = (draw(st.integers(-1, Lk + 2)), draw(st.integers(-1, Lk + 2)))
     if draw(st.booleans()):
-        kw["softcap"] = draw(st.floats(0.5, 50.0))
+        kw["softcap"] = draw(st.floats(0.5, 20.0 if tame else 50.0))
     if draw(st.integers(0, 3)) == 0:
-        kw["scale"] = draw(st.sampled_from((0.01, 0.3, 1.0, 2.5, -0.7)))
-    if draw(st.integers(0, 3)) == 0:
+        kw["scale"] = draw(st.sampled_from((0.01, 0.3, -0.1) if tame else (0.01, 0.3, 1.0, 2.5, -0.7)))
+    if not tame and draw(st.integers(0, 3)) == 0:
         kw["alibi_slopes"] = rng.random((B, Hq) if ndim == 4 and draw(st.booleans()) else (Hq,)) * 0.5
     case = testing.Case(f"fuzz-seed{seed}", q, k, v, kw, out_strided=draw(st.booleans()))
     return case

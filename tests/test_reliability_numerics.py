@@ -138,6 +138,36 @@ def test_nan_and_inf_inputs(backend, dtype):
         testing.check_case(c, backend)
 
 
+_ZERO_WEIGHT_BUGS = {
+    b: "the kernels skip V rows whose softmax weight is 0 (a -inf bias, or exp underflow in "
+       "float32) instead of multiplying: NaN/inf in such a visible key's V does not reach the "
+       "output, while the oracle's docstring says it does (0 * NaN); one of the two must change"
+    for b in ("c", "numba")
+}
+
+
+@pytest.mark.parametrize("how", ["neg-inf-bias", "float32-underflow"])
+@pytest.mark.parametrize("backend", hs.backend_params(BACKENDS, _ZERO_WEIGHT_BUGS))
+def test_nonfinite_v_behind_zero_weight(backend, how):
+    """A visible key whose weight is 0 still passes NaN/inf of its V row to the
+    output (0 * NaN is NaN: the oracle's rule).  Found by the fuzz suite."""
+    rng = np.random.default_rng(18)
+    dtype = np.float32
+    q, k, v = _qkv(rng, 1, 1, 1, 3, 14, 80, dtype)
+    kw = {}
+    if how == "neg-inf-bias":
+        bias = np.zeros((3, 14))
+        bias[:, 5] = -np.inf
+        kw["bias"] = bias
+    else:
+        k[0, 0, 5] = -q[0, 0, 2] * (130 * np.sqrt(80) / float(q[0, 0, 2] @ q[0, 0, 2]))  # score of key 5 ~ -130
+        kw["scale"] = 1.0 / np.sqrt(80)
+    v[0, 0, 5, 6] = np.nan
+    ref = reference.attention(q, k, v, **kw)
+    assert np.isnan(ref[0, 0, 2, 6]), "the oracle's rule changed: update this test"
+    testing.check_case(_case(how, q, k, v, **kw), backend)
+
+
 @pytest.mark.parametrize("dtype,tiny", [(np.float32, 1e-40), (np.float64, 1e-310)])
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_denormals(backend, dtype, tiny):
