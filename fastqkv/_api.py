@@ -96,7 +96,8 @@ def attention_varlen(q: ArrayLike, k: ArrayLike, v: ArrayLike, cu_seqlens_q: Arr
     _dispatch._check_name(backend, "backend")
     plan = _validate.plan_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, mask=mask, bias=bias,
                                  key_lens=key_lens, alibi_slopes=alibi_slopes,
-                                 return_lse=return_lse, out=out)
+                                 return_lse=return_lse, out=out, causal=causal, scale=scale,
+                                 window=window, softcap=softcap)
     return reference._varlen_loop(plan, attention, dict(causal=causal, scale=scale,
                                                         window=window, softcap=softcap,
                                                         backend=backend))

@@ -18,3 +18,6 @@ LAYOUTS = ("bhld", "blhd")
 # Overlap checks between `out=` and the inputs: work budget for
 # numpy.shares_memory before the answer counts as "may overlap".
 SHARES_MEMORY_MAX_WORK = 100_000
+
+# Largest thread count accepted by set_num_threads / $FASTQKV_NUM_THREADS.
+MAX_THREADS = 1024

@@ -152,6 +152,8 @@ def resolve(backend, problem):
 # ---------------------------------------------------------------------------
 # threads
 
+MAX_THREADS = _config.MAX_THREADS
+
 def _default_threads():
     env = os.environ.get(_config.ENV_NUM_THREADS, "").strip()
     if env:
@@ -159,8 +161,8 @@ def _default_threads():
             n = int(env)
         except ValueError:
             raise ValueError(f"${_config.ENV_NUM_THREADS} must be a positive integer, got {env!r}") from None
-        if n < 1:
-            raise ValueError(f"${_config.ENV_NUM_THREADS} must be a positive integer, got {env!r}")
+        if not 1 <= n <= MAX_THREADS:
+            raise ValueError(f"${_config.ENV_NUM_THREADS} must be an integer in [1, {MAX_THREADS}], got {env!r}")
         return n
     try:
         return max(1, len(os.sched_getaffinity(0)))
@@ -181,8 +183,8 @@ def set_num_threads(n):
             n = operator.index(n)
         except TypeError:
             raise TypeError(f"num_threads must be an integer, got {type(n).__name__}") from None
-    if n < 1:
-        raise ValueError(f"num_threads must be >= 1, got {n}")
+    if not 1 <= n <= MAX_THREADS:
+        raise ValueError(f"num_threads must be in [1, {MAX_THREADS}], got {n}")
     _num_threads = int(n)
 
 

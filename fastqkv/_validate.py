@@ -92,7 +92,13 @@ def _walkable(a):
                 break
         if ok and a.ndim and a.shape[-1] > 1 and a.strides[-1] != item:
             ok = False
-    return a if ok else np.ascontiguousarray(a)
+    return a if ok else _aligned_copy(a)
+
+
+def _aligned_copy(a):
+    """A C-contiguous copy in fresh (aligned) memory; ascontiguousarray would
+    return an unaligned contiguous array unchanged."""
+    return np.array(a, order="C", copy=True)
 
 
 def _to_bhld(a, layout):
@@ -163,13 +169,22 @@ def int_array(x, name, shape=None):
     return np.ascontiguousarray(a, dtype=np.int64)
 
 
+# Window sides at least this large can see every key of any array: they are
+# stored as unbounded (-1) so that no bound overflows 64-bit arithmetic.
+_WINDOW_UNBOUNDED = 1 << 62
+
+
 def check_window(window):
     if window is None:
         return -1, -1
-    if isinstance(window, (str, bytes)) or not hasattr(window, "__len__") or len(window) != 2:
+    if isinstance(window, np.ndarray):
+        window = window.tolist() if window.ndim == 1 else window
+    if not isinstance(window, (tuple, list)) or len(window) != 2:
         raise TypeError(f"window must be a pair (left, right) of integers, -1 = unbounded, got {window!r}")
     left = check_int(window[0], "window[0] (left)", minimum=-1)
     right = check_int(window[1], "window[1] (right)", minimum=-1)
+    left = -1 if left >= _WINDOW_UNBOUNDED else left
+    right = -1 if right >= _WINDOW_UNBOUNDED else right
     return left, right
 
 
@@ -384,7 +399,7 @@ def _lse_shape(B, H, L, ndim):
 
 
 def _walkable_any(a):
-    return a if a.flags.aligned else np.ascontiguousarray(a)
+    return a if a.flags.aligned else _aligned_copy(a)
 
 
 def _broadcast(a, shape, name):
@@ -445,8 +460,20 @@ def merge_result(out4, lse3, out_dtype, lse_dtype, out_shape, lse_shape, layout)
 # ---------------------------------------------------------------------------
 # attention_varlen
 
+def check_options(causal, scale, window, softcap):
+    """Check the scalar options of an attention call (plan_attention checks
+    them per call; this is for callers where no per-call plan may run, e.g. a
+    varlen batch without query rows)."""
+    check_bool(causal, "causal")
+    if scale is not None:
+        check_real(scale, "scale")
+    if softcap is not None:
+        check_real(softcap, "softcap", positive=True)
+    check_window(window)
+
+
 def plan_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, *, mask, bias, key_lens, alibi_slopes,
-                return_lse, out):
+                return_lse, out, causal=False, scale=None, window=None, softcap=None):
     """Validate a packed ragged batch.  Returns
     ``(q, k, v, cu_q, cu_k, alibi (B, Hq) or None, out, lse or None, return_lse)``."""
     for name, val in (("mask", mask), ("bias", bias), ("key_lens", key_lens)):
@@ -488,6 +515,7 @@ def plan_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, *, mask, bias, key_lens, al
             raise ValueError("alibi_slopes must be finite")
         alibi = np.ascontiguousarray(np.broadcast_to(a.astype(acc), (B, Hq)))
     return_lse = check_bool(return_lse, "return_lse")
+    check_options(causal, scale, window, softcap)
     shape = (Tq, Hq, v.shape[2])
     if out is None:
         out = np.empty(shape, q.dtype)

@@ -261,7 +261,8 @@ def attention_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, *, causal=False, scale
     """
     plan = _validate.plan_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, mask=mask, bias=bias,
                                  key_lens=key_lens, alibi_slopes=alibi_slopes,
-                                 return_lse=return_lse, out=out)
+                                 return_lse=return_lse, out=out, causal=causal, scale=scale,
+                                 window=window, softcap=softcap)
     return _varlen_loop(plan, attention, dict(causal=causal, scale=scale, window=window,
                                               softcap=softcap))
 
