@@ -7,8 +7,9 @@ first use only.  Structure (the C backend has the same one):
   dispatcher :func:`_attention` for the two signatures below, loading them
   from Numba's on-disk cache when it is warm.
 * ``_attention`` - ``prange`` over the threads; each thread allocates its
-  padded scratch once and walks an interleaved share of the work items
-  ``(batch, KV head, query tile)``, so causal work is spread evenly.
+  padded scratch once and takes work items ``(batch, KV head, query tile)``
+  from an atomic counter (costliest first), so causal or ragged work and a
+  core shared with another process balance out.
 * ``_work_item`` - GQA packing: the query rows of *all* heads of one KV
   group for one query tile are packed into one tile, so each K/V tile is
   read once per group.  It walks the visible key tiles only (causal,
@@ -48,7 +49,7 @@ FASTMATH = {"nsz", "arcp", "contract", "reassoc"}
 # about ROWS packed query rows (heads of a group x query positions) per item
 # and KEYS keys per K/V tile (a multiple of 4, the micro-kernel width).
 ROWS = 64
-KEYS = 64
+KEYS = 256
 DECODE_KEYS = 256
 
 # bits of the `flags` argument
@@ -87,6 +88,43 @@ def _maximum(typingctx, a, b):
         return builder.call(fn, args)
 
     return a(a, b), codegen
+
+
+@intrinsic
+def _fetch_add(typingctx, counters, index):
+    """Atomically ``counters[index] += 1``; returns the old value (work queue)."""
+    if not (isinstance(counters, types.Array) and counters.dtype == types.int64):
+        return None
+
+    def codegen(context, builder, signature, args):
+        aryty = signature.args[0]
+        ary = context.make_array(aryty)(context, builder, args[0])
+        ptr = cgutils.get_item_pointer(context, builder, aryty, ary, [args[1]])
+        one = ir.Constant(ir.IntType(64), 1)
+        return builder.atomic_rmw("add", ptr, one, "seq_cst")
+
+    return types.int64(counters, index), codegen
+
+
+@intrinsic
+def _borrow(typingctx, arr):
+    """``arr`` without its reference to the owning memory block.  Views taken
+    of it then skip Numba's atomic reference counting, which otherwise makes
+    threads that slice the same input fight over one cache line.  Only for
+    arrays that stay alive for the whole call (inputs, scratch)."""
+    if not isinstance(arr, types.Array):
+        return None
+
+    def codegen(context, builder, signature, args):
+        aryty = signature.args[0]
+        src = context.make_array(aryty)(context, builder, args[0])
+        dst = context.make_array(aryty)(context, builder)
+        for name in ("parent", "nitems", "itemsize", "data", "shape", "strides"):
+            setattr(dst, name, getattr(src, name))
+        dst.meminfo = cgutils.get_null_value(src.meminfo.type)
+        return dst._getvalue()
+
+    return arr(arr), codegen
 
 
 _F = np.float32
@@ -198,20 +236,39 @@ def _store4(c, r, j, al, accumulate, s0, s1, s2, s3):
 
 
 @njit(nogil=True, cache=True, fastmath=FASTMATH)
-def _pv_rows(p, vs, o, alpha, mp, n, dvp):
-    """``o[r] = alpha[r] * o[r] + p[r, :n] @ vs[:n]`` as SAXPYs over V rows,
-    skipping keys of probability 0 (for few rows: no V transpose needed)."""
-    for r in range(mp):
+def _pv_rows(p, vs, o, alpha, rows, n, dvp, guarded):
+    """``o[r] = alpha[r] * o[r] + p[r, :n] @ vs[:n]`` for ``r < rows`` as
+    SAXPYs over V rows, four keys per pass over ``o[r]`` (for few rows: no V
+    transpose needed).  ``guarded`` (V holds inf/NaN): one key at a time,
+    skipping keys of probability 0 so an invisible key's value never leaks."""
+    for r in range(rows):
         al = alpha[r]
         if al != 1:
+            orow = o[r]
             for c in range(dvp):
-                o[r, c] *= al
-    for j in range(n):
-        for r in range(mp):
+                orow[c] *= al
+    n4 = 0 if guarded else n & ~3
+    for j in range(0, n4, 4):
+        v0 = vs[j]
+        v1 = vs[j + 1]
+        v2 = vs[j + 2]
+        v3 = vs[j + 3]
+        for r in range(rows):
+            x0 = p[r, j]
+            x1 = p[r, j + 1]
+            x2 = p[r, j + 2]
+            x3 = p[r, j + 3]
+            orow = o[r]
+            for c in range(dvp):
+                orow[c] += x0 * v0[c] + x1 * v1[c] + x2 * v2[c] + x3 * v3[c]
+    for j in range(n4, n):
+        vj = vs[j]
+        for r in range(rows):
             x = p[r, j]
             if x != 0:
+                orow = o[r]
                 for c in range(dvp):
-                    o[r, c] += x * vs[j, c]
+                    orow[c] += x * vj[c]
 
 
 @njit(nogil=True, cache=True)
@@ -295,6 +352,7 @@ def _fill(row, value):
 @njit(nogil=True, cache=True)
 def _pack_k(k, b, kvh, j0, n, ks):
     """``ks[:n] = k[b, kvh, j0:j0+n]``; rows ``n:`` zero."""
+    k = _borrow(k)
     z = ks.dtype.type(0)
     for jj in range(ks.shape[0]):
         dst = ks[jj]
@@ -308,35 +366,74 @@ def _pack_k(k, b, kvh, j0, n, ks):
 
 
 @njit(nogil=True, cache=True, fastmath=FASTMATH)
+def _nonfinite(x, rows, cols):
+    """True if ``x[:rows, :cols]`` holds inf or NaN (vectorised: sums x * 0)."""
+    z = x.dtype.type(0)
+    chk = z
+    for r in range(rows):
+        row = x[r]
+        for c in range(cols):
+            chk += row[c] * z
+    return not (chk == 0)
+
+
+@njit(nogil=True, cache=True)
 def _pack_v(v, b, kvh, j0, n, vs):
-    """``vs[:n, :dv] = v[b, kvh, j0:j0+n]`` (columns ``dv:`` stay zero)."""
+    """``vs[:n, :dv] = v[b, kvh, j0:j0+n]`` (columns ``dv:`` stay zero); True
+    if those values hold inf or NaN."""
+    v = _borrow(v)
     dv = v.shape[3]
     for jj in range(n):
         src = v[b, kvh, j0 + jj]
         dst = vs[jj]
         for c in range(dv):
             dst[c] = src[c]
+    return _nonfinite(vs, n, dv)
 
 
-@njit(nogil=True, cache=True, fastmath=FASTMATH)
+@njit(nogil=True, cache=True)
 def _pack_vt(v, b, kvh, j0, n, vt):
     """``vt[:dv, :n] = v[b, kvh, j0:j0+n].T``, zero elsewhere; True if the
-    packed keys hold inf or NaN."""
+    packed values hold inf or NaN.  4 x 4 blocks: a plain loop would be
+    vectorised into gathers or scatters, several times slower."""
     z = vt.dtype.type(0)
-    dv = v.shape[3]
-    chk = z
-    for jj in range(n):
-        src = v[b, kvh, j0 + jj]
+    src = _borrow(v)[b, kvh]
+    dv = src.shape[1]
+    n4 = n & ~3
+    dv4 = dv & ~3
+    for jj in range(0, n4, 4):
+        r0 = src[j0 + jj]
+        r1 = src[j0 + jj + 1]
+        r2 = src[j0 + jj + 2]
+        r3 = src[j0 + jj + 3]
+        for c in range(0, dv4, 4):
+            a00, a01, a02, a03 = r0[c], r0[c + 1], r0[c + 2], r0[c + 3]
+            a10, a11, a12, a13 = r1[c], r1[c + 1], r1[c + 2], r1[c + 3]
+            a20, a21, a22, a23 = r2[c], r2[c + 1], r2[c + 2], r2[c + 3]
+            a30, a31, a32, a33 = r3[c], r3[c + 1], r3[c + 2], r3[c + 3]
+            _put4(vt[c], jj, a00, a10, a20, a30)
+            _put4(vt[c + 1], jj, a01, a11, a21, a31)
+            _put4(vt[c + 2], jj, a02, a12, a22, a32)
+            _put4(vt[c + 3], jj, a03, a13, a23, a33)
+        for c in range(dv4, dv):
+            _put4(vt[c], jj, r0[c], r1[c], r2[c], r3[c])
+    for jj in range(n4, n):
+        r0 = src[j0 + jj]
         for c in range(dv):
-            x = src[c]
-            vt[c, jj] = x
-            chk += x * z
+            vt[c, jj] = r0[c]
     for c in range(vt.shape[0]):
         dst = vt[c]
-        lo = n if c < dv else 0
-        for jj in range(lo, dst.shape[0]):
+        for jj in range(n if c < dv else 0, dst.shape[0]):
             dst[jj] = z
-    return not (chk == 0)
+    return _nonfinite(vt, dv, n)
+
+
+@njit(nogil=True, cache=True, inline="always")
+def _put4(dst, j, a, b, c, d):
+    dst[j] = a
+    dst[j + 1] = b
+    dst[j + 2] = c
+    dst[j + 3] = d
 
 
 @njit(nogil=True, cache=True)
@@ -344,6 +441,7 @@ def _pack_head(k, v, b, kvh, lkb, tk, kp, vtp, bad):
     """Pack the keys ``< lkb`` of one KV head once for all its query tiles:
     K tiles to ``kp[b, kvh, tile]``, transposed V tiles to
     ``vtp[b, kvh, tile]``, ``bad[b, kvh, tile]`` = the V tile holds inf/NaN."""
+    k, v, kp, vtp, bad = _borrow(k), _borrow(v), _borrow(kp), _borrow(vtp), _borrow(bad)
     for tile in range((lkb + tk - 1) // tk):
         j0 = tile * tk
         n = min(tk, lkb - j0)
@@ -358,6 +456,10 @@ def _pack_head(k, v, b, kvh, lkb, tk, kp, vtp, bad):
 def _work_item(q, k, v, out, lse, mask, bias, key_lens, alibi, sc, softcap, wl, wr, flags,
                b, kvh, i0, i1, tk, prepacked, kp, vtp, bad, qs, ks, vs, s, o, m, l, alpha):
     """Attention for query rows ``i0:i1`` of every head of KV head ``kvh``."""
+    q, k, v, out, lse, mask, bias = (_borrow(q), _borrow(k), _borrow(v), _borrow(out), _borrow(lse),
+                                     _borrow(mask), _borrow(bias))
+    kp, vtp, bad, qs, ks, vs = _borrow(kp), _borrow(vtp), _borrow(bad), _borrow(qs), _borrow(ks), _borrow(vs)
+    s, o, m, l, alpha = _borrow(s), _borrow(o), _borrow(m), _borrow(l), _borrow(alpha)
     T = s.dtype.type
     ninf = T(-np.inf)
     Lq = q.shape[2]
@@ -402,11 +504,12 @@ def _work_item(q, k, v, out, lse, mask, bias, key_lens, alibi, sc, softcap, wl, 
         tile = j0 // tk
         n = min(tk, hi - j0)
         npad = (n + 3) & ~3
+        bad_v = False
         if prepacked:
             kt = kp[b, kvh, tile]
         else:
             _pack_k(k, b, kvh, j0, n, ks)
-            _pack_v(v, b, kvh, j0, n, vs)
+            bad_v = _pack_v(v, b, kvh, j0, n, vs)
             kt = ks
         _abt_tile(qs, kt, s, alpha, False, mp, npad, d)
         for r in range(M):
@@ -443,7 +546,7 @@ def _work_item(q, k, v, out, lse, mask, bias, key_lens, alibi, sc, softcap, wl, 
         for r in range(M, mp):
             _fill(s[r, :npad], T(0))
         if not prepacked:
-            _pv_rows(s, vs, o, alpha, mp, n, dvp)
+            _pv_rows(s, vs, o, alpha, M, n, dvp, bad_v)
         elif bad[b, kvh, tile]:
             _pv_guarded(s, vtp[b, kvh, tile], o, alpha, mp, n, dvp)
         else:
@@ -472,8 +575,9 @@ def _attention_py(q, k, v, out, lse, mask, bias, key_lens, alibi, sc, softcap, w
     """Parallel driver.  When a KV head serves several query tiles, its K and
     (transposed) V tiles are packed once first, in parallel over ``(b, kv
     head)``; otherwise each tile is packed by the work item that uses it.
-    Then ``prange`` over threads, each with its own scratch, each walking
-    work items ``t, t + nt, ...`` of ``(b, kv head, query tile)``."""
+    Then ``prange`` over threads, each with its own scratch, taking work
+    items ``(b, kv head, query tile)`` from an atomic counter, costliest
+    first, so ragged or causal work and a busy core balance out."""
     B = q.shape[0]
     Lq = q.shape[2]
     Hkv = k.shape[1]
@@ -497,11 +601,16 @@ def _attention_py(q, k, v, out, lse, mask, bias, key_lens, alibi, sc, softcap, w
         kp = np.empty((1, 1, 1, 1, 1), q.dtype)
         vtp = np.empty((1, 1, 1, 1, 1), q.dtype)
         bad = np.zeros((1, 1, 1), np.bool_)
+    queue = np.zeros(2, np.int64)       # next pack job, next work item
     if prepacked:
-        for it in prange(B * Hkv):
-            b = it // Hkv
-            lkb = key_lens[b] if (flags & HAS_KEY_LENS) != 0 else Lk
-            _pack_head(k, v, b, it % Hkv, lkb, tk, kp, vtp, bad)
+        for t in prange(nt):
+            while True:
+                it = _fetch_add(queue, 0)
+                if it >= B * Hkv:
+                    break
+                b = it // Hkv
+                lkb = key_lens[b] if (flags & HAS_KEY_LENS) != 0 else Lk
+                _pack_head(k, v, b, it % Hkv, lkb, tk, kp, vtp, bad)
     for t in prange(nt):
         qs = np.empty((mpmax, d), q.dtype)
         ks = np.empty((tkp, d), q.dtype)
@@ -511,9 +620,12 @@ def _attention_py(q, k, v, out, lse, mask, bias, key_lens, alibi, sc, softcap, w
         m = np.empty(mpmax, q.dtype)
         l = np.empty(mpmax, q.dtype)
         alpha = np.empty(mpmax, q.dtype)
-        for it in range(t, n_items, nt):
-            qt = it % nqt
-            rest = it // nqt
+        while True:
+            it = _fetch_add(queue, 1)
+            if it >= n_items:
+                break
+            qt = nqt - 1 - it // (B * Hkv)      # last (costliest when causal) query tiles first
+            rest = it % (B * Hkv)
             i0 = qt * tq
             _work_item(q, k, v, out, lse, mask, bias, key_lens, alibi, sc, softcap, wl, wr,
                        flags, rest // Hkv, rest % Hkv, i0, min(i0 + tq, Lq), tk, prepacked,
