@@ -3,10 +3,10 @@
 Importing this module imports numba; :mod:`fastqkv._numba` imports it on
 first use only.  Structure (the C backend has the same one):
 
-* :func:`driver` - builds (lazily, once) the ``@njit(parallel=True)``
-  dispatcher :func:`_attention` for the two signatures below, loading them
-  from Numba's on-disk cache when it is warm.
-* ``_attention`` - ``prange`` over the threads; each thread allocates its
+* :func:`driver` - builds (lazily, once per dtype) the
+  ``@njit(parallel=True)`` dispatcher of ``_attention_py`` for the float32
+  or float64 signature, loading it from Numba's on-disk cache when warm.
+* ``_attention_py`` - ``prange`` over the threads; each thread allocates its
   padded scratch once and takes work items ``(batch, KV head, query tile)``
   from an atomic counter (costliest first), so causal or ragged work and a
   core shared with another process balance out.
@@ -32,6 +32,7 @@ NaN and still vectorises.  Every global read by a kernel is a constant.
 from __future__ import annotations
 
 import math
+import threading
 
 import numba
 import numpy as np
@@ -51,6 +52,8 @@ FASTMATH = {"nsz", "arcp", "contract", "reassoc"}
 ROWS = 64
 KEYS = 256
 DECODE_KEYS = 256
+# multiply-adds (about 30 us) below which one more thread costs more than it brings
+MIN_WORK_PER_THREAD = 1 << 21
 
 # bits of the `flags` argument
 HAS_LSE = 1
@@ -647,15 +650,23 @@ def _signature(dt):
 SIGNATURES = {np.dtype(np.float32): _signature(types.float32),
               np.dtype(np.float64): _signature(types.float64)}
 
-_driver = None
+_drivers = {}
+_drivers_lock = threading.Lock()
 
 
-def driver():
-    """The compiled parallel driver (both signatures; from the disk cache when warm)."""
-    global _driver
-    if _driver is None:
-        _driver = njit(list(SIGNATURES.values()), parallel=True, nogil=True, cache=True)(_attention_py)
-    return _driver
+def driver(dtype):
+    """The compiled parallel driver for float32 or float64 inputs: one
+    signature per dtype, compiled (or loaded from the disk cache) on first
+    use, so a float32 user never pays for the float64 code."""
+    dtype = np.dtype(dtype)
+    fn = _drivers.get(dtype)
+    if fn is None:
+        with _drivers_lock:
+            fn = _drivers.get(dtype)
+            if fn is None:
+                fn = njit([SIGNATURES[dtype]], parallel=True, nogil=True, cache=True)(_attention_py)
+                _drivers[dtype] = fn
+    return fn
 
 
 # ---------------------------------------------------------------------------
@@ -694,7 +705,7 @@ def tiles(p):
 def run(p, num_threads):
     """Fill ``p.out`` (and ``p.lse``) for a validated float32/float64 Problem."""
     dt = np.dtype(p.dtype)
-    fn = driver()
+    fn = driver(dt)
     dm = _dummies(dt)
     flags = 0
     args = {}
@@ -712,7 +723,11 @@ def run(p, num_threads):
         out = tmp
     tq, tk = tiles(p)
     T = dt.type
-    n = max(1, min(int(num_threads), numba.config.NUMBA_NUM_THREADS))
+    # no more threads than work items, and none woken for tiny calls
+    items = p.B * p.Hkv * -(-p.Lq // tq)
+    work = p.B * p.Hq * p.Lq * p.Lk * (p.D + p.Dv)
+    n = min(int(num_threads), numba.config.NUMBA_NUM_THREADS, items, 1 + work // MIN_WORK_PER_THREAD)
+    n = max(1, n)
     old = numba.get_num_threads()
     numba.set_num_threads(n)
     try:
@@ -727,7 +742,8 @@ def run(p, num_threads):
 
 def warmup():
     """Compile (or load from the disk cache) every signature; returns :func:`cache_status`."""
-    driver()
+    for dt in SIGNATURES:
+        driver(dt)
     return cache_status()
 
 
