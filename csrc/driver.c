@@ -27,6 +27,7 @@ typedef struct {
     const fq_problem *p;
     const fq_kfuncs *kf;
     int pack;           /* 1: the packing pass, 0: attention items */
+    void *own_scratch;  /* non-NULL: a call outside the pool, on one thread */
     int64_t nitems, nqt, BH, pchunks;
     int64_t next;       /* atomic */
     int status;         /* atomic, first error wins */
@@ -53,7 +54,7 @@ static struct {
 
 static void run_items(fq_job *job, int tid)
 {
-    void *scratch = pool.scratch[tid].buf;
+    void *scratch = job->own_scratch ? job->own_scratch : pool.scratch[tid].buf;
     for (;;) {
         int64_t it = __atomic_fetch_add(&job->next, 1, __ATOMIC_RELAXED);
         if (it >= job->nitems)
@@ -129,6 +130,38 @@ static int ensure_workers(int n)
         pool.nstarted++;
     }
     return pool.nstarted + 1 < n ? pool.nstarted + 1 : n;
+}
+
+/* scratch of calls that run on their own thread without the pool (single
+ * threaded, or the pool is busy with another Python thread's call): one per
+ * calling thread, freed when that thread exits */
+static pthread_key_t tls_key;
+static pthread_once_t tls_once = PTHREAD_ONCE_INIT;
+static int tls_ok;
+
+static void tls_free(void *ptr)
+{
+    fq_scratch *s = (fq_scratch *)ptr;
+    free(s->buf);
+    free(s);
+}
+
+static void tls_init(void) { tls_ok = pthread_key_create(&tls_key, tls_free) == 0; }
+
+static fq_scratch *tls_scratch(void)
+{
+    pthread_once(&tls_once, tls_init);
+    if (!tls_ok)
+        return NULL;
+    fq_scratch *s = (fq_scratch *)pthread_getspecific(tls_key);
+    if (!s) {
+        s = (fq_scratch *)calloc(1, sizeof *s);
+        if (s && pthread_setspecific(tls_key, s)) {
+            free(s);
+            s = NULL;
+        }
+    }
+    return s;
 }
 
 static int ensure_buf(fq_scratch *s, size_t bytes)
@@ -215,9 +248,18 @@ int fq_run(const fq_problem *p0, const fq_isa *isa, int nthreads)
         nthreads = (int)job.nitems;
 
     size_t bytes = kf->scratch_bytes(&p);
-    pthread_mutex_lock(&pool.call_lock);
-    if (nthreads > 1)
-        nthreads = ensure_workers(nthreads);
+    /* the pool serves one call at a time; a single-threaded call, or any call
+     * made while another Python thread holds the pool, runs on its own
+     * thread with thread-local scratch (never waiting for the other call) */
+    if (nthreads == 1 || pthread_mutex_trylock(&pool.call_lock) != 0) {
+        fq_scratch *s = tls_scratch();
+        if (!s || ensure_buf(s, bytes))
+            return FQ_ENOMEM;
+        job.own_scratch = s->buf;
+        run_items(&job, 0);
+        return job.status;
+    }
+    nthreads = ensure_workers(nthreads);
     for (int t = 0; t < nthreads; t++) {
         if (ensure_buf(&pool.scratch[t], bytes)) {
             if (t == 0) {
