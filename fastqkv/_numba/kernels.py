@@ -291,22 +291,10 @@ def _pv_guarded(p, vt, o, alpha, mp, n, dvp):
 
 
 @njit(nogil=True, cache=True, fastmath=FASTMATH)
-def _scale_max(row, sc):
-    """``row *= sc``; returns the NaN-propagating max of ``row``."""
-    mt = row.dtype.type(-np.inf)
-    for j in range(row.shape[0]):
-        x = row[j] * sc
-        row[j] = x
-        mt = _maximum(mt, x)
-    return mt
-
-
-@njit(nogil=True, cache=True, fastmath=FASTMATH)
 def _scores_options(row, j0, ip, sc, softcap, has_bias, brow, slope, has_mask, mrow):
     """Scores of ``row`` (keys ``j0, j0 + 1, ...``; ``brow`` and ``mrow`` are
     aligned with it) with the options, in the oracle's order: scale, softcap,
-    bias, ALiBi, mask.  One vectorisable pass per option.  Returns the
-    NaN-propagating row max."""
+    bias, ALiBi, mask.  One vectorisable pass per option."""
     T = row.dtype.type
     ninf = T(-np.inf)
     lo = 0
@@ -326,21 +314,60 @@ def _scores_options(row, j0, ip, sc, softcap, has_bias, brow, slope, has_mask, m
         for j in range(lo, hi):
             if not mrow[j]:
                 row[j] = ninf
-    mt = ninf
-    for j in range(lo, hi):
-        mt = _maximum(mt, row[j])
-    return mt
+
+
+@njit(nogil=True, cache=True, inline="always")
+def _window(ip, j0, n, wl, wr):
+    """``(a, e)``: keys ``j0 + a .. j0 + e - 1`` of a tile of ``n`` are inside
+    the window of aligned query position ``ip`` (``e <= a``: none)."""
+    a = 0
+    e = n
+    if wl >= 0:
+        a = min(max(ip - wl - j0, 0), n)
+    if wr >= 0:
+        e = max(min(ip + wr + 1 - j0, n), 0)
+    return a, e
 
 
 @njit(nogil=True, cache=True, fastmath=FASTMATH)
-def _exp_sum(row, m):
-    """``row = exp(row - m)``; returns its sum."""
-    acc = row.dtype.type(0)
-    for j in range(row.shape[0]):
-        x = _exp(row[j] - m)
-        row[j] = x
-        acc += x
-    return acc
+def _softmax_tile(s, rows, n, npad, nq, ip0, j0, wl, wr, sc, scored, m, l, alpha):
+    """Online-softmax step for the rows of a score tile ``s[:rows, :n]``
+    (row r: aligned query position ``ip0 + r % nq``).  Unless ``scored`` (the
+    options pass already wrote final scores), scale and mask to the window
+    first.  Updates the running max ``m``, sum ``l``, the rescale factor
+    ``alpha`` of the output rows, and leaves ``exp(s - m)`` in ``s`` (zero in
+    columns ``n:npad``).  NaN scores propagate; rows with no visible key so
+    far keep ``m = -inf``, ``l = 0``."""
+    T = s.dtype.type
+    ninf = T(-np.inf)
+    zero = T(0)
+    for r in range(rows):
+        row = s[r]
+        mt = ninf
+        if scored:
+            for j in range(n):
+                mt = _maximum(mt, row[j])
+        else:
+            a, e = _window(ip0 + r % nq, j0, n, wl, wr)
+            for j in range(n):
+                x = row[j] * sc
+                x = x if j >= a and j < e else ninf
+                row[j] = x
+                mt = _maximum(mt, x)
+        mo = m[r]
+        mn = _maximum(mo, mt)
+        ms = zero if mn == ninf else mn
+        al = _exp(mo - ms)
+        acc = zero
+        for j in range(n):
+            x = _exp(row[j] - ms)
+            row[j] = x
+            acc += x
+        for j in range(n, npad):
+            row[j] = zero
+        l[r] = l[r] * al + acc
+        alpha[r] = al
+        m[r] = mn
 
 
 @njit(nogil=True, cache=True)
@@ -515,37 +542,21 @@ def _work_item(q, k, v, out, lse, mask, bias, key_lens, alibi, sc, softcap, wl, 
             bad_v = _pack_v(v, b, kvh, j0, n, vs)
             kt = ks
         _abt_tile(qs, kt, s, alpha, False, mp, npad, d)
-        for r in range(M):
-            row = s[r]
-            h = kvh * g + r // nq
-            i = i0 + r % nq
-            ip = i + off
-            a = 0                       # keys j0 + a .. j0 + e - 1 are in the row's window
-            e = n
-            if wl >= 0:
-                a = min(max(ip - wl - j0, 0), n)
-            if wr >= 0:
-                e = max(min(ip + wr + 1 - j0, n), 0)
-            if e < a:
-                e = a
-            _fill(row[:a], ninf)
-            _fill(row[e:n], ninf)
-            if options:
+        if options:
+            for r in range(M):
+                row = s[r]
+                h = kvh * g + r // nq
+                i = i0 + r % nq
+                ip = i + off
+                a, e = _window(ip, j0, n, wl, wr)
+                _fill(row[:a], ninf)
+                _fill(row[e:n], ninf)
                 brow = bias[b, h, i, j0 + a:j0 + e] if has_bias else bias[0, 0, 0]
                 mrow = mask[b, h, i, j0 + a:j0 + e] if has_mask else mask[0, 0, 0]
                 slope = alibi[b, h] if has_alibi else T(0)
-                mt = _scores_options(row[a:e], j0 + a, ip, sc, softcap, has_bias, brow,
-                                     slope, has_mask, mrow)
-            else:
-                mt = _scale_max(row[a:e], sc)
-            mo = m[r]
-            mn = _maximum(mo, mt)
-            ms = T(0) if mn == ninf else mn
-            al = _exp(mo - ms)
-            l[r] = l[r] * al + _exp_sum(row[:n], ms)
-            alpha[r] = al
-            m[r] = mn
-            _fill(row[n:npad], T(0))
+                _scores_options(row[a:e], j0 + a, ip, sc, softcap, has_bias, brow, slope,
+                                has_mask, mrow)
+        _softmax_tile(s, M, n, npad, nq, i0 + off, j0, wl, wr, sc, options, m, l, alpha)
         for r in range(M, mp):
             _fill(s[r, :npad], T(0))
         if not prepacked:
