@@ -48,6 +48,37 @@ def timeit(fn, repeat, warmup=2, min_time=0.0):
     return statistics.median(ts)
 
 
+def _cpu_ticks():
+    """(busy, total) jiffies of the whole machine from /proc/stat, or None."""
+    try:
+        with open("/proc/stat") as f:
+            vals = [int(x) for x in f.readline().split()[1:]]
+    except (OSError, ValueError):
+        return None
+    idle = vals[3] + (vals[4] if len(vals) > 4 else 0)
+    return sum(vals) - idle, sum(vals)
+
+
+class ForeignLoad:
+    """CPU cores used by other processes while the block ran (this machine
+    may be shared: a benchmark is only meaningful when this is near 0)."""
+
+    def __enter__(self):
+        self.t0, self.c0, self.s0 = time.perf_counter(), time.process_time(), _cpu_ticks()
+        return self
+
+    def __exit__(self, *exc):
+        s1 = _cpu_ticks()
+        wall = time.perf_counter() - self.t0
+        own = time.process_time() - self.c0
+        hz = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
+        if self.s0 is None or s1 is None or wall <= 0:
+            self.cores = float("nan")
+        else:
+            self.cores = max(0.0, ((s1[0] - self.s0[0]) / hz - own) / wall)
+        return False
+
+
 def time_interleaved(fns, repeat, warmup=2):
     """Median seconds of each function, run in alternation (round robin) so
     that any other load on the machine hits every contender alike."""
@@ -281,16 +312,19 @@ def main(argv=None):
           f"onnxruntime {ort.__version__ if ort else 'missing'}")
     sg = sgemm_gflops(args.threads)
     print(f"sgemm (numpy 2048^2 float32, {args.threads} threads): {sg:.1f} GFLOP/s")
-    hdr = f"{'case':22s} {'c ms':>8s} {'GFLOP/s':>8s} {'%sgemm':>7s} {'torch ms':>9s} {'x torch':>8s} {'ort ms':>8s} {'x ort':>6s}"
+    hdr = (f"{'case':22s} {'c ms':>8s} {'GFLOP/s':>8s} {'%sgemm':>7s} {'torch ms':>9s} {'x torch':>8s} "
+           f"{'ort ms':>8s} {'x ort':>6s} {'foreign load':>13s}")
     print(hdr)
     for name, kw in CASES.items():
         if args.only and args.only not in name:
             continue
-        r = bench_case(name, threads=args.threads, repeat=args.repeat, **kw)
+        with ForeignLoad() as load:
+            r = bench_case(name, threads=args.threads, repeat=args.repeat, **kw)
         t, o = r.get("torch"), r.get("ort")
         print(f"{name:22s} {r['c'] * 1e3:8.2f} {r['gflops']:8.1f} {100 * r['gflops'] / sg:6.0f}% "
               f"{t * 1e3 if t else float('nan'):9.2f} {t / r['c'] if t else float('nan'):8.2f} "
-              f"{o * 1e3 if o else float('nan'):8.2f} {o / r['c'] if o else float('nan'):6.2f}", flush=True)
+              f"{o * 1e3 if o else float('nan'):8.2f} {o / r['c'] if o else float('nan'):6.2f} "
+              f"{load.cores:8.2f} cores", flush=True)
     if not args.only or "overhead" in args.only:
         full, run, raw = overhead()
         print(f"tiny B1 H1 L1 D64 per call: fastqkv.attention {full * 1e6:.2f} us, "
