@@ -165,3 +165,30 @@ def test_threads_agree_and_inputs_read_in_place():
     want = reference.attention(q, k, v, mask=mask, causal=True)
     np.testing.assert_allclose(outs[0], want, atol=2e-5)
     np.testing.assert_allclose(outs[1], want, atol=2e-5)
+
+
+@pytest.fixture
+def small_tiles():
+    """Tiles far smaller than the tuned ones: many key tiles, diagonal tiles,
+    row remainders and the packing pass on small shapes."""
+    from fastqkv import _ckernels
+
+    _ckernels.set_tiles(8, 32)
+    try:
+        yield
+    finally:
+        _ckernels.set_tiles(0, 0)
+
+
+SMALL_TILE_CASES = [c for c in CASES if c.q.shape[-2] >= 7 or c.k.shape[-2] >= 40]
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize("case", SMALL_TILE_CASES, ids=[c.name for c in SMALL_TILE_CASES])
+def test_generated_case_small_tiles(case, threads, small_tiles):
+    testing.check_case(case, backend="c", num_threads=threads)
+
+
+@pytest.mark.parametrize("name,shape,kw", EXTRA, ids=[e[0] for e in EXTRA])
+def test_larger_shapes_small_tiles(name, shape, kw, small_tiles):
+    test_larger_shapes(name, shape, kw, np.float32, _c.isa())
