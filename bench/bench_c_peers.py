@@ -79,6 +79,22 @@ class ForeignLoad:
         return False
 
 
+def wait_quiet(max_seconds, idle_share=0.8, window=1.0):
+    """Wait (at most max_seconds) until the machine was idle for at least
+    `idle_share` of its CPU time over `window` seconds; returns the seconds waited."""
+    t0 = time.perf_counter()
+    while time.perf_counter() - t0 < max_seconds:
+        a = _cpu_ticks()
+        time.sleep(window)
+        b = _cpu_ticks()
+        if a is None or b is None:
+            break
+        busy, total = b[0] - a[0], b[1] - a[1]
+        if total and 1 - busy / total >= idle_share:
+            break
+    return time.perf_counter() - t0
+
+
 def time_interleaved(fns, repeat, warmup=2):
     """Median seconds of each function, run in alternation (round robin) so
     that any other load on the machine hits every contender alike."""
@@ -303,6 +319,8 @@ def main(argv=None):
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--repeat", type=int, default=15)
     ap.add_argument("--only", default="", help="substring of the case names to run")
+    ap.add_argument("--wait-quiet", type=float, default=0.0, metavar="S",
+                    help="before each case wait up to S seconds for an idle machine")
     args = ap.parse_args(argv)
     info = fastqkv.backends()["c"]
     if not info.available:
@@ -310,6 +328,8 @@ def main(argv=None):
     print(f"c backend: {info.details}; threads={args.threads}")
     print(f"peers: torch {torch.__version__ if torch else 'missing'}, "
           f"onnxruntime {ort.__version__ if ort else 'missing'}")
+    if args.wait_quiet:
+        wait_quiet(args.wait_quiet)
     sg = sgemm_gflops(args.threads)
     print(f"sgemm (numpy 2048^2 float32, {args.threads} threads): {sg:.1f} GFLOP/s")
     hdr = (f"{'case':22s} {'c ms':>8s} {'GFLOP/s':>8s} {'%sgemm':>7s} {'torch ms':>9s} {'x torch':>8s} "
@@ -318,6 +338,8 @@ def main(argv=None):
     for name, kw in CASES.items():
         if args.only and args.only not in name:
             continue
+        if args.wait_quiet:
+            wait_quiet(args.wait_quiet)
         with ForeignLoad() as load:
             r = bench_case(name, threads=args.threads, repeat=args.repeat, **kw)
         t, o = r.get("torch"), r.get("ort")
