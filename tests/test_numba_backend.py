@@ -166,3 +166,31 @@ def test_import_does_not_import_numba():
     code = ("import sys, fastqkv, fastqkv._numba as nb; nb.probe(); "
             "assert 'numba' not in sys.modules, 'numba imported'")
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+@pytest.mark.parametrize("kind", ["prefix", "holes", "all-true", "empty-row", "with-causal"])
+def test_key_padding_masks(kind):
+    """Key-padding masks are read as lengths (tiles skipped); same results."""
+    rng = np.random.default_rng(8)
+    B, Lk = 3, 300
+    q = rng.standard_normal((B, 4, 20, 16)).astype(np.float32)
+    k = rng.standard_normal((B, 2, Lk, 16)).astype(np.float32)
+    v = rng.standard_normal((B, 2, Lk, 16)).astype(np.float32)
+    lens = np.array([300, 130, 7])
+    mask = np.arange(Lk)[None, :] < lens[:, None]
+    kw = {}
+    if kind == "holes":
+        mask[1, 50:60] = False
+        mask[2, 0] = False
+    elif kind == "all-true":
+        mask[:] = True
+    elif kind == "empty-row":
+        mask[2] = False
+    elif kind == "with-causal":
+        kw["causal"] = True
+    v[1, :, 200:] = np.nan                    # beyond batch 1's padding: never read
+    k[1, :, 200:] = np.nan
+    if kind == "all-true":
+        v[1, :, 200:] = 0.0
+        k[1, :, 200:] = 0.0
+    _compare(q, k, v, mask=mask[:, None, None, :], **kw)

@@ -713,6 +713,31 @@ def tiles(p):
     return tq, tk
 
 
+def _key_padding(p):
+    """A key-padding mask (broadcast over heads and queries) seen as lengths.
+
+    Returns None, or ``(lens, exact)``: keys ``>= lens[b]`` are masked for
+    every query of batch ``b`` (their tiles are then skipped, not masked),
+    and ``exact`` says the mask is nothing more than that.  Only when
+    lengths cannot change the meaning of anything else: no ``key_lens``
+    (they would move the bottom-right alignment), no window, causal or
+    ALiBi.  The mask is read, never copied.
+    """
+    m = p.mask
+    if (m is None or p.key_lens is not None or p.alibi is not None
+            or p.window_left >= 0 or p.window_right >= 0
+            or m.strides[1] != 0 or m.strides[2] != 0 or p.Lk == 0):
+        return None
+    rows = m[:, 0, 0, :]                                  # (B, Lk) view
+    any_true = rows.any(axis=1)
+    last = p.Lk - np.argmax(rows[:, ::-1], axis=1)        # 1 + index of the last True
+    lens = np.where(any_true, last, 0).astype(np.int64)
+    if (lens == p.Lk).all():
+        return None
+    exact = bool(np.array_equal(rows, np.arange(p.Lk)[None, :] < lens[:, None]))
+    return lens, exact
+
+
 def run(p, num_threads):
     """Fill ``p.out`` (and ``p.lse``) for a validated float32/float64 Problem."""
     dt = np.dtype(p.dtype)
@@ -727,6 +752,12 @@ def run(p, num_threads):
         else:
             flags |= bit
         args[name] = a
+    key_lens = _key_padding(p)
+    if key_lens is not None:
+        flags |= HAS_KEY_LENS
+        args["key_lens"] = key_lens[0]
+        if key_lens[1]:
+            flags &= ~HAS_MASK
     out = p.out
     tmp = None
     if not out.flags.aligned:   # possible only when Dv == 1
