@@ -246,7 +246,6 @@ NO_BACKEND = {MG, "set_num_threads", "set_backend", "use_backend"}
 
 # Unusual but valid input: (id, function, args, kwargs, text of an acceptable
 # rejection or None).  The answer must equal the oracle's on the same call.
-_rev = np.ascontiguousarray(Q[:, :, ::-1])
 VALID = [
     ("negative-strides", A, (Q[:, :, ::-1], K[:, ::-1, ::-1], V[:, ::-1, ::-1]), {}, None),
     ("negative-last-stride", A, (Q[..., ::-1], K[..., ::-1], V[..., ::-1]), {}, None),
@@ -462,21 +461,10 @@ def _check(kind, cid, backend):
 
 # Known bugs in files this suite does not own, reported to their owners:
 # id -> (backends it fails on or None for all, reason).  strict xfail: once a
-# bug is fixed the entry must go.
-_C_FIRST = "c" in BACKENDS   # backend="auto" picks c when it is available
-KNOWN_BUGS = {
-    "window-set": (None, "_validate.check_window indexes any object with __len__; a set gives "
-                         "\"'set' object is not subscriptable\" without naming window"),
-    "varlen-scale-nan-no-queries": (None, "attention_varlen validates causal/scale/window/softcap only "
-                                          "inside the per-sequence loop, so no query rows = no check"),
-    "unaligned-q": (("c", "auto") if _C_FIRST else ("c",),
-                    "_validate._walkable uses np.ascontiguousarray, which keeps an unaligned "
-                    "C-contiguous array unaligned; the c glue then rejects it"),
-    "window-huge": (None, "window bounds beyond int64 reach NumPy/C as OverflowError"),
-    "threads-huge": (("c", "auto") if _C_FIRST else ("c",),
-                     "set_num_threads accepts any int; the c glue's PyLong_AsLong overflows"),
-}
-KNOWN_BUGS["unaligned-kv"] = KNOWN_BUGS["unaligned-bias"] = KNOWN_BUGS["unaligned-q"]
+# bug is fixed the entry must go.  (Fixed so far: window given as a set,
+# varlen options unchecked without query rows, unaligned inputs rejected by
+# the c glue, window sides beyond int64, huge thread counts.)
+KNOWN_BUGS = {}
 
 
 def _params(ids, backends):

@@ -125,10 +125,7 @@ def _cpus():
         return os.cpu_count() or 1
 
 
-_GIL_BUGS = {
-    "c": "csrc/driver.c fq_run holds pool.call_lock for every call, single-threaded ones "
-         "included, so concurrent Python threads run one at a time",
-}
+_GIL_BUGS = {}   # backend -> reason of a reported, unfixed bug
 
 
 @pytest.mark.parametrize("backend", hs.backend_params(BACKENDS, _GIL_BUGS))

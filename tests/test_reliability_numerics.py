@@ -82,7 +82,7 @@ def test_fully_masked_rows_are_zero_with_neg_inf_lse(backend, dtype):
         empty = np.isneginf(ref_lse)
         assert empty.any()
         assert np.isneginf(lse[empty]).all()
-        assert (out[empty] == 0).all() and not np.signbit(out[empty]).any() or (out[empty] == 0).all()
+        assert (out[empty] == 0).all()
     # Lq > Lk with causal: the first rows see nothing (bottom-right alignment)
     q2, k2, v2 = q[:, :, :6], k[:, :, :3], v[:, :, :3]
     out, lse = fastqkv.attention(q2, k2, v2, causal=True, return_lse=True, backend=backend)
@@ -142,7 +142,7 @@ _ZERO_WEIGHT_BUGS = {
     b: "the kernels skip V rows whose softmax weight is 0 (a -inf bias, or exp underflow in "
        "float32) instead of multiplying: NaN/inf in such a visible key's V does not reach the "
        "output, while the oracle's docstring says it does (0 * NaN); one of the two must change"
-    for b in ("c", "numba")
+    for b in ("numba",)      # fixed in c
 }
 
 
@@ -304,7 +304,6 @@ def _digest(res):
 
 
 _REPRO_SCRIPT = """
-import hashlib
 import numpy as np
 import fastqkv
 from helpers_subprocess import emit
