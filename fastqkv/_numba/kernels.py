@@ -342,17 +342,16 @@ def _softmax_tile(s, rows, n, npad, nq, ip0, j0, wl, wr, sc, scored, m, l, alpha
     ninf = T(-np.inf)
     zero = T(0)
     for r in range(rows):
-        row = s[r]
         mt = ninf
         if scored:
             for j in range(n):
-                mt = _maximum(mt, row[j])
+                mt = _maximum(mt, s[r, j])
         else:
             a, e = _window(ip0 + r % nq, j0, n, wl, wr)
             for j in range(n):
-                x = row[j] * sc
+                x = s[r, j] * sc
                 x = x if j >= a and j < e else ninf
-                row[j] = x
+                s[r, j] = x
                 mt = _maximum(mt, x)
         mo = m[r]
         mn = _maximum(mo, mt)
@@ -360,11 +359,11 @@ def _softmax_tile(s, rows, n, npad, nq, ip0, j0, wl, wr, sc, scored, m, l, alpha
         al = _exp(mo - ms)
         acc = zero
         for j in range(n):
-            x = _exp(row[j] - ms)
-            row[j] = x
+            x = _exp(s[r, j] - ms)
+            s[r, j] = x
             acc += x
         for j in range(n, npad):
-            row[j] = zero
+            s[r, j] = zero
         l[r] = l[r] * al + acc
         alpha[r] = al
         m[r] = mn
