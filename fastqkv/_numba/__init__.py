@@ -13,6 +13,7 @@ for ``fastqkv.warmup()`` and ``fastqkv info``.
 from __future__ import annotations
 
 import importlib.util
+import os
 
 import numpy as np
 
@@ -32,7 +33,23 @@ def probe():
         details["numba"] = version("numba")
     except Exception:  # noqa: BLE001 - metadata is informational only
         pass
+    details["disk_cache"] = _cache_hint()
     return True, "available (Numba JIT; compiled code cached on disk)", details
+
+
+def _cache_hint():
+    """Cheap guess (no numba import) whether compiled kernels are on disk:
+    "present", "absent" or "elsewhere" ($NUMBA_CACHE_DIR).  Numba itself
+    decides whether they are still valid; :func:`cache_status` asks it."""
+    if os.environ.get("NUMBA_CACHE_DIR"):
+        return "elsewhere ($NUMBA_CACHE_DIR)"
+    pycache = os.path.join(os.path.dirname(__file__), "__pycache__")
+    try:
+        names = os.listdir(pycache)
+    except OSError:
+        return "absent"
+    found = any(n.startswith("kernels._attention_py-") and n.endswith(".nbi") for n in names)
+    return "present" if found else "absent"
 
 
 def supports(problem):
