@@ -194,3 +194,18 @@ def test_key_padding_masks(kind):
         v[1, :, 200:] = 0.0
         k[1, :, 200:] = 0.0
     _compare(q, k, v, mask=mask[:, None, None, :], **kw)
+
+
+@pytest.fixture
+def small_tiles(monkeypatch):
+    """Tiny work items and key tiles: every case then spans many query and
+    key tiles (packed-once and per-item paths, partial and skipped tiles)."""
+    from fastqkv._numba import kernels
+    monkeypatch.setattr(kernels, "ROWS", 8)
+    monkeypatch.setattr(kernels, "KEYS", 8)
+    monkeypatch.setattr(kernels, "DECODE_KEYS", 12)
+
+
+@pytest.mark.parametrize("case", CASES + _sweep(), ids=lambda c: c.name)
+def test_case_small_tiles(case, small_tiles):
+    testing.check_case(case, BACKEND, num_threads=2)

@@ -48,10 +48,13 @@ FASTMATH = {"nsz", "arcp", "contract", "reassoc"}
 
 # Work-item shape, tuned on an AMD EPYC (Zen 4, 32 KiB L1d, 1 MiB L2 per core):
 # about ROWS packed query rows (heads of a group x query positions) per item
-# and KEYS keys per K/V tile (a multiple of 4, the micro-kernel width).
+# and KEYS keys per K/V tile (a multiple of 4, the micro-kernel width);
+# DECODE_KEYS when an item has at most 8 rows (decode: per-tile overheads
+# dominate).  Read by the Python wrapper only, so tests can shrink them to
+# exercise many tiles without recompiling.
 ROWS = 64
-KEYS = 256
-DECODE_KEYS = 256
+KEYS = 512
+DECODE_KEYS = 1024
 # multiply-adds (about 30 us) below which one more thread costs more than it brings
 MIN_WORK_PER_THREAD = 1 << 21
 
