@@ -410,9 +410,9 @@ def _nonfinite(x, rows, cols):
 
 
 @njit(nogil=True, cache=True)
-def _pack_v(v, b, kvh, j0, n, vs):
-    """``vs[:n, :dv] = v[b, kvh, j0:j0+n]`` (columns ``dv:`` stay zero); True
-    if those values hold inf or NaN."""
+def _pack_v(v, b, kvh, j0, n, vs, check):
+    """``vs[:n, :dv] = v[b, kvh, j0:j0+n]`` (columns ``dv:`` stay zero); with
+    ``check``, True if those values hold inf or NaN."""
     v = _borrow(v)
     dv = v.shape[3]
     for jj in range(n):
@@ -420,7 +420,7 @@ def _pack_v(v, b, kvh, j0, n, vs):
         dst = vs[jj]
         for c in range(dv):
             dst[c] = src[c]
-    return _nonfinite(vs, n, dv)
+    return check and _nonfinite(vs, n, dv)
 
 
 @njit(nogil=True, cache=True)
@@ -541,7 +541,11 @@ def _work_item(q, k, v, out, lse, mask, bias, key_lens, alibi, sc, softcap, wl, 
             kt = kp[b, kvh, tile]
         else:
             _pack_k(k, b, kvh, j0, n, ks)
-            bad_v = _pack_v(v, b, kvh, j0, n, vs)
+            # a tile every row sees in full needs no guard: 0 * inf is then
+            # NaN in the oracle too (a visible key whose weight underflows)
+            full = not has_mask and (wl < 0 or i1 - 1 + off - wl <= j0) and \
+                (wr < 0 or i0 + off + wr + 1 >= j0 + n)
+            bad_v = _pack_v(v, b, kvh, j0, n, vs, not full)
             kt = ks
         _abt_tile(qs, kt, s, alpha, False, mp, npad, d)
         if options:
