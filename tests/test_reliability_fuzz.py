@@ -84,6 +84,11 @@ def cases(draw, dtypes=("float32", "float64")):
     Hq = Hkv * (draw(st.sampled_from((1, 1, 2, 4, 8))) if ndim > 2 else 1)
     Lq = draw(st.integers(1, 40))
     Lk = draw(st.one_of(st.integers(1, 70), st.integers(100, 300)))
+    big = draw(st.integers(0, 9)) == 0      # past the kernels' largest tiles (256 rows, 512 keys)
+    if big:
+        B, Hkv, Hq = 1, 1, (draw(st.sampled_from((1, 2))) if ndim > 2 else 1)
+        Lq = draw(st.integers(200, 600))
+        Lk = draw(st.integers(400, 1300))
     if draw(st.integers(0, 19)) == 0:   # sometimes an empty dim
         if draw(st.booleans()):
             Lq = 0
@@ -91,7 +96,7 @@ def cases(draw, dtypes=("float32", "float64")):
             Lk = 0
         if ndim == 4 and draw(st.booleans()):
             B = 0
-    D = draw(st.sampled_from((1, 2, 3, 7, 8, 16, 31, 32, 64, 80, 128)))
+    D = draw(st.sampled_from((1, 3, 8, 33, 64) if big else (1, 2, 3, 7, 8, 16, 31, 32, 64, 80, 128)))
     Dv = D if draw(st.booleans()) else draw(st.sampled_from((1, 5, 8, 24, 64)))
     seed = draw(st.integers(0, 2**32 - 1))
     rng = np.random.default_rng(seed)
