@@ -14,12 +14,24 @@ first use only.  Structure (the C backend has the same one):
   group for one query tile are packed into one tile, so each K/V tile is
   read once per group.  It walks the visible key tiles only (causal,
   ``key_lens`` and window bounds skip whole tiles) with a max-subtracted
-  online softmax.
-* micro-kernel ``_abt_tile`` (``S = Q K^T`` and ``O = alpha O + P V``) - ``2 x 4``
-  register-blocked dot products over contiguous scratch (K tile row-major,
-  V tile transposed), which LLVM vectorises; ``_exp`` is a float32 polynomial exp (Cephes
-  coefficients, bits assembled with an integer->float bitcast) that
-  vectorises where ``math.exp`` would not.
+  online softmax (``_softmax_tile``).
+* Packing: when a KV head serves several query tiles, its K tiles and
+  transposed V tiles are packed once per call (``_pack_head``); otherwise
+  (decode) each item copies its K/V tiles into thread scratch and computes
+  ``P V`` as 4-key SAXPYs over V rows (``_pv_rows``), so V is never
+  transposed for a handful of rows.
+* micro-kernel ``_abt_tile`` (``S = Q K^T`` and ``O = alpha O + P V``): a
+  ``4 x 4`` block of dot products per step over contiguous scratch, each
+  vectorised by LLVM along the reduction.  ``_exp`` is a float32 polynomial
+  exp (Cephes coefficients, exponent bits assembled with an int->float
+  bitcast) that vectorises where ``math.exp`` would not; float64 uses
+  ``math.exp``.
+* ``_borrow`` drops the owner reference from array views inside the work
+  loops, so threads slicing the same inputs do not contend on one atomic
+  reference count.
+* A key-padding mask (broadcast over heads and queries) is read as
+  per-batch key lengths when that means the same (``_key_padding``), so
+  padded tiles are skipped rather than masked.
 
 Numerics: no ``fastmath=True`` anywhere.  The micro-kernels and the row sums
 use :data:`FASTMATH` (``nsz``, ``arcp``, ``contract``, ``reassoc``): it lets
@@ -27,6 +39,10 @@ LLVM split a dot product or a sum into vector lanes and fuse multiply-adds;
 it leaves out ``nnan``/``ninf``, so ``-inf`` (masking) and NaN (bad input)
 keep their IEEE meaning.  Row maxima use ``llvm.maximum``, which propagates
 NaN and still vectorises.  Every global read by a kernel is a constant.
+Invisible keys get weight exactly 0; a V tile holding inf/NaN that some row
+cannot see in full is multiplied key by key, skipping weight-0 keys, so an
+invisible value never leaks (a *visible* key whose weight underflows to 0 is
+then skipped too, where the oracle would give 0 * inf = NaN).
 """
 
 from __future__ import annotations
