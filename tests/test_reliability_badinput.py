@@ -78,6 +78,21 @@ X = _r(2, 5, 16)
 WQ, WK, WV, WO = _r(16, 16), _r(16, 8), _r(16, 8), _r(16, 16)
 W = (WQ, WK, WV, WO)
 
+class _BadDLPack:
+    """A DLPack producer whose export fails."""
+
+    def __dlpack__(self, *a, **k):
+        raise RuntimeError("export failed")
+
+    def __dlpack_device__(self):
+        return (1, 0)
+
+
+class _BadArrayLike:
+    def __array__(self, *a, **k):
+        raise RuntimeError("no array for you")
+
+
 A = "attention"
 VL = "attention_varlen"
 PG = "paged_attention"
@@ -96,6 +111,8 @@ BAD = [
     ("q-string", A, ("abc", K, V), {}, TypeError, "q"),
     ("q-bytes", A, (b"\x00" * 32, K, V), {}, TypeError, "q"),
     ("k-none", A, (Q, None, V), {}, TypeError, "k"),
+    ("q-failing-dlpack", A, (_BadDLPack(), K, V), {}, TypeError, "q"),
+    ("v-failing-array-protocol", A, (Q, K, _BadArrayLike()), {}, TypeError, "v"),
     ("v-dict", A, (Q, K, {}), {}, TypeError, "v"),
     ("q-f16-kv-f32", A, (Q.astype(np.float16), K, V), {}, TypeError, "dtype"),
     ("v-3d-qk-4d", A, (Q, K, V[0]), {}, ValueError, "dimensions"),
