@@ -161,7 +161,7 @@ def test_gil_released(backend, single_threaded_kernel):
         if speedup >= 1.6:
             return
     seen = ", ".join(f"{s:.2f}x (control {c:.2f}x)" for c, s in tries)
-    if not any(c >= 1.8 and s < 1.3 for c, s in tries):
+    if sum(c >= 1.8 and s < 1.3 for c, s in tries) < 2:
         pytest.skip(f"inconclusive on a loaded machine (load average {os.getloadavg()[0]:.2f}): {seen}")
     pytest.fail(f"two threads give {max(s for _, s in tries):.2f}x the throughput of one on backend "
                 f"{backend!r} while the control scaled: {seen}: the GIL is not released or calls "
