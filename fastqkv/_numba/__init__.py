@@ -38,18 +38,20 @@ def probe():
 
 
 def _cache_hint():
-    """Cheap guess (no numba import) whether compiled kernels are on disk:
-    "present", "absent" or "elsewhere" ($NUMBA_CACHE_DIR).  Numba itself
-    decides whether they are still valid; :func:`cache_status` asks it."""
+    """Cheap guess (no numba import) whether compiled kernels are on disk next
+    to the package: "present", "not found" (Numba may still keep them in its
+    user-wide cache when the package directory is read-only) or "elsewhere"
+    ($NUMBA_CACHE_DIR).  Numba itself decides whether they are still valid;
+    :func:`cache_status` asks it."""
     if os.environ.get("NUMBA_CACHE_DIR"):
         return "elsewhere ($NUMBA_CACHE_DIR)"
     pycache = os.path.join(os.path.dirname(__file__), "__pycache__")
     try:
         names = os.listdir(pycache)
     except OSError:
-        return "absent"
+        return "not found"
     found = any(n.startswith("kernels._attention_py-") and n.endswith(".nbi") for n in names)
-    return "present" if found else "absent"
+    return "present" if found else "not found"
 
 
 def supports(problem):

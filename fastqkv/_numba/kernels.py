@@ -57,7 +57,7 @@ from numba import njit, prange, types
 from numba.core import cgutils
 from numba.extending import intrinsic, overload
 
-__all__ = ["driver", "run", "warmup", "cache_status", "FASTMATH", "SIGNATURES"]
+__all__ = ["driver", "run", "warmup", "cache_status", "release_workspace", "FASTMATH", "SIGNATURES"]
 
 # LLVM fast-math flags allowed in fastqkv's kernels: never nnan / ninf.
 FASTMATH = {"nsz", "arcp", "contract", "reassoc"}
@@ -606,14 +606,38 @@ def _work_item(q, k, v, out, lse, mask, bias, key_lens, alibi, sc, softcap, wl, 
                 lse[b, h, i] = m[r] + math.log(ll)
 
 
+@njit(nogil=True, cache=True)
+def _layout(B, Hkv, Lq, Lk, g, d, dv, tq, tk, nt):
+    """Workspace sizes of a call: ``(per thread, packed K, packed V^T,
+    flags)`` in elements; the packed parts are 0 unless query tiles share
+    KV heads."""
+    nqt = (Lq + tq - 1) // tq
+    mpmax = (g * tq + 3) & ~3
+    dvp = (dv + 3) & ~3
+    tkp = (tk + 3) & ~3
+    per = mpmax * d + tkp * d + tkp * dvp + mpmax * tkp + mpmax * dvp + 3 * mpmax
+    if nqt <= 1:
+        return per, 0, 0, 0
+    ntile = (Lk + tk - 1) // tk
+    return per, B * Hkv * ntile * tkp * d, B * Hkv * ntile * dvp * tkp, B * Hkv * ntile
+
+
+@njit(nogil=True, cache=True, inline="always")
+def _carve(ws, at, n):
+    """``ws[at:at+n]`` and ``at + n``."""
+    return ws[at:at + n], at + n
+
+
 def _attention_py(q, k, v, out, lse, mask, bias, key_lens, alibi, sc, softcap, wl, wr, flags,
-                  tq, tk, nthreads):
+                  tq, tk, nthreads, ws, wsb, queue):
     """Parallel driver.  When a KV head serves several query tiles, its K and
     (transposed) V tiles are packed once first, in parallel over ``(b, kv
     head)``; otherwise each tile is packed by the work item that uses it.
     Then ``prange`` over threads, each with its own scratch, taking work
     items ``(b, kv head, query tile)`` from an atomic counter, costliest
-    first, so ragged or causal work and a busy core balance out."""
+    first, so ragged or causal work and a busy core balance out.  All
+    scratch lives in the caller's workspace ``ws`` / ``wsb`` (sized by
+    :func:`_layout`), so a steady loop of calls allocates nothing."""
     B = q.shape[0]
     Lq = q.shape[2]
     Hkv = k.shape[1]
@@ -627,17 +651,19 @@ def _attention_py(q, k, v, out, lse, mask, bias, key_lens, alibi, sc, softcap, w
     mpmax = (g * tq + 3) & ~3
     dvp = (dv + 3) & ~3
     tkp = (tk + 3) & ~3
-    prepacked = nqt > 1
     ntile = (Lk + tk - 1) // tk
+    per, nkp, nvtp, nbad = _layout(B, Hkv, Lq, Lk, g, d, dv, tq, tk, nt)
+    prepacked = nkp > 0
     if prepacked:
-        kp = np.empty((B, Hkv, ntile, tkp, d), q.dtype)
-        vtp = np.empty((B, Hkv, ntile, dvp, tkp), q.dtype)
-        bad = np.zeros((B, Hkv, ntile), np.bool_)
+        kp = ws[:nkp].reshape((B, Hkv, ntile, tkp, d))
+        vtp = ws[nkp:nkp + nvtp].reshape((B, Hkv, ntile, dvp, tkp))
+        bad = wsb[:nbad].reshape((B, Hkv, ntile))
     else:
-        kp = np.empty((1, 1, 1, 1, 1), q.dtype)
-        vtp = np.empty((1, 1, 1, 1, 1), q.dtype)
-        bad = np.zeros((1, 1, 1), np.bool_)
-    queue = np.zeros(2, np.int64)       # next pack job, next work item
+        kp = ws[:1].reshape((1, 1, 1, 1, 1))
+        vtp = ws[:1].reshape((1, 1, 1, 1, 1))
+        bad = wsb[:1].reshape((1, 1, 1))
+    queue[0] = 0                        # next pack job
+    queue[1] = 0                        # next work item
     if prepacked:
         for t in prange(nt):
             while True:
@@ -648,14 +674,22 @@ def _attention_py(q, k, v, out, lse, mask, bias, key_lens, alibi, sc, softcap, w
                 lkb = key_lens[b] if (flags & HAS_KEY_LENS) != 0 else Lk
                 _pack_head(k, v, b, it % Hkv, lkb, tk, kp, vtp, bad)
     for t in prange(nt):
-        qs = np.empty((mpmax, d), q.dtype)
-        ks = np.empty((tkp, d), q.dtype)
-        vs = np.zeros((tkp, dvp), q.dtype)
-        s = np.empty((mpmax, tkp), q.dtype)
-        o = np.empty((mpmax, dvp), q.dtype)
-        m = np.empty(mpmax, q.dtype)
-        l = np.empty(mpmax, q.dtype)
-        alpha = np.empty(mpmax, q.dtype)
+        mine, _ = _carve(ws, nkp + nvtp + t * per, per)
+        at = 0
+        x, at = _carve(mine, at, mpmax * d)
+        qs = x.reshape((mpmax, d))
+        x, at = _carve(mine, at, tkp * d)
+        ks = x.reshape((tkp, d))
+        x, at = _carve(mine, at, tkp * dvp)
+        vs = x.reshape((tkp, dvp))
+        vs[:, dv:] = 0                  # padding columns of V rows stay zero
+        x, at = _carve(mine, at, mpmax * tkp)
+        s = x.reshape((mpmax, tkp))
+        x, at = _carve(mine, at, mpmax * dvp)
+        o = x.reshape((mpmax, dvp))
+        m, at = _carve(mine, at, mpmax)
+        l, at = _carve(mine, at, mpmax)
+        alpha, at = _carve(mine, at, mpmax)
         while True:
             it = _fetch_add(queue, 1)
             if it >= n_items:
@@ -677,7 +711,9 @@ def _signature(dt):
         arr(dt, 4, False), arr(dt, 3, False),                      # out, lse
         arr(types.boolean, 4, True), arr(dt, 4, True),             # mask, bias
         arr(i64, 1, True), arr(dt, 2, True),                       # key_lens, alibi
-        dt, dt, i64, i64, i64, i64, i64, i64)       # scale, softcap, wl, wr, flags, tq, tk, nthreads
+        dt, dt, i64, i64, i64, i64, i64, i64,       # scale, softcap, wl, wr, flags, tq, tk, nthreads
+        types.Array(dt, 1, "C"), types.Array(types.boolean, 1, "C"),   # workspace
+        types.Array(i64, 1, "C"))                                       # work queue
 
 
 SIGNATURES = {np.dtype(np.float32): _signature(types.float32),
@@ -733,6 +769,34 @@ def tiles(p):
     tk = DECODE_KEYS if g * tq <= 8 else KEYS
     tk = min(tk, (p.Lk + 3) & ~3)
     return tq, tk
+
+
+_local = threading.local()
+
+
+def _workspace(dt, nfloat, nbool):
+    """This thread's workspace (grown on demand, kept between calls, so a
+    steady loop allocates nothing): ``(floats of dtype dt, bools, queue)``.
+    It holds about the size of K and V of the largest multi-tile call;
+    :func:`release_workspace` frees it."""
+    bufs = getattr(_local, "bufs", None)
+    if bufs is None:
+        bufs = _local.bufs = {}
+    ws = bufs.get(dt)
+    if ws is None or ws.shape[0] < nfloat:
+        ws = bufs[dt] = np.empty(max(nfloat, 1), dt)
+    wsb = bufs.get("bool")
+    if wsb is None or wsb.shape[0] < nbool:
+        wsb = bufs["bool"] = np.empty(max(nbool, 1), np.bool_)
+    queue = bufs.get("queue")
+    if queue is None:
+        queue = bufs["queue"] = np.zeros(2, np.int64)
+    return ws, wsb, queue
+
+
+def release_workspace():
+    """Free the calling thread's kernel workspace."""
+    _local.bufs = {}
 
 
 def _key_padding(p):
@@ -792,12 +856,15 @@ def run(p, num_threads):
     work = p.B * p.Hq * p.Lq * p.Lk * (p.D + p.Dv)
     n = min(int(num_threads), numba.config.NUMBA_NUM_THREADS, items, 1 + work // MIN_WORK_PER_THREAD)
     n = max(1, n)
+    g = p.Hq // p.Hkv
+    per, nkp, nvtp, nbad = _layout(p.B, p.Hkv, p.Lq, p.Lk, g, p.D, p.Dv, tq, tk, n)
+    ws, wsb, queue = _workspace(dt, nkp + nvtp + n * per, nbad)
     old = numba.get_num_threads()
     numba.set_num_threads(n)
     try:
         fn(p.q, p.k, p.v, out, args["lse"], args["mask"], args["bias"], args["key_lens"],
            args["alibi"], T(p.scale), T(p.softcap),
-           int(p.window_left), int(p.window_right), flags, tq, tk, n)
+           int(p.window_left), int(p.window_right), flags, tq, tk, n, ws, wsb, queue)
     finally:
         numba.set_num_threads(old)
     if tmp is not None:
