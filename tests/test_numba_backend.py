@@ -209,3 +209,37 @@ def small_tiles(monkeypatch):
 @pytest.mark.parametrize("case", CASES + _sweep(), ids=lambda c: c.name)
 def test_case_small_tiles(case, small_tiles):
     testing.check_case(case, BACKEND, num_threads=2)
+
+
+def test_workspace_threads_and_release():
+    """Each Python thread has its own kernel workspace; calls of different
+    shapes interleave safely, and release_workspace frees this thread's."""
+    import threading
+
+    from fastqkv._numba import kernels
+
+    rng = np.random.default_rng(9)
+    shapes = [(1, 8, 2, 70, 90, 16), (2, 4, 4, 1, 300, 32), (1, 2, 1, 130, 130, 8)]
+    data = [tuple(rng.standard_normal(s).astype(np.float32) for s in
+                  ((B, Hq, Lq, D), (B, Hkv, Lk, D), (B, Hkv, Lk, D)))
+            for B, Hq, Hkv, Lq, Lk, D in shapes]
+    refs = [reference.attention(*x, causal=True) for x in data]
+    errors = []
+
+    def worker(idx):
+        try:
+            for _ in range(5):
+                out = fastqkv.attention(*data[idx], causal=True, backend=BACKEND)
+                np.testing.assert_allclose(out, refs[idx], rtol=1e-4, atol=1e-5)
+        except Exception as exc:  # noqa: BLE001 - reported below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=worker, args=(i % 3,)) for i in range(6)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors, errors
+    kernels.release_workspace()
+    out = fastqkv.attention(*data[0], causal=True, backend=BACKEND)
+    np.testing.assert_allclose(out, refs[0], rtol=1e-4, atol=1e-5)
