@@ -111,9 +111,11 @@ def cases(draw, dtypes=("float32", "float64")):
 
     sq, sk, sv = (draw(st.sampled_from(STRIDES)) for _ in range(3))
     pq, pk, pv = (draw(st.sampled_from((None,) * 8 + ("nan", "inf"))) for _ in range(3))
-    # NaN/inf in V reaches a row through a zero weight only by the oracle's
-    # float64 rule (see test_reliability_numerics.test_nonfinite_v_behind_zero_weight):
-    # with V poisoned keep weights away from 0 (no -inf bias, no underflow)
+    # Poisoned V behind a weight that underflows has its own tests
+    # (test_reliability_numerics: *_behind_zero_weight, *_many_tiles): inf
+    # there is NaN in a kernel (0 * inf) and inf in the float64 oracle, and
+    # the numba backend drops NaN over several tiles.  With V poisoned, keep
+    # weights away from underflow (narrow to pv == "inf" once numba is fixed).
     tame = pv is not None
     if tame:
         amp = 1.0

@@ -142,10 +142,7 @@ emit(dict(peak_over_base=peak - base, out_bytes=out.nbytes))
 """
 
 
-_STEADY_BUGS = {
-    "numba": "the numba driver allocates packed K/V copies and per-thread scratch with np.empty on "
-             "every call (~930 KiB traced here); DESIGN.md: no allocation in a steady out= loop",
-}
+_STEADY_BUGS = {}   # backend -> reason of a reported, unfixed bug (numba's is fixed)
 
 
 @pytest.mark.parametrize("backend", hs.backend_params(BACKENDS, _STEADY_BUGS))
