@@ -86,6 +86,21 @@ HAS_ALIBI = 16
 # scalar helpers
 
 @intrinsic
+def _as_c(typingctx, arr):
+    """View an array the caller knows to be C-contiguous as layout 'C', so
+    loops over it vectorise (no check: the caller tests the strides)."""
+    if not isinstance(arr, types.Array):
+        return None
+    ret = arr.copy(layout="C")
+
+    def codegen(context, builder, signature, args):
+        context.nrt.incref(builder, signature.args[0], args[0])
+        return args[0]
+
+    return ret(arr), codegen
+
+
+@intrinsic
 def _bits_as_f32(typingctx, x):
     """Reinterpret an int32's bits as a float32."""
     if x != types.int32:
@@ -525,6 +540,11 @@ def _work_item(q, k, v, out, lse, mask, bias, key_lens, alibi, sc, softcap, wl, 
     mp = (M + 3) & ~3
     lkb = key_lens[b] if (flags & HAS_KEY_LENS) != 0 else Lk
     off = lkb - Lq                      # aligned position i' = i + off
+    item = q.itemsize
+    # K and V rows contiguous (and V rows a multiple of 4 long): decode tiles
+    # can be read where they are instead of being copied to scratch
+    rows_c = (k.strides[3] == item and k.strides[2] == d * item and v.strides[3] == item
+              and v.strides[2] == dv * item and dv == dvp)
 
     # pack the group's query rows: row r is head kvh*g + r // nq, query i0 + r % nq
     for r in range(mp):
@@ -553,17 +573,21 @@ def _work_item(q, k, v, out, lse, mask, bias, key_lens, alibi, sc, softcap, wl, 
         n = min(tk, hi - j0)
         npad = (n + 3) & ~3
         bad_v = False
+        direct = False
         if prepacked:
-            kt = kp[b, kvh, tile]
+            _abt_tile(qs, kp[b, kvh, tile], s, alpha, False, mp, npad, d)
         else:
-            _pack_k(k, b, kvh, j0, n, ks)
             # a tile every row sees in full needs no guard: 0 * inf is then
             # NaN in the oracle too (a visible key whose weight underflows)
             full = not has_mask and (wl < 0 or i1 - 1 + off - wl <= j0) and \
                 (wr < 0 or i0 + off + wr + 1 >= j0 + n)
-            bad_v = _pack_v(v, b, kvh, j0, n, vs, not full)
-            kt = ks
-        _abt_tile(qs, kt, s, alpha, False, mp, npad, d)
+            direct = full and n == npad and rows_c
+            if direct:                  # K and V rows read in place
+                _abt_tile(qs, _as_c(k[b, kvh, j0:j0 + n]), s, alpha, False, mp, npad, d)
+            else:
+                _pack_k(k, b, kvh, j0, n, ks)
+                bad_v = _pack_v(v, b, kvh, j0, n, vs, not full)
+                _abt_tile(qs, ks, s, alpha, False, mp, npad, d)
         if options:
             for r in range(M):
                 row = s[r]
@@ -581,7 +605,9 @@ def _work_item(q, k, v, out, lse, mask, bias, key_lens, alibi, sc, softcap, wl, 
         _softmax_tile(s, M, n, npad, nq, i0 + off, j0, wl, wr, sc, options, m, l, alpha)
         for r in range(M, mp):
             _fill(s[r, :npad], T(0))
-        if not prepacked:
+        if direct:
+            _pv_rows(s, _as_c(v[b, kvh, j0:j0 + n]), o, alpha, M, n, dvp, False)
+        elif not prepacked:
             _pv_rows(s, vs, o, alpha, M, n, dvp, bad_v)
         elif bad[b, kvh, tile]:
             _pv_guarded(s, vtp[b, kvh, tile], o, alpha, mp, n, dvp)
