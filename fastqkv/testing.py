@@ -210,6 +210,15 @@ def _condition(q, k, scale):
     return max(1.0, abs(scale) * qa.reshape(-1, qa.shape[-1]).sum(1).max() * ka.max())
 
 
+def _magnitude(a):
+    """Largest finite |value| of an optional array (0 for None)."""
+    if a is None:
+        return 0.0
+    a = np.abs(np.asarray(a, dtype=np.float64))
+    a = a[np.isfinite(a)]
+    return float(a.max()) if a.size else 0.0
+
+
 def assert_close(actual, expected, dtype, *, cond=1.0, vmax=1.0, what="out", context=""):
     """Assert ``actual`` matches the oracle's ``expected`` within the table's
     tolerance for ``dtype``: NaN, +inf and -inf at the same places, finite
@@ -276,6 +285,9 @@ def check_case(case, backend="auto", num_threads=None):
     cond = _condition(case.q, case.k, scale)
     if kw.get("softcap"):
         cond = min(cond, max(1.0, 2 * kw["softcap"]))
+    cond += _magnitude(kw.get("bias"))                           # bias is rounded with the score
+    if kw.get("alibi_slopes") is not None:
+        cond += _magnitude(kw["alibi_slopes"]) * (case.k.shape[-2] + case.q.shape[-2])
     vfin = np.abs(case.v[np.isfinite(case.v)].astype(np.float64))
     vmax = max(1.0, vfin.max()) if vfin.size else 1.0
     assert_close(got, ref_out, case.q.dtype, cond=cond, vmax=vmax, what="out", context=ctx)
