@@ -243,3 +243,24 @@ def test_workspace_threads_and_release():
     kernels.release_workspace()
     out = fastqkv.attention(*data[0], causal=True, backend=BACKEND)
     np.testing.assert_allclose(out, refs[0], rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("tiny", [False, True], ids=["default-tiles", "small-tiles"])
+def test_visible_nan_behind_zero_weight_many_tiles(tiny, monkeypatch):
+    """NaN in the V row of a *visible* key whose weight underflows to 0
+    (ALiBi distance) reaches the row, as in the oracle (0 * NaN), on packed
+    multi-tile items too; hidden keys' NaN still does not."""
+    if tiny:
+        from fastqkv._numba import kernels
+        monkeypatch.setattr(kernels, "ROWS", 8)
+        monkeypatch.setattr(kernels, "KEYS", 16)
+    rng = np.random.default_rng(10)
+    q, k, v = (rng.standard_normal(s).astype(np.float32) for s in ((1, 1, 200, 16), (1, 1, 640, 16), (1, 1, 640, 16)))
+    v[0, 0, 639, 0] = np.nan
+    case = testing.Case("alibi-underflow", q, k, v, {"scale": 0.01, "alibi_slopes": np.array([0.45])})
+    testing.check_case(case, BACKEND, num_threads=2)
+    mask = np.ones((1, 1, 200, 640), bool)
+    mask[0, 0, :100, 639] = False               # hidden from the first 100 rows only
+    case = testing.Case("alibi-underflow-masked", q, k, v,
+                        {"scale": 0.01, "alibi_slopes": np.array([0.45]), "mask": mask})
+    testing.check_case(case, BACKEND, num_threads=2)

@@ -40,9 +40,9 @@ it leaves out ``nnan``/``ninf``, so ``-inf`` (masking) and NaN (bad input)
 keep their IEEE meaning.  Row maxima use ``llvm.maximum``, which propagates
 NaN and still vectorises.  Every global read by a kernel is a constant.
 Invisible keys get weight exactly 0; a V tile holding inf/NaN that some row
-cannot see in full is multiplied key by key, skipping weight-0 keys, so an
-invisible value never leaks (a *visible* key whose weight underflows to 0 is
-then skipped too, where the oracle would give 0 * inf = NaN).
+cannot see in full is multiplied key by key over each row's visible keys
+(``_pv_visible``), so an invisible value never leaks while a visible one
+reaches the row even behind a weight of 0 (0 * NaN is NaN, as in the oracle).
 """
 
 from __future__ import annotations
@@ -273,18 +273,17 @@ def _store4(c, r, j, al, accumulate, s0, s1, s2, s3):
 
 
 @njit(nogil=True, cache=True, fastmath=FASTMATH)
-def _pv_rows(p, vs, o, alpha, rows, n, dvp, guarded):
+def _pv_rows(p, vs, o, alpha, rows, n, dvp):
     """``o[r] = alpha[r] * o[r] + p[r, :n] @ vs[:n]`` for ``r < rows`` as
     SAXPYs over V rows, four keys per pass over ``o[r]`` (for few rows: no V
-    transpose needed).  ``guarded`` (V holds inf/NaN): one key at a time,
-    skipping keys of probability 0 so an invisible key's value never leaks."""
+    transpose needed)."""
     for r in range(rows):
         al = alpha[r]
         if al != 1:
             orow = o[r]
             for c in range(dvp):
                 orow[c] *= al
-    n4 = 0 if guarded else n & ~3
+    n4 = n & ~3
     for j in range(0, n4, 4):
         v0 = vs[j]
         v1 = vs[j + 1]
@@ -302,26 +301,33 @@ def _pv_rows(p, vs, o, alpha, rows, n, dvp, guarded):
         vj = vs[j]
         for r in range(rows):
             x = p[r, j]
-            if x != 0:
-                orow = o[r]
-                for c in range(dvp):
-                    orow[c] += x * vj[c]
+            orow = o[r]
+            for c in range(dvp):
+                orow[c] += x * vj[c]
 
 
 @njit(nogil=True, cache=True)
-def _pv_guarded(p, vt, o, alpha, mp, n, dvp):
-    """``O = alpha O + P V`` over a transposed V tile holding inf or NaN: keys
-    of probability 0 (invisible ones) are skipped so 0 * inf never leaks."""
-    z = o.dtype.type(0)
-    for r in range(mp):
+def _pv_visible(p, v2, transposed, o, alpha, rows, n, dvp, nq, ip0, j0, wl, wr, has_mask, mask,
+                b, h0, i0):
+    """``O = alpha O + P V`` for a V tile holding inf or NaN, key by key over
+    each row's *visible* keys only (window and mask; row r is head
+    ``h0 + r // nq``, query ``i0 + r % nq``).  An invisible key's value never
+    leaks; a visible key's non-finite value reaches the row even when its
+    weight is 0 (0 * NaN is NaN, as in the oracle).  ``v2`` is ``vt[c, j]``
+    when ``transposed``, else ``vs[j, c]``."""
+    for r in range(rows):
+        a, e = _window(ip0 + r % nq, j0, n, wl, wr)
+        h = h0 + r // nq
+        i = i0 + r % nq
         al = alpha[r]
         for c in range(dvp):
-            acc = z
-            for j in range(n):
-                x = p[r, j]
-                if x != 0:
-                    acc += x * vt[c, j]
-            o[r, c] = al * o[r, c] + acc
+            o[r, c] *= al
+        for j in range(a, e):
+            if has_mask and not mask[b, h, i, j0 + j]:
+                continue
+            x = p[r, j]
+            for c in range(dvp):
+                o[r, c] += x * (v2[c, j] if transposed else v2[j, c])
 
 
 @njit(nogil=True, cache=True, fastmath=FASTMATH)
@@ -606,11 +612,16 @@ def _work_item(q, k, v, out, lse, mask, bias, key_lens, alibi, sc, softcap, wl, 
         for r in range(M, mp):
             _fill(s[r, :npad], T(0))
         if direct:
-            _pv_rows(s, _as_c(v[b, kvh, j0:j0 + n]), o, alpha, M, n, dvp, False)
+            _pv_rows(s, _as_c(v[b, kvh, j0:j0 + n]), o, alpha, M, n, dvp)
         elif not prepacked:
-            _pv_rows(s, vs, o, alpha, M, n, dvp, bad_v)
+            if bad_v:
+                _pv_visible(s, vs, False, o, alpha, M, n, dvp, nq, i0 + off, j0, wl, wr,
+                            has_mask, mask, b, kvh * g, i0)
+            else:
+                _pv_rows(s, vs, o, alpha, M, n, dvp)
         elif bad[b, kvh, tile]:
-            _pv_guarded(s, vtp[b, kvh, tile], o, alpha, mp, n, dvp)
+            _pv_visible(s, vtp[b, kvh, tile], True, o, alpha, M, n, dvp, nq, i0 + off, j0, wl, wr,
+                        has_mask, mask, b, kvh * g, i0)
         else:
             _abt_tile(s, vtp[b, kvh, tile], o, alpha, True, mp, dvp, npad)
 
