@@ -250,8 +250,9 @@ int fq_run(const fq_problem *p0, const fq_isa *isa, int nthreads)
     double work = (double)p.B * p.Hq * p.Lq * (double)p.Lk * (double)(p.D + p.Dv);
     if (work < FQ_SERIAL_FLOPS)
         nthreads = 1;
-    /* enough items to balance: at least 4 per thread where tiles allow */
-    while (nthreads > 1 && qt > 8 && p.B * p.Hkv * ((p.Lq + qt - 1) / qt) < 4 * nthreads)
+    /* enough items to balance (also when another process takes a core for a
+     * while): at least 8 per thread where tiles allow */
+    while (nthreads > 1 && qt > 8 && p.B * p.Hkv * ((p.Lq + qt - 1) / qt) < 8 * nthreads)
         qt = (qt + 1) / 2;
     p.qt = qt;
     p.kt = kt;
