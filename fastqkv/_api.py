@@ -19,6 +19,8 @@ __all__ = ["attention", "attention_varlen", "paged_attention", "merge_attention"
 def _run(p, backend):
     """Dispatch a validated Problem and return the public result."""
     mod, _ = _dispatch.resolve(backend, p)
+    if p.block_table is not None and "paged" not in getattr(mod, "FEATURES", ()):
+        _validate.densify_pages(p)
     if not p.empty:
         if p.Lk == 0:
             p.out[...] = 0
@@ -116,10 +118,12 @@ def paged_attention(q: ArrayLike, k_cache: ArrayLike, v_cache: ArrayLike,
     _dispatch._check_name(backend, "backend")
     plan = _validate.plan_paged(q, k_cache, v_cache, block_table, seq_lens, layout=layout,
                                 key_lens=key_lens)
-    k, v = reference.gather_pages(plan)
-    return attention(q, k, v, causal=causal, mask=mask, bias=bias, key_lens=plan.seq_lens,
-                     scale=scale, window=window, softcap=softcap, alibi_slopes=alibi_slopes,
-                     layout=layout, return_lse=return_lse, out=out, backend=backend)
+    kd, vd = _validate.paged_placeholders(plan, layout)
+    p = _validate.plan_attention(
+        q, kd, vd, causal=causal, mask=mask, bias=bias, key_lens=plan.seq_lens, scale=scale,
+        window=window, softcap=softcap, alibi_slopes=alibi_slopes, layout=layout,
+        return_lse=return_lse, out=out)
+    return _run(_validate.attach_pages(p, plan), backend)
 
 
 def self_attention(x: ArrayLike, w_q: ArrayLike, w_k: ArrayLike, w_v: ArrayLike,

@@ -225,6 +225,14 @@ class Problem:
     ``window_right`` already includes ``causal`` (causal means right = 0).
     ``key_lens`` is an int64 ``(B,)`` array or None (all ``Lk``).
     ``alibi`` is a contiguous ``(B, Hq)`` array or None.
+
+    Paged KV (``block_table`` not None): ``k`` and ``v`` are the caches
+    ``(num_blocks, block_size, Hkv, D)``; key ``j`` of batch ``b`` and KV
+    head ``g`` is ``k[block_table[b, j // block_size], j % block_size, g]``;
+    ``Lk = max_blocks * block_size`` and ``key_lens`` holds the sequence
+    lengths (table entries past a sequence's last block are not read).
+    A backend that lists ``"paged"`` in its ``FEATURES`` receives such
+    problems; others get a dense gathered copy.
     """
 
     __slots__ = (
@@ -232,6 +240,7 @@ class Problem:
         "scale", "softcap", "causal", "window_left", "window_right",
         "B", "Hq", "Hkv", "Lq", "Lk", "D", "Dv", "dtype", "acc_dtype",
         "out_user", "lse_user", "copy_to", "return_lse", "layout", "ndim",
+        "block_table", "block_size",
     )
 
     def __init__(self, **kw):
@@ -250,6 +259,7 @@ class Problem:
         p.Lk = Lk; p.D = D; p.Dv = Dv; p.dtype = dtype; p.acc_dtype = acc_dtype  # noqa: E702
         p.out_user = out_user; p.lse_user = lse_user; p.copy_to = copy_to  # noqa: E702
         p.return_lse = return_lse; p.layout = layout; p.ndim = ndim  # noqa: E702
+        p.block_table = None; p.block_size = None  # noqa: E702
         return p
 
     @property
@@ -551,6 +561,46 @@ class PagedPlan:
     def __init__(self, **kw):
         for name in self.__slots__:
             setattr(self, name, kw[name])
+
+
+def attach_pages(p, plan):
+    """Turn a Problem validated against dense placeholders of the gathered
+    cache into a paged Problem (see Problem)."""
+    check_out_overlap(p.out_user, (("k_cache", plan.k_cache), ("v_cache", plan.v_cache)))
+    p.k = _walkable(plan.k_cache)
+    p.v = _walkable(plan.v_cache)
+    p.block_table = plan.block_table
+    p.block_size = plan.block_size
+    return p
+
+
+def paged_placeholders(plan, q_ndim_layout):
+    """Zero-stride stand-ins with the shape of the gathered dense K/V."""
+    B, nb = plan.block_table.shape
+    Lk = nb * plan.block_size
+    Hkv = plan.k_cache.shape[2]
+    shapes = [(B, Lk, Hkv, c.shape[3]) for c in (plan.k_cache, plan.v_cache)]
+    if q_ndim_layout == "bhld":
+        shapes = [(b, h, L, d) for b, L, h, d in shapes]
+    # one real row of zeros per array, so the placeholders are walkable as they are
+    return [np.broadcast_to(np.zeros(s[3], plan.k_cache.dtype), s) for s in shapes]
+
+
+def densify_pages(p):
+    """Replace a paged Problem's caches by dense gathered (B, Hkv, Lk, D) copies."""
+    bs = p.block_size
+    kc, vc = p.k, p.v
+    k = np.zeros((p.B, p.Hkv, p.Lk, kc.shape[3]), kc.dtype)
+    v = np.zeros((p.B, p.Hkv, p.Lk, vc.shape[3]), vc.dtype)
+    for b in range(p.B):
+        n = int(p.key_lens[b])
+        blocks = p.block_table[b, : -(-n // bs)]
+        if n:
+            k[b, :, :n] = kc[blocks].reshape(-1, p.Hkv, kc.shape[3])[:n].transpose(1, 0, 2)
+            v[b, :, :n] = vc[blocks].reshape(-1, p.Hkv, vc.shape[3])[:n].transpose(1, 0, 2)
+    p.k, p.v = k, v
+    p.block_table = p.block_size = None
+    return p
 
 
 def plan_paged(q, k_cache, v_cache, block_table, seq_lens, *, layout, key_lens):
