@@ -3,7 +3,8 @@ GroupQueryAttention / MultiHeadAttention), same process, same thread count.
 
     python bench/bench_c_peers.py [--threads 2] [--repeat 15] [--only prefill]
 
-Prints ms (median), GFLOP/s (4 * B * Hq * visible pairs * D) and the ratio
+Contenders run in alternating blocks separated by a short sleep (see
+time_interleaved).  Prints ms (median), GFLOP/s (4 * B * Hq * visible pairs * D) and the ratio
 c / peer (speed-up, > 1 means c is faster), next to this machine's sgemm
 GFLOP/s (numpy 2048^2 float32 matmul, measured in a subprocess with
 OPENBLAS_CORETYPE / OPENBLAS_L2_SIZE unset) and the per-call overhead on a
@@ -95,18 +96,26 @@ def wait_quiet(max_seconds, idle_share=0.8, window=1.0):
     return time.perf_counter() - t0
 
 
-def time_interleaved(fns, repeat, warmup=2):
-    """Median seconds of each function, run in alternation (round robin) so
-    that any other load on the machine hits every contender alike."""
+def time_interleaved(fns, repeat, warmup=2, rounds=3, gap=0.3):
+    """Median seconds of each function.  The contenders take turns in blocks
+    (`rounds` rotations) so that other load on the machine hits all of them
+    alike; each block starts after a `gap` of sleep and one untimed call, so
+    the spinning worker threads of the previous contender (OpenMP, ONNX
+    Runtime's pool, OpenBLAS) have gone to sleep and do not steal a core from
+    the next one, while calls inside a block find their own threads warm."""
     for fn in fns.values():
         for _ in range(warmup):
             fn()
+    per_block = max(1, -(-repeat // rounds))
     ts = {name: [] for name in fns}
-    for _ in range(repeat):
+    for _ in range(rounds):
         for name, fn in fns.items():
-            t0 = time.perf_counter()
+            time.sleep(gap)
             fn()
-            ts[name].append(time.perf_counter() - t0)
+            for _ in range(per_block):
+                t0 = time.perf_counter()
+                fn()
+                ts[name].append(time.perf_counter() - t0)
     return {name: statistics.median(v) for name, v in ts.items()}
 
 
