@@ -1,12 +1,16 @@
 """fastqkv's numba backend next to the C backend and PyTorch SDPA, in one run.
 
-    python bench/bench_numba_peers.py [--threads 2] [--repeat 15] [--quick]
+    python bench/bench_numba_peers.py [--threads 2] [--repeat 15] [--quick] [--decode-only]
 
 Prints one line per (shape, implementation): median ms, GFLOP/s
 (4 * B * Hq * visible pairs * D) or, for decode, GB/s of K/V read, and the
 ratio to PyTorch measured in the same run.  The machine's read bandwidth
 (a Numba parallel sum over 512 MiB of float32, best of the repeats) is
 measured in the same run; kernel times are medians.
+A decode table follows: dense and paged (block size 16, shuffled blocks)
+KV caches in float32, bfloat16 and float16, with GB/s, % of the read
+bandwidth, the ratio to PyTorch SDPA (dense, same dtype), the 16-bit vs
+float32 speed-up and paged vs dense.
 Peers that are not installed (torch, the C backend) are skipped.
 """
 
@@ -90,12 +94,93 @@ def shapes(quick):
         ("encoder L128", 8, 12, 12, 128, 128, 64, False, None),
         ("encoder L512 pad", 8, 12, 12, 512, 512, 64, False, "pad"),
         ("decode Lk4096", 8, 32, 8, 1, 4096, 128, False, None),
-        ("decode Lk16384 B1", 1, 32, 8, 1, 16384, 128, False, None),
+        ("decode Lk32768 B1", 1, 32, 8, 1, 32768, 128, False, None),
         ("float64 L512", 1, 8, 8, 512, 512, 64, True, "f64"),
     ]
     if quick:
-        rows = [r for r in rows if "2048" not in r[0] and "16384" not in r[0]]
+        rows = [r for r in rows if "2048" not in r[0] and "32768" not in r[0]]
     return rows
+
+
+def decode_shapes(quick):
+    """(name, B, Hq, Hkv, Lk, D, dtype name, page size or None)."""
+    rows = []
+    for B, Lk in ((8, 4096), (1, 32768)):
+        if quick and Lk > 4096:
+            continue
+        for dt in ("float32", "bfloat16", "float16"):
+            for bs in (None, 16):
+                name = f"decode B{B} Lk{Lk} {dt[:4] if dt != 'bfloat16' else 'bf16'}{' paged16' if bs else ''}"
+                rows.append((name, B, 32, 8, Lk, 128, dt, bs))
+    return rows
+
+
+def _paged(rng, k, v, bs):
+    """A shuffled paged cache (num_blocks, bs, Hkv, D) holding dense k/v, and its block table."""
+    B, Hkv, Lk, D = k.shape
+    nb = Lk // bs
+    perm = rng.permutation(B * nb)
+    kc = np.empty((B * nb, bs, Hkv, D), k.dtype)
+    vc = np.empty((B * nb, bs, Hkv, v.shape[3]), v.dtype)
+    kc[perm] = k.transpose(0, 2, 1, 3).reshape(B * nb, bs, Hkv, D)
+    vc[perm] = v.transpose(0, 2, 1, 3).reshape(B * nb, bs, Hkv, v.shape[3])
+    return kc, vc, perm.reshape(B, nb).astype(np.int64)
+
+
+def bench_decode(args, ours, torch, bw):
+    """Decode (Lq 1, GQA) dense and paged, float32 and 16-bit KV: GB/s of K/V
+    read, % of the read bandwidth measured in this run, ratio to PyTorch SDPA
+    (dense, same dtype), 16-bit vs float32 and paged vs dense speed."""
+    from fastqkv import _validate
+    print(f"\n{'decode':28s} {'impl':7s} {'ms':>9s} {'GB/s':>7s} {'% bw':>6s} {'vs torch':>8s} {'vs f32':>7s} {'vs dense':>8s}")
+    rng = np.random.default_rng(1)
+    base = {}
+    dense = {}
+    for name, B, Hq, Hkv, Lk, D, dtn, bs in decode_shapes(args.quick):
+        dt = _validate.BFLOAT16 if dtn == "bfloat16" else np.dtype(dtn)
+        if dt is None:
+            continue
+        key = (B, Lk)
+        q = rng.standard_normal((B, Hq, 1, D)).astype(np.float32).astype(dt)
+        k = rng.standard_normal((B, Hkv, Lk, D)).astype(np.float32).astype(dt)
+        v = rng.standard_normal((B, Hkv, Lk, D)).astype(np.float32).astype(dt)
+        out = np.empty((B, Hq, 1, D), dt)
+        kv_bytes = k.nbytes + v.nbytes
+        results = {}
+        if bs:
+            kc, vc, bt = _paged(rng, k, v, bs)
+            sl = np.full(B, Lk, np.int64)
+            del k, v
+            for be in ours:
+                results[be] = median_ms(lambda be=be: fastqkv.paged_attention(
+                    q, kc, vc, bt, sl, out=out, backend=be), args.repeat)
+        else:
+            for be in ours:
+                results[be] = median_ms(lambda be=be: fastqkv.attention(q, k, v, out=out, backend=be),
+                                        args.repeat)
+            if torch is not None:
+                def tt(x):
+                    if dtn == "bfloat16":
+                        return torch.from_numpy(x.view(np.int16)).view(torch.bfloat16)
+                    return torch.from_numpy(x)
+                tq, tk, tv = tt(q), tt(k), tt(v)
+
+                def run_torch():
+                    with torch.no_grad():
+                        torch.nn.functional.scaled_dot_product_attention(tq, tk, tv, enable_gqa=True)
+                results["torch"] = median_ms(run_torch, args.repeat)
+                base[(key, dtn)] = results["torch"]
+        tref = base.get((key, dtn))
+        for impl, ms in results.items():
+            gbs = kv_bytes / ms / 1e6
+            vs_torch = f"{tref / ms:7.2f}x" if tref and impl != "torch" else "      -"
+            f32 = dense.get((key, "float32", impl)) if dtn != "float32" and not bs else None
+            vs_f32 = f"{f32 / ms:6.2f}x" if f32 else "      -"
+            d = dense.get((key, dtn, impl)) if bs else None
+            vs_dense = f"{d / ms:7.2f}x" if d else "       -"
+            print(f"{name:28s} {impl:7s} {ms:9.3f} {gbs:7.1f} {gbs / bw:6.0%} {vs_torch} {vs_f32} {vs_dense}")
+            if not bs:
+                dense[(key, dtn, impl)] = ms
 
 
 def main():
@@ -103,6 +188,7 @@ def main():
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--repeat", type=int, default=15)
     ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--decode-only", action="store_true", help="only the decode table")
     ap.add_argument("--cpu-time", action="store_true",
                     help="time with the process CPU clock (with --threads 1: robust on a busy machine)")
     args = ap.parse_args()
@@ -131,7 +217,7 @@ def main():
     print(f"{'shape':22s} {'impl':7s} {'ms':>9s} {'GFLOP/s':>8s} {'GB/s':>7s} {'vs torch':>8s}")
 
     rng = np.random.default_rng(0)
-    for name, B, Hq, Hkv, Lq, Lk, D, causal, extra in shapes(args.quick):
+    for name, B, Hq, Hkv, Lq, Lk, D, causal, extra in ([] if args.decode_only else shapes(args.quick)):
         dt = np.float64 if extra == "f64" else np.float32
         q = rng.standard_normal((B, Hq, Lq, D)).astype(dt)
         k = rng.standard_normal((B, Hkv, Lk, D)).astype(dt)
@@ -175,6 +261,9 @@ def main():
             for impl in ours:
                 if impl in results:
                     print(f"{'':22s} {impl:7s} decode at {kv_bytes / results[impl] / 1e6 / bw:5.0%} of read bandwidth")
+    bench_decode(args, ours, torch, bw)
+    bw2, bw2_med = read_bandwidth(T, args.repeat)
+    print(f"read bandwidth again after the runs: {bw2:.1f} GB/s best, {bw2_med:.1f} median")
 
 
 if __name__ == "__main__":

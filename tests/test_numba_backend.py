@@ -153,7 +153,8 @@ def test_interface():
     assert ok and reason and "numba" in details
     p = fastqkv._validate.plan_attention(np.zeros((1, 2, 3), np.float16), np.zeros((1, 2, 3), np.float16),
                                          np.zeros((1, 2, 3), np.float16))
-    assert "float16" in _numba.supports(p)
+    assert _numba.supports(p) is None               # float16 / bfloat16: the streaming kernel
+    assert "paged" in _numba.FEATURES
     p32 = fastqkv._validate.plan_attention(np.zeros((1, 2, 3), np.float32), np.zeros((1, 2, 3), np.float32),
                                            np.zeros((1, 2, 3), np.float32))
     assert _numba.supports(p32) is None

@@ -17,9 +17,15 @@ import os
 
 import numpy as np
 
-__all__ = ["probe", "supports", "run", "warmup", "cache_status"]
+from .._validate import BFLOAT16
 
-_SUPPORTED = (np.dtype(np.float32), np.dtype(np.float64))
+__all__ = ["probe", "supports", "run", "warmup", "cache_status", "FEATURES"]
+
+# paged problems (Problem.block_table) are run on the caches in place
+FEATURES = frozenset({"paged"})
+
+_SUPPORTED = tuple(np.dtype(t) for t in (np.float32, np.float64, np.float16)) + (
+    (BFLOAT16,) if BFLOAT16 is not None else ())
 
 
 def probe():
@@ -57,7 +63,8 @@ def _cache_hint():
 def supports(problem):
     """None, or why this call cannot run on the numba backend."""
     if problem.dtype not in _SUPPORTED:
-        return f"dtype {problem.dtype} is not supported by the numba backend (float32 and float64 only)"
+        return (f"dtype {problem.dtype} is not supported by the numba backend "
+                "(float16, bfloat16, float32 and float64 only)")
     return None
 
 
@@ -73,9 +80,10 @@ def run(problem, num_threads):
 
 
 def warmup():
-    """Compile (or load from the disk cache) the kernels for float32 and
-    float64; one signature per dtype serves every option.  Returns
-    :func:`cache_status`."""
+    """Compile (or load from the disk cache) the kernels: the tiled kernel
+    for float32 and float64, the streaming (decode / paged / 16-bit) kernel
+    for float32, float64 and 16-bit storage; one signature per dtype serves
+    every option.  Returns :func:`cache_status`."""
     return _kernels().warmup()
 
 

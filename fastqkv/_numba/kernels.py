@@ -32,6 +32,13 @@ first use only.  Structure (the C backend has the same one):
 * A key-padding mask (broadcast over heads and queries) is read as
   per-batch key lengths when that means the same (``_key_padding``), so
   padded tiles are skipped rather than masked.
+* The streaming kernel (``_stream_py``, see its section) serves decode
+  (``Lq <= STREAM_MAX_LQ``), paged KV caches and float16/bfloat16 storage
+  when there is no mask, bias, ALiBi or softcap: work items
+  ``(batch, KV head, query tile, KV split)``, K and V rows read once, in
+  order; splits merged exactly through their max / sum in the same call.
+  Anything else with a paged cache is gathered densely, and 16-bit inputs
+  with those options are widened to float32, for the tiled kernel.
 
 Numerics: no ``fastmath=True`` anywhere.  The micro-kernels and the row sums
 use :data:`FASTMATH` (``nsz``, ``arcp``, ``contract``, ``reassoc``): it lets
@@ -57,7 +64,9 @@ from numba import njit, prange, types
 from numba.core import cgutils
 from numba.extending import intrinsic, overload
 
-__all__ = ["driver", "run", "warmup", "cache_status", "release_workspace", "FASTMATH", "SIGNATURES"]
+from .._validate import BFLOAT16, Problem, densify_pages
+
+__all__ = ["driver", "stream_driver", "run", "uses_stream", "warmup", "cache_status", "release_workspace", "FASTMATH", "SIGNATURES"]
 
 # LLVM fast-math flags allowed in fastqkv's kernels: never nnan / ninf.
 FASTMATH = {"nsz", "arcp", "contract", "reassoc"}
@@ -73,6 +82,15 @@ KEYS = 512
 DECODE_KEYS = 1024
 # multiply-adds (about 30 us) below which one more thread costs more than it brings
 MIN_WORK_PER_THREAD = 1 << 21
+# streaming kernel: query positions up to STREAM_MAX_LQ (without mask, bias,
+# ALiBi or softcap) take it; STREAM_KEYS keys per chunk (a multiple of 4);
+# decode splits of at least SPLIT_MIN_KEYS keys, about ITEMS_PER_THREAD work
+# items per thread; FORCE_SPLIT > 0 forces the keys per split (tests).
+STREAM_MAX_LQ = 16
+STREAM_KEYS = 128
+SPLIT_MIN_KEYS = 512
+ITEMS_PER_THREAD = 8
+FORCE_SPLIT = 0
 
 # bits of the `flags` argument
 HAS_LSE = 1
@@ -739,6 +757,434 @@ def _attention_py(q, k, v, out, lse, mask, bias, key_lens, alibi, sc, softcap, w
                        kp, vtp, bad, qs, ks, vs, s, o, m, l, alpha)
 
 
+# ---------------------------------------------------------------------------
+# the streaming (decode / paged / half-width) kernel
+#
+# One work item = (batch, KV head, query tile, KV split): the query rows of
+# every head of the group are packed into one tile, so each K/V byte of a
+# split is read once.  K/V rows are read in place when they are contiguous
+# float rows; otherwise (paged cache, strided rows, float16/bfloat16) each
+# chunk of ``tk`` keys is gathered and widened into thread scratch (L2).
+# Splits write unnormalised partials (o, m, l); a second parallel pass merges
+# them through their max / sum (exact; empty splits have m = -inf, l = 0).
+
+# `kind` argument: how 16-bit storage is decoded
+KIND_FLOAT = 0
+KIND_F16 = 1
+KIND_BF16 = 2
+# extra `flags` bit of the streaming driver
+PAGED = 32
+
+
+@intrinsic
+def _f16_to_f32(typingctx, x):
+    """IEEE half bits (uint16) -> float32 (exact; vcvtph2ps when vectorised)."""
+    if x != types.uint16:
+        return None
+
+    def codegen(context, builder, signature, args):
+        return builder.fpext(builder.bitcast(args[0], ir.HalfType()), ir.FloatType())
+
+    return types.float32(types.uint16), codegen
+
+
+@intrinsic
+def _bf16_to_f32(typingctx, x):
+    """bfloat16 bits (uint16) -> float32: the bits shifted to the top half."""
+    if x != types.uint16:
+        return None
+
+    def codegen(context, builder, signature, args):
+        w = builder.shl(builder.zext(args[0], ir.IntType(32)), ir.Constant(ir.IntType(32), 16))
+        return builder.bitcast(w, ir.FloatType())
+
+    return types.float32(types.uint16), codegen
+
+
+@intrinsic
+def _f32_to_f16(typingctx, x):
+    """float32 -> IEEE half bits, rounded to nearest even (LLVM fptrunc)."""
+    if x != types.float32:
+        return None
+
+    def codegen(context, builder, signature, args):
+        return builder.bitcast(builder.fptrunc(args[0], ir.HalfType()), ir.IntType(16))
+
+    return types.uint16(types.float32), codegen
+
+
+@intrinsic
+def _f32_bits(typingctx, x):
+    """The bits of a float32 as a uint32."""
+    if x != types.float32:
+        return None
+
+    def codegen(context, builder, signature, args):
+        return builder.bitcast(args[0], ir.IntType(32))
+
+    return types.uint32(types.float32), codegen
+
+
+@njit(nogil=True, cache=True, inline="always")
+def _f32_to_bf16(x):
+    """float32 -> bfloat16 bits, rounded to nearest even; NaN stays (quiet) NaN."""
+    u = _f32_bits(x)
+    if x != x:
+        return np.uint16((u >> np.uint32(16)) | np.uint32(0x40))
+    u = u + np.uint32(0x7FFF) + ((u >> np.uint32(16)) & np.uint32(1))
+    return np.uint16(u >> np.uint32(16))
+
+
+def _widen(src, dst, n, kind):  # pragma: no cover - replaced by the overload below
+    raise NotImplementedError
+
+
+@overload(_widen, jit_options={"cache": True})
+def _widen_impl(src, dst, n, kind):
+    """``dst[:n] = src[:n]`` in the accumulation dtype (decoding 16-bit storage)."""
+    if src.dtype == types.uint16:
+        def impl(src, dst, n, kind):
+            if kind == KIND_F16:
+                for t in range(n):
+                    dst[t] = _f16_to_f32(src[t])
+            else:
+                for t in range(n):
+                    dst[t] = _bf16_to_f32(src[t])
+        return impl
+
+    def impl(src, dst, n, kind):
+        for t in range(n):
+            dst[t] = src[t]
+    return impl
+
+
+def _put(dst, c, x, kind):  # pragma: no cover - replaced by the overload below
+    raise NotImplementedError
+
+
+@overload(_put, jit_options={"cache": True})
+def _put_impl(dst, c, x, kind):
+    """``dst[c] = x`` rounded to the storage dtype (16-bit: encoded)."""
+    if dst.dtype == types.uint16:
+        def impl(dst, c, x, kind):
+            if kind == KIND_F16:
+                dst[c] = _f32_to_f16(x)
+            else:
+                dst[c] = _f32_to_bf16(x)
+        return impl
+
+    def impl(dst, c, x, kind):
+        dst[c] = x
+    return impl
+
+
+def _qk_inplace(qs, k, b, kvh, c0, n, s, alpha, mp, d):  # pragma: no cover
+    raise NotImplementedError
+
+
+@overload(_qk_inplace, jit_options={"cache": True})
+def _qk_inplace_impl(qs, k, b, kvh, c0, n, s, alpha, mp, d):
+    """Scores against K rows read where they are (float storage only)."""
+    if k.dtype == types.uint16:
+        return lambda qs, k, b, kvh, c0, n, s, alpha, mp, d: None
+
+    def impl(qs, k, b, kvh, c0, n, s, alpha, mp, d):
+        _qk_rows(qs, _as_c(k[b, kvh, c0:c0 + n]), s, mp, n, d)
+    return impl
+
+
+def _pv_inplace(s, v, b, kvh, c0, n, o, alpha, M, dv):  # pragma: no cover
+    raise NotImplementedError
+
+
+@overload(_pv_inplace, jit_options={"cache": True})
+def _pv_inplace_impl(s, v, b, kvh, c0, n, o, alpha, M, dv):
+    """``O = alpha O + P V`` with V rows read where they are (float storage only)."""
+    if v.dtype == types.uint16:
+        return lambda s, v, b, kvh, c0, n, o, alpha, M, dv: None
+
+    def impl(s, v, b, kvh, c0, n, o, alpha, M, dv):
+        _pv_rows(s, _as_c(v[b, kvh, c0:c0 + n]), o, alpha, M, n, dv)
+    return impl
+
+
+@njit(nogil=True, cache=True)
+def _gather(x, bt, paged, b, kvh, c0, n, dst, kind):
+    """``dst[:n] = rows c0..c0+n-1 of (b, kvh)`` widened to the accumulation
+    dtype; dense ``x[b, kvh, j]`` or paged ``x[bt[b, j // bs], j % bs, kvh]``.
+    Rows ``n:`` of ``dst`` are zeroed."""
+    x = _borrow(x)
+    w = dst.shape[1]
+    if paged:
+        bs = x.shape[1]
+        j = c0
+        while j < c0 + n:
+            blk = bt[b, j // bs]
+            slot = j % bs
+            run = min(bs - slot, c0 + n - j)
+            for jj in range(run):
+                _widen(x[blk, slot + jj, kvh], dst[j - c0 + jj], w, kind)
+            j += run
+    else:
+        for jj in range(n):
+            _widen(x[b, kvh, c0 + jj], dst[jj], w, kind)
+    z = dst.dtype.type(0)
+    for jj in range(n, dst.shape[0]):
+        row = dst[jj]
+        for t in range(w):
+            row[t] = z
+
+
+@njit(nogil=True, cache=True, fastmath=FASTMATH)
+def _qk_rows(qs, kc, s, mp, n, d):
+    """``s[:mp, :n] = qs[:mp] @ kc[:n].T`` one key row at a time (4 query
+    rows per pass, each dot product vectorised along ``d``): K is read
+    strictly in order, which keeps the hardware prefetcher streaming where
+    a 4 x 4 block of key rows would not."""
+    z = s.dtype.type(0)
+    for j in range(n):
+        krow = kc[j]
+        for r in range(0, mp, 4):
+            q0 = qs[r]
+            q1 = qs[r + 1]
+            q2 = qs[r + 2]
+            q3 = qs[r + 3]
+            s0 = s1 = s2 = s3 = z
+            for t in range(d):
+                x = krow[t]
+                s0 += q0[t] * x
+                s1 += q1[t] * x
+                s2 += q2[t] * x
+                s3 += q3[t] * x
+            s[r, j] = s0
+            s[r + 1, j] = s1
+            s[r + 2, j] = s2
+            s[r + 3, j] = s3
+
+
+@njit(nogil=True, cache=True, fastmath=FASTMATH)
+def _pv_window(p, vc, o, alpha, M, n, dv, nq, ip0, c0, wl, wr):
+    """``O = alpha O + P V`` for a chunk some row sees only in part: key by
+    key over each row's visible keys, so an invisible value never leaks."""
+    for r in range(M):
+        a, e = _window(ip0 + r % nq, c0, n, wl, wr)
+        al = alpha[r]
+        orow = o[r]
+        if al != 1:
+            for c in range(dv):
+                orow[c] *= al
+        for j in range(a, e):
+            x = p[r, j]
+            vj = vc[j]
+            for c in range(dv):
+                orow[c] += x * vj[c]
+
+
+@njit(nogil=True, cache=True)
+def _stream_item(q, k, v, key_lens, bt, sc, wl, wr, flags, kind, b, kvh, i0, i1, sidx, split,
+                 nsmax, tk, qs, ks, vs, s, o, m, l, alpha, po, pm, pl):
+    """Unnormalised attention of query rows ``i0:i1`` of every head of KV
+    head ``kvh`` over keys ``[sidx * split, (sidx + 1) * split)`` of batch
+    ``b``, written as a partial ``(po, pm, pl)`` in slot ``sidx``."""
+    q, k, v, key_lens, bt = _borrow(q), _borrow(k), _borrow(v), _borrow(key_lens), _borrow(bt)
+    qs, ks, vs, s, o = _borrow(qs), _borrow(ks), _borrow(vs), _borrow(s), _borrow(o)
+    m, l, alpha, po, pm, pl = _borrow(m), _borrow(l), _borrow(alpha), _borrow(po), _borrow(pm), _borrow(pl)
+    T = s.dtype.type
+    ninf = T(-np.inf)
+    paged = (flags & PAGED) != 0
+    Hq = q.shape[1]
+    Lq = q.shape[2]
+    d = q.shape[3]
+    dv = v.shape[3]
+    Hkv = k.shape[2] if paged else k.shape[1]
+    g = Hq // Hkv
+    nq = i1 - i0
+    M = g * nq
+    mp = (M + 3) & ~3
+    if paged or (flags & HAS_KEY_LENS) != 0:
+        lkb = key_lens[b]
+    else:
+        lkb = k.shape[2]
+    off = lkb - Lq
+    item = k.itemsize
+    inplace = (not paged and kind == KIND_FLOAT and k.strides[3] == item and k.strides[2] == d * item
+               and v.strides[3] == item and v.strides[2] == dv * item)
+
+    for r in range(mp):
+        dst = qs[r]
+        if r < M:
+            _widen(q[b, kvh * g + r // nq, i0 + r % nq], dst, d, kind)
+        else:
+            _fill(dst, T(0))
+        m[r] = ninf
+        l[r] = 0
+        alpha[r] = 1
+        _fill(o[r, :dv], T(0))
+
+    lo = sidx * split
+    hi = min(lkb, lo + split)
+    if wl >= 0:
+        lo = max(lo, i0 + off - wl)
+    if wr >= 0:
+        hi = min(hi, i1 - 1 + off + wr + 1)
+
+    for c0 in range(lo, hi, tk):
+        n = min(tk, hi - c0)
+        npad = (n + 3) & ~3
+        # every row sees the whole chunk: no per-row ranges needed
+        full = (wl < 0 or i1 - 1 + off - wl <= c0) and (wr < 0 or i0 + off + wr + 1 >= c0 + n)
+        direct = inplace and full
+        if direct:
+            _qk_inplace(qs, k, b, kvh, c0, n, s, alpha, mp, d)
+        else:
+            _gather(k, bt, paged, b, kvh, c0, n, ks, kind)
+            _gather(v, bt, paged, b, kvh, c0, n, vs, kind)
+            _qk_rows(qs, ks, s, mp, n, d)
+        _softmax_tile(s, M, n, npad, nq, i0 + off, c0, wl, wr, sc, False, m, l, alpha)
+        if direct:
+            _pv_inplace(s, v, b, kvh, c0, n, o, alpha, M, dv)
+        elif full:
+            _pv_rows(s, vs, o, alpha, M, n, dv)
+        else:
+            _pv_window(s, vs, o, alpha, M, n, dv, nq, i0 + off, c0, wl, wr)
+
+    for r in range(M):
+        h = kvh * g + r // nq
+        i = i0 + r % nq
+        R = ((b * Hq + h) * Lq + i) * nsmax + sidx
+        dst = po[R]
+        src = o[r]
+        for c in range(dv):
+            dst[c] = src[c]
+        pm[R] = m[r]
+        pl[R] = l[r]
+
+
+@njit(nogil=True, cache=True)
+def _merge_row(po, pm, pl, R0, ns, dst, kind, has_lse, lse, b, h, i):
+    """Combine the ``ns`` partials of one output row (exact: weights
+    ``exp(m_s - max m)``); no visible key: 0 and lse -inf; NaN propagates."""
+    T = po.dtype.type
+    ninf = T(-np.inf)
+    mx = ninf
+    for t in range(ns):
+        mx = _maximum(mx, pm[R0 + t])
+    dv = po.shape[1]
+    if mx == ninf:
+        for c in range(dv):
+            _put(dst, c, T(0), kind)
+        if has_lse:
+            lse[b, h, i] = ninf
+        return
+    ll = T(0)
+    for t in range(ns):
+        w = _exp(pm[R0 + t] - mx)
+        pm[R0 + t] = w
+        ll += w * pl[R0 + t]
+    for c in range(dv):
+        acc = T(0)
+        for t in range(ns):
+            acc += pm[R0 + t] * po[R0 + t, c]
+        _put(dst, c, acc / ll, kind)
+    if has_lse:
+        lse[b, h, i] = mx + math.log(ll)
+
+
+@njit(nogil=True, cache=True)
+def _stream_layout(B, Hq, Lq, g, d, dv, tq, tk, nsmax):
+    """Workspace of a streaming call: ``(partial rows, per-thread scratch)``
+    sizes in elements."""
+    mpmax = (g * min(tq, Lq) + 3) & ~3
+    tkp = (tk + 3) & ~3
+    dvp = (dv + 3) & ~3
+    npart = B * Hq * Lq * nsmax
+    per = mpmax * d + tkp * d + tkp * dv + mpmax * tkp + mpmax * dvp + 3 * mpmax
+    return npart * (dv + 2), per
+
+
+def _stream_py(q, k, v, out, lse, key_lens, bt, sc, wl, wr, flags, kind, tq, tk, split, nthreads,
+               ws, queue):
+    """Parallel driver of the streaming kernel: ``prange`` over threads taking
+    work items ``(b, kv head, query tile, split)`` from an atomic counter,
+    then a parallel merge of each row's split partials into ``out``/``lse``.
+    Batches have ``ceil(Lk_b / split)`` splits (at least one); ``queue`` holds
+    2 counters and ``B + 1`` prefix sums of the item counts."""
+    paged = (flags & PAGED) != 0
+    B = q.shape[0]
+    Hq = q.shape[1]
+    Lq = q.shape[2]
+    d = q.shape[3]
+    dv = v.shape[3]
+    Hkv = k.shape[2] if paged else k.shape[1]
+    g = Hq // Hkv
+    has_kl = paged or (flags & HAS_KEY_LENS) != 0
+    nqt = (Lq + tq - 1) // tq
+    nsmax = 1
+    queue[0] = 0
+    queue[1] = 0
+    queue[2] = 0
+    for b in range(B):
+        lkb = key_lens[b] if has_kl else k.shape[2]
+        ns = max(1, (lkb + split - 1) // split)
+        nsmax = max(nsmax, ns)
+        queue[3 + b] = queue[2 + b] + Hkv * nqt * ns
+    n_items = queue[2 + B]
+    part, per = _stream_layout(B, Hq, Lq, g, d, dv, tq, tk, nsmax)
+    npart = B * Hq * Lq * nsmax
+    po = ws[:npart * dv].reshape((npart, dv))
+    pm = ws[npart * dv:npart * dv + npart]
+    pl = ws[npart * dv + npart:npart * dv + 2 * npart]
+    mpmax = (g * min(tq, Lq) + 3) & ~3
+    tkp = (tk + 3) & ~3
+    dvp = (dv + 3) & ~3
+    nt = max(1, min(nthreads, n_items))
+    for t in prange(nt):
+        mine, _ = _carve(ws, part + t * per, per)
+        at = 0
+        x, at = _carve(mine, at, mpmax * d)
+        qs = x.reshape((mpmax, d))
+        x, at = _carve(mine, at, tkp * d)
+        ks = x.reshape((tkp, d))
+        x, at = _carve(mine, at, tkp * dv)
+        vs = x.reshape((tkp, dv))
+        x, at = _carve(mine, at, mpmax * tkp)
+        s = x.reshape((mpmax, tkp))
+        x, at = _carve(mine, at, mpmax * dvp)
+        o = x.reshape((mpmax, dvp))
+        m, at = _carve(mine, at, mpmax)
+        l, at = _carve(mine, at, mpmax)
+        alpha, at = _carve(mine, at, mpmax)
+        while True:
+            it = _fetch_add(queue, 1)
+            if it >= n_items:
+                break
+            b = 0
+            while queue[3 + b] <= it:
+                b += 1
+            rest = it - queue[2 + b]
+            lkb = key_lens[b] if has_kl else k.shape[2]
+            ns = max(1, (lkb + split - 1) // split)
+            sidx = rest % ns
+            rest //= ns
+            qt = rest % nqt
+            kvh = rest // nqt
+            i0 = qt * tq
+            _stream_item(q, k, v, key_lens, bt, sc, wl, wr, flags, kind, b, kvh, i0,
+                         min(i0 + tq, Lq), sidx, split, nsmax, tk, qs, ks, vs, s, o, m, l, alpha,
+                         po, pm, pl)
+    has_lse = (flags & HAS_LSE) != 0
+    rows = B * Hq * Lq
+    for t in prange(nt):
+        for row in range(t, rows, nt):
+            b = row // (Hq * Lq)
+            h = (row // Lq) % Hq
+            i = row % Lq
+            lkb = key_lens[b] if has_kl else k.shape[2]
+            ns = max(1, (lkb + split - 1) // split)
+            _merge_row(po, pm, pl, row * nsmax, ns, _borrow(out)[b, h, i], kind, has_lse,
+                       _borrow(lse), b, h, i)
+
+
 def _signature(dt):
     def arr(dtype, ndim, readonly):
         return types.Array(dtype, ndim, "A", readonly=readonly)
@@ -755,6 +1201,41 @@ def _signature(dt):
 
 SIGNATURES = {np.dtype(np.float32): _signature(types.float32),
               np.dtype(np.float64): _signature(types.float64)}
+
+
+def _stream_signature(st):
+    def arr(dtype, ndim, readonly):
+        return types.Array(dtype, ndim, "A", readonly=readonly)
+    acc = types.float64 if st == types.float64 else types.float32
+    i64 = types.int64
+    return types.void(
+        arr(st, 4, True), arr(st, 4, True), arr(st, 4, True),      # q, k, v (or the caches)
+        arr(st, 4, False), arr(acc, 3, False),                     # out, lse
+        arr(i64, 1, True), arr(i64, 2, True),                      # key_lens, block_table
+        acc, i64, i64, i64, i64,                                   # scale, wl, wr, flags, kind
+        i64, i64, i64, i64,                                        # tq, tk, split, nthreads
+        types.Array(acc, 1, "C"), types.Array(i64, 1, "C"))        # workspace, queue
+
+
+# storage dtype -> streaming signature; float16 and bfloat16 share the uint16 one
+STREAM_SIGNATURES = {np.dtype(np.float32): _stream_signature(types.float32),
+                     np.dtype(np.float64): _stream_signature(types.float64),
+                     np.dtype(np.uint16): _stream_signature(types.uint16)}
+_stream_drivers = {}
+
+
+def stream_driver(dtype):
+    """The compiled streaming driver for float32, float64 or 16-bit (uint16
+    bits) storage; compiled or loaded from the disk cache on first use."""
+    dtype = np.dtype(dtype)
+    fn = _stream_drivers.get(dtype)
+    if fn is None:
+        with _drivers_lock:
+            fn = _stream_drivers.get(dtype)
+            if fn is None:
+                fn = njit([STREAM_SIGNATURES[dtype]], parallel=True, nogil=True, cache=True)(_stream_py)
+                _stream_drivers[dtype] = fn
+    return fn
 
 _drivers = {}
 _drivers_lock = threading.Lock()
@@ -779,6 +1260,7 @@ def driver(dtype):
 # Python side: dummies for absent options, tile sizes, the call
 
 _DUMMIES = {}
+_BT_DUMMY = np.zeros((1, 1), np.int64)
 # Problem attribute -> flag bit; absent ones are passed as dummies
 _OPTIONAL = (("lse", HAS_LSE), ("mask", HAS_MASK), ("bias", HAS_BIAS),
              ("key_lens", HAS_KEY_LENS), ("alibi", HAS_ALIBI))
@@ -811,7 +1293,7 @@ def tiles(p):
 _local = threading.local()
 
 
-def _workspace(dt, nfloat, nbool):
+def _workspace(dt, nfloat, nbool, nqueue=2):
     """This thread's workspace (grown on demand, kept between calls, so a
     steady loop allocates nothing): ``(floats of dtype dt, bools, queue)``.
     It holds about the size of K and V of the largest multi-tile call;
@@ -826,8 +1308,8 @@ def _workspace(dt, nfloat, nbool):
     if wsb is None or wsb.shape[0] < nbool:
         wsb = bufs["bool"] = np.empty(max(nbool, 1), np.bool_)
     queue = bufs.get("queue")
-    if queue is None:
-        queue = bufs["queue"] = np.zeros(2, np.int64)
+    if queue is None or queue.shape[0] < nqueue:
+        queue = bufs["queue"] = np.zeros(max(nqueue, 2), np.int64)
     return ws, wsb, queue
 
 
@@ -861,8 +1343,130 @@ def _key_padding(p):
     return lens, exact
 
 
+def _threads_for(num_threads, items, work):
+    """No more threads than work items, and none woken for tiny calls."""
+    n = min(int(num_threads), numba.config.NUMBA_NUM_THREADS, items, 1 + work // MIN_WORK_PER_THREAD)
+    return max(1, n)
+
+
+def _half_kind(dt):
+    if dt == np.float16:
+        return KIND_F16
+    if BFLOAT16 is not None and dt == BFLOAT16:
+        return KIND_BF16
+    return KIND_FLOAT
+
+
+def _has_options(p):
+    return p.mask is not None or p.bias is not None or p.alibi is not None or p.softcap > 0
+
+
+def uses_stream(p):
+    """Whether :func:`run` sends ``p`` to the streaming kernel (decode,
+    paged caches, 16-bit storage) rather than the tiled prefill kernel."""
+    if _has_options(p):
+        return False
+    return p.block_table is not None or _half_kind(np.dtype(p.dtype)) != KIND_FLOAT or p.Lq <= STREAM_MAX_LQ
+
+
 def run(p, num_threads):
-    """Fill ``p.out`` (and ``p.lse``) for a validated float32/float64 Problem."""
+    """Fill ``p.out`` (and ``p.lse``) for a validated Problem: the streaming
+    kernel when :func:`uses_stream`, else the tiled kernel (paged caches are
+    then gathered and 16-bit inputs widened to float32 first)."""
+    if uses_stream(p):
+        _run_stream(p, num_threads)
+        return
+    if p.block_table is not None:
+        densify_pages(p)
+    if _half_kind(np.dtype(p.dtype)) != KIND_FLOAT:
+        _run_widened(p, num_threads)
+    else:
+        _run_general(p, num_threads)
+
+
+def _run_widened(p, num_threads):
+    """A 16-bit problem with options on the float32 tiled kernel, through
+    float32 copies of q/k/v; the result is rounded to the input dtype."""
+    f32 = np.dtype(np.float32)
+    w = Problem(**{name: getattr(p, name) for name in Problem.__slots__})
+    w.q, w.k, w.v = (x.astype(f32) for x in (p.q, p.k, p.v))
+    w.out = np.empty(p.out.shape, f32)
+    w.dtype = f32
+    _run_general(w, num_threads)
+    p.out[...] = w.out
+
+
+def split_keys(p, num_threads, tq, tk):
+    """Keys per KV split of a streaming call: splits only for decode-like
+    calls (Lq <= STREAM_MAX_LQ), sized so that there are about
+    ITEMS_PER_THREAD work items per thread and at least SPLIT_MIN_KEYS keys
+    per split; ``FORCE_SPLIT`` (tests) overrides."""
+    lk = p.Lk
+    if FORCE_SPLIT:
+        return int(FORCE_SPLIT)
+    if p.Lq > STREAM_MAX_LQ:
+        return max(1, lk)
+    nqt = -(-p.Lq // tq)
+    total = int(p.key_lens.sum()) if p.key_lens is not None else p.B * lk
+    target = ITEMS_PER_THREAD * max(1, int(num_threads))
+    split = max(SPLIT_MIN_KEYS, -(-total * p.Hkv * nqt // target))
+    split = -(-split // tk) * tk
+    return max(1, min(split, lk))
+
+
+def _run_stream(p, num_threads):
+    dt = np.dtype(p.dtype)
+    kind = _half_kind(dt)
+    st = np.dtype(np.uint16) if kind != KIND_FLOAT else dt
+    acc = np.dtype(p.acc_dtype)
+    fn = stream_driver(st)
+    dm = _dummies(acc)
+    q, k, v, out = p.q, p.k, p.v, p.out
+    tmp = None
+    if not out.flags.aligned:   # possible only when Dv == 1
+        tmp = np.empty(out.shape, dt)
+        out = tmp
+    if kind != KIND_FLOAT:
+        q, k, v, out = (x.view(np.uint16) for x in (q, k, v, out))
+    flags = 0
+    lse = dm["lse"]
+    if p.lse is not None:
+        flags |= HAS_LSE
+        lse = p.lse
+    key_lens = dm["key_lens"]
+    if p.key_lens is not None:
+        flags |= HAS_KEY_LENS
+        key_lens = p.key_lens
+    bt = _BT_DUMMY
+    if p.block_table is not None:
+        flags |= PAGED
+        bt = p.block_table
+    g = p.Hq // p.Hkv
+    tq = min(p.Lq, max(1, ROWS // g))
+    tk = STREAM_KEYS
+    split = split_keys(p, num_threads, tq, tk)
+    nqt = -(-p.Lq // tq)
+    lens = p.key_lens if p.key_lens is not None else np.full(p.B, p.Lk, np.int64)
+    ns = np.maximum(1, -(-lens // split))
+    items = int(ns.sum()) * p.Hkv * nqt
+    work = p.Hq * p.Lq * int(lens.sum()) * (p.D + p.Dv)
+    n = _threads_for(num_threads, items, work)
+    part, per = _stream_layout(p.B, p.Hq, p.Lq, g, p.D, p.Dv, tq, tk, int(ns.max()))
+    ws, _, queue = _workspace(acc, part + n * per, 0, 3 + p.B)
+    old = numba.get_num_threads()
+    numba.set_num_threads(n)
+    try:
+        fn(q, k, v, out, lse, key_lens, bt, acc.type(p.scale), int(p.window_left),
+           int(p.window_right), flags, kind, tq, tk, split, n, ws, queue)
+    finally:
+        numba.set_num_threads(old)
+    if tmp is not None:
+        p.out[...] = tmp
+
+
+def _run_general(p, num_threads):
+    """Fill ``p.out`` (and ``p.lse``) for a validated float32/float64 Problem
+    on the tiled kernel."""
     dt = np.dtype(p.dtype)
     fn = driver(dt)
     dm = _dummies(dt)
@@ -912,6 +1516,8 @@ def warmup():
     """Compile (or load from the disk cache) every signature; returns :func:`cache_status`."""
     for dt in SIGNATURES:
         driver(dt)
+    for dt in STREAM_SIGNATURES:
+        stream_driver(dt)
     return cache_status()
 
 
@@ -921,11 +1527,13 @@ def cache_status():
     from numba.core.caching import FunctionCache
 
     try:
-        cache = FunctionCache(_attention_py)
-        index = cache._cache_file._load_index()
-        n = len(index)
-        where = cache._cache_path
+        n = 0
+        where = None
+        for fn in (_attention_py, _stream_py):
+            cache = FunctionCache(fn)
+            n += len(cache._cache_file._load_index())
+            where = cache._cache_path
     except Exception as exc:  # noqa: BLE001 - private Numba API; report, never raise
         return {"warm": None, "signatures": f"unknown ({type(exc).__name__}: {exc})", "dir": None}
-    return {"warm": n >= len(SIGNATURES), "signatures": f"{min(n, len(SIGNATURES))} of {len(SIGNATURES)}",
-            "dir": where}
+    total = len(SIGNATURES) + len(STREAM_SIGNATURES)
+    return {"warm": n >= total, "signatures": f"{min(n, total)} of {total}", "dir": where}
