@@ -44,6 +44,13 @@ def attention(q: ArrayLike, k: ArrayLike, v: ArrayLike, *, causal: bool = False,
     docstring is normative).  ``backend`` is ``"auto"`` or a name from
     :func:`fastqkv.backends`.  Returns ``out`` or ``(out, lse)``.
     """
+    if (mask is None and bias is None and key_lens is None and window is None and softcap is None
+            and alibi_slopes is None and out is None and layout == "bhld" and backend == "auto"):
+        p = _validate.plan_simple(q, k, v, causal, scale, return_lse)
+        if p is not None:
+            mod, _ = _dispatch.resolve(backend, p)
+            mod.run(p, _dispatch.get_num_threads())
+            return (p.out, p.lse) if return_lse else p.out
     _dispatch._check_name(backend, "backend")
     p = _validate.plan_attention(
         q, k, v, causal=causal, mask=mask, bias=bias, key_lens=key_lens, scale=scale,

@@ -74,6 +74,8 @@ def _float_array(x, name):
             f"{name} must be a floating-point array (float16, bfloat16, float32 or float64), "
             f"got dtype {a.dtype}"
         )
+    if not a.dtype.isnative:                 # kernels read native byte order
+        a = a.astype(a.dtype.newbyteorder("="))
     return a
 
 
@@ -402,6 +404,45 @@ def plan_attention(q, k, v, *, causal=False, mask=None, bias=None, key_lens=None
         _walkable(q4), _walkable(k4), _walkable(v4), _to_bhld(out_user, layout), lse4, mask,
         bias, key_lens, alibi, scale, softcap, causal, wl, wr, B, Hq, Hkv, Lq, Lk, D, Dv,
         dtype, acc, out_user, lse_user, copy_to, return_lse, layout, ndim)
+
+
+def plan_simple(q, k, v, causal, scale, return_lse):
+    """The per-call fast path of plan_attention for its commonest call:
+    C-contiguous aligned 4-D ``bhld`` ndarrays of one dtype (float32 or
+    float64), no mask/bias/key_lens/window/softcap/ALiBi/out, non-empty work.
+
+    Returns a ready Problem, or None whenever anything differs; the caller
+    then runs :func:`plan_attention`, which does every check and raises."""
+    nd = np.ndarray
+    if type(q) is not nd or type(k) is not nd or type(v) is not nd:
+        return None
+    dt = q.dtype
+    if k.dtype != dt or v.dtype != dt or (dt is not _F32 and dt is not _F64):
+        return None
+    if q.ndim != 4 or k.ndim != 4 or v.ndim != 4:
+        return None
+    B, Hq, Lq, D = q.shape
+    Bk, Hkv, Lk, Dk = k.shape
+    Bv, Hv, Lv, Dv = v.shape
+    if (Bk != B or Bv != B or Hv != Hkv or Lv != Lk or Dk != D or not (B and Hq and Lq and Lk and D and Dv)
+            or not Hkv or Hq % Hkv):
+        return None
+    if (causal is not True and causal is not False) or (return_lse is not True and return_lse is not False):
+        return None
+    if scale is None:
+        scale = 1.0 / math.sqrt(D)
+    elif type(scale) is not float or not math.isfinite(scale):
+        return None
+    fq, fk, fv = q.flags, k.flags, v.flags
+    if not (fq.c_contiguous and fk.c_contiguous and fv.c_contiguous and fq.aligned and fk.aligned
+            and fv.aligned):
+        return None
+    acc = _F64 if dt is _F64 else _F32
+    out = np.empty((B, Hq, Lq, Dv), dt)
+    lse = np.empty((B, Hq, Lq), acc) if return_lse else None
+    return Problem._fast(q, k, v, out, lse, None, None, None, None, scale, 0.0, causal, -1,
+                         0 if causal else -1, B, Hq, Hkv, Lq, Lk, D, Dv, dt, acc, out, lse, None,
+                         return_lse, "bhld", 4)
 
 
 def _lse_shape(B, H, L, ndim):

@@ -124,3 +124,25 @@ def test_warmup_reports_available_backends():
     done = fastqkv.warmup()
     assert "numpy" in done
     assert set(done) <= {n for n, i in fastqkv.backends().items() if i.available}
+
+
+def test_non_native_byte_order_inputs(rng):
+    q = rng.standard_normal((2, 3, 5, 4))
+    want = R.attention(q, q, q, causal=True)
+    for backend in BACKENDS:
+        got = fastqkv.attention(q.astype(">f8"), q, q.astype(">f8"), causal=True, backend=backend)
+        np.testing.assert_allclose(got, want, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_fast_path_matches_full_path(rng, dtype):
+    q = rng.standard_normal((2, 4, 9, 16)).astype(dtype)
+    k = rng.standard_normal((2, 2, 11, 16)).astype(dtype)
+    v = rng.standard_normal((2, 2, 11, 8)).astype(dtype)
+    for causal in (False, True):
+        o1, l1 = fastqkv.attention(q, k, v, causal=causal, return_lse=True, scale=0.3)
+        o2, l2 = fastqkv.attention(q, k, v, causal=causal, return_lse=True, scale=0.3,
+                                   out=np.empty_like(o1))
+        np.testing.assert_array_equal(o1, o2)
+        np.testing.assert_array_equal(l1, l2)
+        assert o1.dtype == dtype and l1.dtype == (np.float64 if dtype == np.float64 else np.float32)
