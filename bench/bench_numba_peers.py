@@ -110,7 +110,8 @@ def decode_shapes(quick):
             continue
         for dt in ("float32", "bfloat16", "float16"):
             for bs in (None, 16):
-                name = f"decode B{B} Lk{Lk} {dt[:4] if dt != 'bfloat16' else 'bf16'}{' paged16' if bs else ''}"
+                short = {"float32": "f32", "bfloat16": "bf16", "float16": "f16"}[dt]
+                name = f"decode B{B} Lk{Lk} {short}{' paged16' if bs else ''}"
                 rows.append((name, B, 32, 8, Lk, 128, dt, bs))
     return rows
 
@@ -125,6 +126,13 @@ def _paged(rng, k, v, bs):
     kc[perm] = k.transpose(0, 2, 1, 3).reshape(B * nb, bs, Hkv, D)
     vc[perm] = v.transpose(0, 2, 1, 3).reshape(B * nb, bs, Hkv, v.shape[3])
     return kc, vc, perm.reshape(B, nb).astype(np.int64)
+
+
+def _mod_supports(backend, q, k, v):
+    """Whether ``backend`` takes this dtype (the C backend may refuse 16-bit)."""
+    from fastqkv import _dispatch, _validate
+    mod = _dispatch._modules.get(backend)
+    return mod is not None and mod.supports(_validate.plan_attention(q[:, :, :1], k[:, :, :1], v[:, :, :1])) is None
 
 
 def bench_decode(args, ours, torch, bw):
@@ -147,15 +155,16 @@ def bench_decode(args, ours, torch, bw):
         out = np.empty((B, Hq, 1, D), dt)
         kv_bytes = k.nbytes + v.nbytes
         results = {}
+        be_ok = [be for be in ours if _mod_supports(be, q, k, v)]
         if bs:
             kc, vc, bt = _paged(rng, k, v, bs)
             sl = np.full(B, Lk, np.int64)
             del k, v
-            for be in ours:
+            for be in be_ok:
                 results[be] = median_ms(lambda be=be: fastqkv.paged_attention(
                     q, kc, vc, bt, sl, out=out, backend=be), args.repeat)
         else:
-            for be in ours:
+            for be in be_ok:
                 results[be] = median_ms(lambda be=be: fastqkv.attention(q, k, v, out=out, backend=be),
                                         args.repeat)
             if torch is not None:

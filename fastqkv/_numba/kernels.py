@@ -88,6 +88,8 @@ MIN_WORK_PER_THREAD = 1 << 21
 # items per thread; FORCE_SPLIT > 0 forces the keys per split (tests).
 STREAM_MAX_LQ = 16
 STREAM_KEYS = 128
+# keys per chunk when a work item holds every KV head of a token-major cache
+TOKEN_MAJOR_KEYS = 32
 SPLIT_MIN_KEYS = 512
 ITEMS_PER_THREAD = 8
 FORCE_SPLIT = 0
@@ -878,43 +880,17 @@ def _put_impl(dst, c, x, kind):
     return impl
 
 
-def _qk_inplace(qs, k, b, kvh, c0, n, s, alpha, mp, d):  # pragma: no cover
-    raise NotImplementedError
-
-
-@overload(_qk_inplace, jit_options={"cache": True})
-def _qk_inplace_impl(qs, k, b, kvh, c0, n, s, alpha, mp, d):
-    """Scores against K rows read where they are (float storage only)."""
-    if k.dtype == types.uint16:
-        return lambda qs, k, b, kvh, c0, n, s, alpha, mp, d: None
-
-    def impl(qs, k, b, kvh, c0, n, s, alpha, mp, d):
-        _qk_rows(qs, _as_c(k[b, kvh, c0:c0 + n]), s, mp, n, d)
-    return impl
-
-
-def _pv_inplace(s, v, b, kvh, c0, n, o, alpha, M, dv):  # pragma: no cover
-    raise NotImplementedError
-
-
-@overload(_pv_inplace, jit_options={"cache": True})
-def _pv_inplace_impl(s, v, b, kvh, c0, n, o, alpha, M, dv):
-    """``O = alpha O + P V`` with V rows read where they are (float storage only)."""
-    if v.dtype == types.uint16:
-        return lambda s, v, b, kvh, c0, n, o, alpha, M, dv: None
-
-    def impl(s, v, b, kvh, c0, n, o, alpha, M, dv):
-        _pv_rows(s, _as_c(v[b, kvh, c0:c0 + n]), o, alpha, M, n, dv)
-    return impl
-
-
 @njit(nogil=True, cache=True)
-def _gather(x, bt, paged, b, kvh, c0, n, dst, kind):
-    """``dst[:n] = rows c0..c0+n-1 of (b, kvh)`` widened to the accumulation
-    dtype; dense ``x[b, kvh, j]`` or paged ``x[bt[b, j // bs], j % bs, kvh]``.
-    Rows ``n:`` of ``dst`` are zeroed."""
+def _gather(x, bt, paged, b, kv0, nh, c0, n, dst, kind):
+    """``dst[hh, :n] = rows c0..c0+n-1 of (b, kv0 + hh)`` for ``hh < nh``,
+    widened to the accumulation dtype; dense ``x[b, kvh, j]`` or paged
+    ``x[bt[b, j // bs], j % bs, kvh]``.  Token by token, heads inner, so a
+    token-major cache is read in address order.  Rows have unit stride (or
+    one element), so they are walked as C arrays (vectorised).  Rows ``n:``
+    are zeroed."""
     x = _borrow(x)
-    w = dst.shape[1]
+    dst = _borrow(dst)
+    w = dst.shape[2]
     if paged:
         bs = x.shape[1]
         j = c0
@@ -923,16 +899,19 @@ def _gather(x, bt, paged, b, kvh, c0, n, dst, kind):
             slot = j % bs
             run = min(bs - slot, c0 + n - j)
             for jj in range(run):
-                _widen(x[blk, slot + jj, kvh], dst[j - c0 + jj], w, kind)
+                for hh in range(nh):
+                    _widen(_as_c(x[blk, slot + jj, kv0 + hh]), dst[hh, j - c0 + jj], w, kind)
             j += run
     else:
         for jj in range(n):
-            _widen(x[b, kvh, c0 + jj], dst[jj], w, kind)
+            for hh in range(nh):
+                _widen(_as_c(x[b, kv0 + hh, c0 + jj]), dst[hh, jj], w, kind)
     z = dst.dtype.type(0)
-    for jj in range(n, dst.shape[0]):
-        row = dst[jj]
-        for t in range(w):
-            row[t] = z
+    for hh in range(nh):
+        for jj in range(n, dst.shape[1]):
+            row = dst[hh, jj]
+            for t in range(w):
+                row[t] = z
 
 
 @njit(nogil=True, cache=True, fastmath=FASTMATH)
@@ -980,12 +959,150 @@ def _pv_window(p, vc, o, alpha, M, n, dv, nq, ip0, c0, wl, wr):
                 orow[c] += x * vj[c]
 
 
+@njit(nogil=True, cache=True, inline="always")
+def _kv_row(x, paged, b, kvh, j, blk, slot):
+    """Row ``j`` of KV head ``kvh`` of batch ``b`` as a C array (rows have
+    unit stride): dense ``x[b, kvh, j]`` or, paged, slot ``slot`` of block
+    ``blk`` (the caller walks the block table, see :func:`_cursor`)."""
+    if paged:
+        return _as_c(x[blk, slot, kvh])
+    return _as_c(x[b, kvh, j])
+
+
+@njit(nogil=True, cache=True, inline="always")
+def _cursor(bt, paged, b, j, bs):
+    """``(table column, slot, block)`` of key ``j``: one division per chunk,
+    then :func:`_step` per key."""
+    if not paged:
+        return 0, 0, 0
+    col = j // bs
+    return col, j - col * bs, bt[b, col]
+
+
+@njit(nogil=True, cache=True, inline="always")
+def _step(bt, paged, b, col, slot, blk, bs):
+    """The cursor of the next key."""
+    if not paged:
+        return col, slot, blk
+    slot += 1
+    if slot == bs:
+        slot = 0
+        col += 1
+        if col < bt.shape[1]:
+            blk = bt[b, col]
+    return col, slot, blk
+
+
+def _dec(x, kind):  # pragma: no cover - replaced by the overload below
+    raise NotImplementedError
+
+
+@overload(_dec, inline="always", jit_options={"cache": True})
+def _dec_impl(x, kind):
+    """A stored element in the accumulation dtype: floats as they are;
+    16-bit bits decoded as float16 or bfloat16 (both decodes and a select,
+    so a loop over a row still vectorises)."""
+    if x == types.uint16:
+        def impl(x, kind):
+            f = _f16_to_f32(x)
+            g = _bf16_to_f32(x)
+            return f if kind == KIND_F16 else g
+        return impl
+    return lambda x, kind: x
+
+
+@njit(nogil=True, cache=True, fastmath=FASTMATH)
+def _qk_direct(qs, x, bt, paged, b, kv0, nh, c0, n, s, mp, d, kind):
+    """``s[hh, :mp, :n] = qs[hh, :mp] @ K[kv0 + hh, c0:c0+n].T`` reading K
+    rows where they are, token by token, heads inner (address order for
+    token-major caches, in order per head for bhld); four query rows per
+    pass, each dot product vectorised along ``d``."""
+    x = _borrow(x)
+    z = s.dtype.type(0)
+    bs = x.shape[1]
+    col, slot, blk = _cursor(bt, paged, b, c0, bs)
+    for jj in range(n):
+        j = c0 + jj
+        for hh in range(nh):
+            krow = _kv_row(x, paged, b, kv0 + hh, j, blk, slot)
+            qh = qs[hh]
+            for r in range(0, mp, 4):
+                q0 = qh[r]
+                q1 = qh[r + 1]
+                q2 = qh[r + 2]
+                q3 = qh[r + 3]
+                s0 = s1 = s2 = s3 = z
+                for t in range(d):
+                    y = _dec(krow[t], kind)
+                    s0 += q0[t] * y
+                    s1 += q1[t] * y
+                    s2 += q2[t] * y
+                    s3 += q3[t] * y
+                s[hh, r, jj] = s0
+                s[hh, r + 1, jj] = s1
+                s[hh, r + 2, jj] = s2
+                s[hh, r + 3, jj] = s3
+        col, slot, blk = _step(bt, paged, b, col, slot, blk, bs)
+
+
+@njit(nogil=True, cache=True, fastmath=FASTMATH)
+def _pv_direct(p, x, bt, paged, b, kv0, nh, c0, n, o, alpha, M, dv, kind):
+    """``o[hh, r] = alpha[hh, r] * o[hh, r] + p[hh, r, :n] @ V[kv0 + hh, c0:c0+n]``
+    reading V rows where they are, four keys per pass over each output row."""
+    x = _borrow(x)
+    for hh in range(nh):
+        for r in range(M):
+            al = alpha[hh, r]
+            if al != 1:
+                orow = o[hh, r]
+                for c in range(dv):
+                    orow[c] *= al
+    n4 = n & ~3
+    bs = x.shape[1]
+    col0, slot0, blk0 = _cursor(bt, paged, b, c0, bs)
+    for jj in range(0, n4, 4):
+        j = c0 + jj
+        col1, slot1, blk1 = _step(bt, paged, b, col0, slot0, blk0, bs)
+        col2, slot2, blk2 = _step(bt, paged, b, col1, slot1, blk1, bs)
+        col3, slot3, blk3 = _step(bt, paged, b, col2, slot2, blk2, bs)
+        for hh in range(nh):
+            kvh = kv0 + hh
+            v0 = _kv_row(x, paged, b, kvh, j, blk0, slot0)
+            v1 = _kv_row(x, paged, b, kvh, j + 1, blk1, slot1)
+            v2 = _kv_row(x, paged, b, kvh, j + 2, blk2, slot2)
+            v3 = _kv_row(x, paged, b, kvh, j + 3, blk3, slot3)
+            ph = p[hh]
+            oh = o[hh]
+            for r in range(M):
+                x0 = ph[r, jj]
+                x1 = ph[r, jj + 1]
+                x2 = ph[r, jj + 2]
+                x3 = ph[r, jj + 3]
+                orow = oh[r]
+                for c in range(dv):
+                    orow[c] += (x0 * _dec(v0[c], kind) + x1 * _dec(v1[c], kind)
+                                + x2 * _dec(v2[c], kind) + x3 * _dec(v3[c], kind))
+        col0, slot0, blk0 = _step(bt, paged, b, col3, slot3, blk3, bs)
+    for jj in range(n4, n):
+        for hh in range(nh):
+            vj = _kv_row(x, paged, b, kv0 + hh, c0 + jj, blk0, slot0)
+            for r in range(M):
+                xr = p[hh, r, jj]
+                orow = o[hh, r]
+                for c in range(dv):
+                    orow[c] += xr * _dec(vj[c], kind)
+        col0, slot0, blk0 = _step(bt, paged, b, col0, slot0, blk0, bs)
+
+
 @njit(nogil=True, cache=True)
-def _stream_item(q, k, v, key_lens, bt, sc, wl, wr, flags, kind, b, kvh, i0, i1, sidx, split,
+def _stream_item(q, k, v, key_lens, bt, sc, wl, wr, flags, kind, b, kv0, nh, i0, i1, sidx, split,
                  nsmax, tk, qs, ks, vs, s, o, m, l, alpha, po, pm, pl):
     """Unnormalised attention of query rows ``i0:i1`` of every head of KV
-    head ``kvh`` over keys ``[sidx * split, (sidx + 1) * split)`` of batch
-    ``b``, written as a partial ``(po, pm, pl)`` in slot ``sidx``."""
+    heads ``kv0 .. kv0+nh-1`` over keys ``[sidx * split, (sidx + 1) *
+    split)`` of batch ``b``, written as a partial ``(po, pm, pl)`` in slot
+    ``sidx``.  Per KV head ``hh`` the scratch ``qs[hh]``, ``s[hh]``,
+    ``o[hh]``, ... holds its group's rows (row r: head ``r // nq``, query
+    ``i0 + r % nq``)."""
     q, k, v, key_lens, bt = _borrow(q), _borrow(k), _borrow(v), _borrow(key_lens), _borrow(bt)
     qs, ks, vs, s, o = _borrow(qs), _borrow(ks), _borrow(vs), _borrow(s), _borrow(o)
     m, l, alpha, po, pm, pl = _borrow(m), _borrow(l), _borrow(alpha), _borrow(po), _borrow(pm), _borrow(pl)
@@ -1006,20 +1123,17 @@ def _stream_item(q, k, v, key_lens, bt, sc, wl, wr, flags, kind, b, kvh, i0, i1,
     else:
         lkb = k.shape[2]
     off = lkb - Lq
-    item = k.itemsize
-    inplace = (not paged and kind == KIND_FLOAT and k.strides[3] == item and k.strides[2] == d * item
-               and v.strides[3] == item and v.strides[2] == dv * item)
-
-    for r in range(mp):
-        dst = qs[r]
-        if r < M:
-            _widen(q[b, kvh * g + r // nq, i0 + r % nq], dst, d, kind)
-        else:
-            _fill(dst, T(0))
-        m[r] = ninf
-        l[r] = 0
-        alpha[r] = 1
-        _fill(o[r, :dv], T(0))
+    for hh in range(nh):
+        for r in range(mp):
+            dst = qs[hh, r]
+            if r < M:
+                _widen(q[b, (kv0 + hh) * g + r // nq, i0 + r % nq], dst, d, kind)
+            else:
+                _fill(dst, T(0))
+            m[hh, r] = ninf
+            l[hh, r] = 0
+            alpha[hh, r] = 1
+            _fill(o[hh, r, :dv], T(0))
 
     lo = sidx * split
     hi = min(lkb, lo + split)
@@ -1033,31 +1147,33 @@ def _stream_item(q, k, v, key_lens, bt, sc, wl, wr, flags, kind, b, kvh, i0, i1,
         npad = (n + 3) & ~3
         # every row sees the whole chunk: no per-row ranges needed
         full = (wl < 0 or i1 - 1 + off - wl <= c0) and (wr < 0 or i0 + off + wr + 1 >= c0 + n)
-        direct = inplace and full
-        if direct:
-            _qk_inplace(qs, k, b, kvh, c0, n, s, alpha, mp, d)
-        else:
-            _gather(k, bt, paged, b, kvh, c0, n, ks, kind)
-            _gather(v, bt, paged, b, kvh, c0, n, vs, kind)
-            _qk_rows(qs, ks, s, mp, n, d)
-        _softmax_tile(s, M, n, npad, nq, i0 + off, c0, wl, wr, sc, False, m, l, alpha)
-        if direct:
-            _pv_inplace(s, v, b, kvh, c0, n, o, alpha, M, dv)
-        elif full:
-            _pv_rows(s, vs, o, alpha, M, n, dv)
-        else:
-            _pv_window(s, vs, o, alpha, M, n, dv, nq, i0 + off, c0, wl, wr)
+        if full:                # K and V rows read where they are
+            _qk_direct(qs, k, bt, paged, b, kv0, nh, c0, n, s, mp, d, kind)
+            for hh in range(nh):
+                _softmax_tile(s[hh], M, n, npad, nq, i0 + off, c0, wl, wr, sc, False, m[hh], l[hh],
+                              alpha[hh])
+            _pv_direct(s, v, bt, paged, b, kv0, nh, c0, n, o, alpha, M, dv, kind)
+        else:                   # rows see different keys: gathered, row by row
+            _gather(k, bt, paged, b, kv0, nh, c0, n, ks, kind)
+            _gather(v, bt, paged, b, kv0, nh, c0, n, vs, kind)
+            for hh in range(nh):
+                sh = s[hh]
+                _qk_rows(qs[hh], ks[hh], sh, mp, n, d)
+                _softmax_tile(sh, M, n, npad, nq, i0 + off, c0, wl, wr, sc, False, m[hh], l[hh],
+                              alpha[hh])
+                _pv_window(sh, vs[hh], o[hh], alpha[hh], M, n, dv, nq, i0 + off, c0, wl, wr)
 
-    for r in range(M):
-        h = kvh * g + r // nq
-        i = i0 + r % nq
-        R = ((b * Hq + h) * Lq + i) * nsmax + sidx
-        dst = po[R]
-        src = o[r]
-        for c in range(dv):
-            dst[c] = src[c]
-        pm[R] = m[r]
-        pl[R] = l[r]
+    for hh in range(nh):
+        for r in range(M):
+            h = (kv0 + hh) * g + r // nq
+            i = i0 + r % nq
+            R = ((b * Hq + h) * Lq + i) * nsmax + sidx
+            dst = po[R]
+            src = o[hh, r]
+            for c in range(dv):
+                dst[c] = src[c]
+            pm[R] = m[hh, r]
+            pl[R] = l[hh, r]
 
 
 @njit(nogil=True, cache=True)
@@ -1091,24 +1207,25 @@ def _merge_row(po, pm, pl, R0, ns, dst, kind, has_lse, lse, b, h, i):
 
 
 @njit(nogil=True, cache=True)
-def _stream_layout(B, Hq, Lq, g, d, dv, tq, tk, nsmax):
+def _stream_layout(B, Hq, Lq, g, d, dv, tq, tk, nh, nsmax):
     """Workspace of a streaming call: ``(partial rows, per-thread scratch)``
     sizes in elements."""
     mpmax = (g * min(tq, Lq) + 3) & ~3
     tkp = (tk + 3) & ~3
     dvp = (dv + 3) & ~3
     npart = B * Hq * Lq * nsmax
-    per = mpmax * d + tkp * d + tkp * dv + mpmax * tkp + mpmax * dvp + 3 * mpmax
+    per = nh * (mpmax * d + tkp * d + tkp * dv + mpmax * tkp + mpmax * dvp + 3 * mpmax)
     return npart * (dv + 2), per
 
 
-def _stream_py(q, k, v, out, lse, key_lens, bt, sc, wl, wr, flags, kind, tq, tk, split, nthreads,
-               ws, queue):
+def _stream_py(q, k, v, out, lse, key_lens, bt, sc, wl, wr, flags, kind, tq, tk, nh, split,
+               nthreads, ws, queue):
     """Parallel driver of the streaming kernel: ``prange`` over threads taking
-    work items ``(b, kv head, query tile, split)`` from an atomic counter,
-    then a parallel merge of each row's split partials into ``out``/``lse``.
-    Batches have ``ceil(Lk_b / split)`` splits (at least one); ``queue`` holds
-    2 counters and ``B + 1`` prefix sums of the item counts."""
+    work items ``(b, group of nh KV heads, query tile, split)`` from an
+    atomic counter, then a parallel merge of each row's split partials into
+    ``out``/``lse``.  Batches have ``ceil(Lk_b / split)`` splits (at least
+    one); ``queue`` holds 2 counters and ``B + 1`` prefix sums of the item
+    counts."""
     paged = (flags & PAGED) != 0
     B = q.shape[0]
     Hq = q.shape[1]
@@ -1117,6 +1234,7 @@ def _stream_py(q, k, v, out, lse, key_lens, bt, sc, wl, wr, flags, kind, tq, tk,
     dv = v.shape[3]
     Hkv = k.shape[2] if paged else k.shape[1]
     g = Hq // Hkv
+    nhg = Hkv // nh
     has_kl = paged or (flags & HAS_KEY_LENS) != 0
     nqt = (Lq + tq - 1) // tq
     nsmax = 1
@@ -1127,9 +1245,9 @@ def _stream_py(q, k, v, out, lse, key_lens, bt, sc, wl, wr, flags, kind, tq, tk,
         lkb = key_lens[b] if has_kl else k.shape[2]
         ns = max(1, (lkb + split - 1) // split)
         nsmax = max(nsmax, ns)
-        queue[3 + b] = queue[2 + b] + Hkv * nqt * ns
+        queue[3 + b] = queue[2 + b] + nhg * nqt * ns
     n_items = queue[2 + B]
-    part, per = _stream_layout(B, Hq, Lq, g, d, dv, tq, tk, nsmax)
+    part, per = _stream_layout(B, Hq, Lq, g, d, dv, tq, tk, nh, nsmax)
     npart = B * Hq * Lq * nsmax
     po = ws[:npart * dv].reshape((npart, dv))
     pm = ws[npart * dv:npart * dv + npart]
@@ -1141,19 +1259,22 @@ def _stream_py(q, k, v, out, lse, key_lens, bt, sc, wl, wr, flags, kind, tq, tk,
     for t in prange(nt):
         mine, _ = _carve(ws, part + t * per, per)
         at = 0
-        x, at = _carve(mine, at, mpmax * d)
-        qs = x.reshape((mpmax, d))
-        x, at = _carve(mine, at, tkp * d)
-        ks = x.reshape((tkp, d))
-        x, at = _carve(mine, at, tkp * dv)
-        vs = x.reshape((tkp, dv))
-        x, at = _carve(mine, at, mpmax * tkp)
-        s = x.reshape((mpmax, tkp))
-        x, at = _carve(mine, at, mpmax * dvp)
-        o = x.reshape((mpmax, dvp))
-        m, at = _carve(mine, at, mpmax)
-        l, at = _carve(mine, at, mpmax)
-        alpha, at = _carve(mine, at, mpmax)
+        x, at = _carve(mine, at, nh * mpmax * d)
+        qs = x.reshape((nh, mpmax, d))
+        x, at = _carve(mine, at, nh * tkp * d)
+        ks = x.reshape((nh, tkp, d))
+        x, at = _carve(mine, at, nh * tkp * dv)
+        vs = x.reshape((nh, tkp, dv))
+        x, at = _carve(mine, at, nh * mpmax * tkp)
+        s = x.reshape((nh, mpmax, tkp))
+        x, at = _carve(mine, at, nh * mpmax * dvp)
+        o = x.reshape((nh, mpmax, dvp))
+        x, at = _carve(mine, at, nh * mpmax)
+        m = x.reshape((nh, mpmax))
+        x, at = _carve(mine, at, nh * mpmax)
+        l = x.reshape((nh, mpmax))
+        x, at = _carve(mine, at, nh * mpmax)
+        alpha = x.reshape((nh, mpmax))
         while True:
             it = _fetch_add(queue, 1)
             if it >= n_items:
@@ -1167,11 +1288,11 @@ def _stream_py(q, k, v, out, lse, key_lens, bt, sc, wl, wr, flags, kind, tq, tk,
             sidx = rest % ns
             rest //= ns
             qt = rest % nqt
-            kvh = rest // nqt
+            kv0 = (rest // nqt) * nh
             i0 = qt * tq
-            _stream_item(q, k, v, key_lens, bt, sc, wl, wr, flags, kind, b, kvh, i0,
-                         min(i0 + tq, Lq), sidx, split, nsmax, tk, qs, ks, vs, s, o, m, l, alpha,
-                         po, pm, pl)
+            _stream_item(q, k, v, key_lens, bt, sc, wl, wr, flags, kind, b, kv0, nh, i0,
+                         min(i0 + tq, Lq), sidx, split, nsmax, tk, qs, ks, vs, s, o, m, l,
+                         alpha, po, pm, pl)
     has_lse = (flags & HAS_LSE) != 0
     rows = B * Hq * Lq
     for t in prange(nt):
@@ -1213,7 +1334,7 @@ def _stream_signature(st):
         arr(st, 4, False), arr(acc, 3, False),                     # out, lse
         arr(i64, 1, True), arr(i64, 2, True),                      # key_lens, block_table
         acc, i64, i64, i64, i64,                                   # scale, wl, wr, flags, kind
-        i64, i64, i64, i64,                                        # tq, tk, split, nthreads
+        i64, i64, i64, i64, i64,                                   # tq, tk, heads per item, split, nthreads
         types.Array(acc, 1, "C"), types.Array(i64, 1, "C"))        # workspace, queue
 
 
@@ -1396,7 +1517,20 @@ def _run_widened(p, num_threads):
     p.out[...] = w.out
 
 
-def split_keys(p, num_threads, tq, tk):
+def heads_per_item(p):
+    """KV heads per streaming work item: 1 when each head's K rows lie
+    together (bhld), all of them when the cache is token-major (paged
+    caches, blhd), so that a token's K/V for every head is read in one
+    contiguous run."""
+    if p.block_table is not None:
+        return p.Hkv
+    k = p.k
+    if p.Hkv > 1 and p.Lk > 1 and abs(k.strides[1]) < abs(k.strides[2]):
+        return p.Hkv
+    return 1
+
+
+def split_keys(p, num_threads, tq, tk, nh=1):
     """Keys per KV split of a streaming call: splits only for decode-like
     calls (Lq <= STREAM_MAX_LQ), sized so that there are about
     ITEMS_PER_THREAD work items per thread and at least SPLIT_MIN_KEYS keys
@@ -1409,7 +1543,7 @@ def split_keys(p, num_threads, tq, tk):
     nqt = -(-p.Lq // tq)
     total = int(p.key_lens.sum()) if p.key_lens is not None else p.B * lk
     target = ITEMS_PER_THREAD * max(1, int(num_threads))
-    split = max(SPLIT_MIN_KEYS, -(-total * p.Hkv * nqt // target))
+    split = max(SPLIT_MIN_KEYS, -(-total * (p.Hkv // nh) * nqt // target))
     split = -(-split // tk) * tk
     return max(1, min(split, lk))
 
@@ -1443,21 +1577,22 @@ def _run_stream(p, num_threads):
         bt = p.block_table
     g = p.Hq // p.Hkv
     tq = min(p.Lq, max(1, ROWS // g))
-    tk = STREAM_KEYS
-    split = split_keys(p, num_threads, tq, tk)
+    nh = heads_per_item(p)
+    tk = STREAM_KEYS if nh == 1 else TOKEN_MAJOR_KEYS
+    split = split_keys(p, num_threads, tq, tk, nh)
     nqt = -(-p.Lq // tq)
     lens = p.key_lens if p.key_lens is not None else np.full(p.B, p.Lk, np.int64)
     ns = np.maximum(1, -(-lens // split))
-    items = int(ns.sum()) * p.Hkv * nqt
+    items = int(ns.sum()) * (p.Hkv // nh) * nqt
     work = p.Hq * p.Lq * int(lens.sum()) * (p.D + p.Dv)
     n = _threads_for(num_threads, items, work)
-    part, per = _stream_layout(p.B, p.Hq, p.Lq, g, p.D, p.Dv, tq, tk, int(ns.max()))
+    part, per = _stream_layout(p.B, p.Hq, p.Lq, g, p.D, p.Dv, tq, tk, nh, int(ns.max()))
     ws, _, queue = _workspace(acc, part + n * per, 0, 3 + p.B)
     old = numba.get_num_threads()
     numba.set_num_threads(n)
     try:
         fn(q, k, v, out, lse, key_lens, bt, acc.type(p.scale), int(p.window_left),
-           int(p.window_right), flags, kind, tq, tk, split, n, ws, queue)
+           int(p.window_right), flags, kind, tq, tk, nh, split, n, ws, queue)
     finally:
         numba.set_num_threads(old)
     if tmp is not None:
