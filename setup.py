@@ -130,7 +130,7 @@ def _extension():
         libraries=["m"] if os.name == "posix" else [],
         extra_link_args=["-pthread"] if os.name == "posix" else [],
         depends=["csrc/fastqkv.h", "csrc/kernels/simd.h", "csrc/kernels/attn_tile.inc",
-                 "csrc/kernels/attn_isa.inc"],
+                 "csrc/kernels/attn_isa.inc", "csrc/kernels/attn_stream.inc"],
     )
 
 

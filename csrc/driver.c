@@ -31,6 +31,10 @@ typedef struct {
     const fq_problem *p;
     const fq_kfuncs *kf;
     int pack;           /* 1: the packing pass, 0: attention items */
+    int stream;         /* items of the streaming kernel */
+    int64_t nsplit, chunk;
+    char *part;         /* nsplit > 1: row partials */
+    size_t pstride;     /* bytes between the partials of consecutive splits */
     void *own_scratch;  /* non-NULL: a call outside the pool, on one thread */
     int64_t nitems, nqt, BH, pchunks;
     int64_t next;       /* atomic */
@@ -48,12 +52,14 @@ static struct {
     fq_job *job;
     fq_scratch scratch[FQ_MAX_THREADS];
     fq_scratch kpack, vbad;      /* the packing pass's output, grown on demand */
+    fq_scratch part;             /* split-KV partials of pool calls */
     unsigned long start_gen[FQ_MAX_THREADS];
     int tile_rows, tile_kt;      /* overrides for tuning, 0 = ISA default */
+    int stream_mode, stream_splits;   /* test hooks, 0 = automatic */
 } pool = {
     PTHREAD_MUTEX_INITIALIZER, PTHREAD_MUTEX_INITIALIZER,
     PTHREAD_COND_INITIALIZER, PTHREAD_COND_INITIALIZER,
-    0, 0, 0, 0, NULL, {{0, 0}}, {0, 0}, {0, 0}, {0}, 0, 0,
+    0, 0, 0, 0, NULL, {{0, 0}}, {0, 0}, {0, 0}, {0, 0}, {0}, 0, 0, 0, 0,
 };
 
 static void run_items(fq_job *job, int tid)
@@ -69,10 +75,21 @@ static void run_items(fq_job *job, int tid)
             job->kf->pack(job->p, bg, pn0, pn1 < job->p->npan ? pn1 : job->p->npan);
             continue;
         }
-        int64_t qtile = job->nqt - 1 - it / job->BH;
-        int64_t bg = it % job->BH;
-        int64_t b = bg / job->p->Hkv, g = bg % job->p->Hkv;
-        int st = job->kf->item(job->p, b, g, qtile * job->p->qt, scratch);
+        int st;
+        if (job->stream) {
+            int64_t sp = it % job->nsplit, rest = it / job->nsplit;
+            int64_t qtile = job->nqt - 1 - rest / job->BH;
+            int64_t bg = rest % job->BH;
+            int64_t b = bg / job->p->Hkv, g = bg % job->p->Hkv;
+            int64_t j0 = sp * job->chunk, j1 = j0 + job->chunk < job->p->Lk ? j0 + job->chunk : job->p->Lk;
+            st = job->kf->sitem(job->p, b, g, qtile * job->p->qt, j0, j1, scratch,
+                                job->part ? job->part + (size_t)sp * job->pstride : NULL);
+        } else {
+            int64_t qtile = job->nqt - 1 - it / job->BH;
+            int64_t bg = it % job->BH;
+            int64_t b = bg / job->p->Hkv, g = bg % job->p->Hkv;
+            st = job->kf->item(job->p, b, g, qtile * job->p->qt, scratch);
+        }
         if (st) {
             int zero = 0;
             __atomic_compare_exchange_n(&job->status, &zero, st, 0, __ATOMIC_RELAXED, __ATOMIC_RELAXED);
@@ -226,14 +243,136 @@ int fq_set_tiles(int rows, int kt)
     return 0;
 }
 
+int fq_set_decode(int stream, int splits)
+{
+    pool.stream_mode = stream > 0 && stream <= 2 ? stream : 0;
+    pool.stream_splits = splits > 0 ? splits : 0;
+    return 0;
+}
+
+/* rows per streaming item: every query position of a decode step (Lq <= 16)
+ * in one item, so each K/V byte is read once per group */
+#define FQ_STREAM_ROWS 64
+#define FQ_STREAM_MAXQ 16
+#define FQ_MAX_SPLITS 256
+/* a split covers at least this many keys (the merge and the item's set-up
+ * stay negligible) */
+#define FQ_MIN_CHUNK 512
+
+/* with call_lock held: start workers and size their scratch; returns how
+ * many threads can take part (0: no memory even for the caller) */
+static int pool_threads(int nthreads, size_t bytes)
+{
+    nthreads = ensure_workers(nthreads);
+    for (int t = 0; t < nthreads; t++)
+        if (ensure_buf(&pool.scratch[t], bytes))
+            return t;
+    return nthreads;
+}
+
+static size_t rup64(size_t x) { return (x + 63) & ~(size_t)63; }
+
+static int run_stream(fq_problem *p, const fq_kfuncs *kf, int nthreads)
+{
+    int64_t qt = p->Lq <= FQ_STREAM_MAXQ ? p->Lq : FQ_STREAM_ROWS / p->G;
+    if (qt < 1)
+        qt = 1;
+    if (qt > p->Lq)
+        qt = p->Lq;
+    p->qt = qt;
+    double work = (double)p->B * p->Hq * p->Lq * (double)p->Lk * (double)(p->D + p->Dv);
+    if (work < FQ_SERIAL_FLOPS)
+        nthreads = 1;
+    fq_job job;
+    memset(&job, 0, sizeof job);
+    job.p = p;
+    job.kf = kf;
+    job.stream = 1;
+    job.nqt = (p->Lq + qt - 1) / qt;
+    job.BH = p->B * p->Hkv;
+    int64_t items0 = job.nqt * job.BH;
+
+    /* split-KV: enough items of similar size for the threads (ragged
+     * key_lens included: the key axis is cut in chunks of one length) */
+    int64_t nsplit = 1;
+    if (pool.stream_splits) {
+        nsplit = pool.stream_splits;
+    } else if (nthreads > 1) {
+        double total = 0;
+        for (int64_t b = 0; b < p->B; b++)
+            total += (double)(p->key_lens ? p->key_lens[b] : p->Lk);
+        total *= (double)(p->Hkv * job.nqt);
+        double chunk = total / (8.0 * nthreads);
+        if (chunk < FQ_MIN_CHUNK)
+            chunk = FQ_MIN_CHUNK;
+        int64_t c = ((int64_t)chunk + 63) / 64 * 64;
+        nsplit = (p->Lk + c - 1) / c;
+    }
+    if (nsplit > FQ_MAX_SPLITS)
+        nsplit = FQ_MAX_SPLITS;
+    if (nsplit > p->Lk)
+        nsplit = p->Lk;
+    if (nsplit < 1)
+        nsplit = 1;
+    job.nsplit = nsplit;
+    job.chunk = (p->Lk + nsplit - 1) / nsplit;
+    job.nitems = items0 * nsplit;
+    p->psplit = nsplit;
+    if (job.nitems < nthreads)
+        nthreads = (int)job.nitems;
+
+    size_t elt = p->dtype == FQ_F64 ? 8 : 4;
+    job.pstride = (size_t)(p->Dv + 2) * elt;
+    size_t pbytes = nsplit > 1 ? (size_t)(p->B * p->Hq * p->Lq) * (size_t)nsplit * job.pstride : 0;
+    size_t bytes = rup64(kf->sscratch(p));
+
+    if (nthreads == 1 || pthread_mutex_trylock(&pool.call_lock) != 0) {
+        fq_scratch *s = tls_scratch();
+        if (!s || ensure_buf(s, bytes + pbytes))
+            return FQ_ENOMEM;
+        job.own_scratch = s->buf;
+        job.part = pbytes ? (char *)s->buf + bytes : NULL;
+        run_items(&job, 0);
+        if (!job.status && job.part)
+            kf->smerge(p, job.part, nsplit, 0, p->B * p->Hq * p->Lq);
+        return job.status;
+    }
+    nthreads = pool_threads(nthreads, bytes);
+    if (!nthreads) {
+        pthread_mutex_unlock(&pool.call_lock);
+        return FQ_ENOMEM;
+    }
+    if (pbytes) {
+        if (ensure_buf(&pool.part, pbytes)) {
+            pthread_mutex_unlock(&pool.call_lock);
+            return FQ_ENOMEM;
+        }
+        job.part = (char *)pool.part.buf;
+    }
+    run_job(&job, nthreads);
+    if (!job.status && job.part)
+        kf->smerge(p, job.part, nsplit, 0, p->B * p->Hq * p->Lq);
+    pthread_mutex_unlock(&pool.call_lock);
+    return job.status;
+}
+
 int fq_run(const fq_problem *p0, const fq_isa *isa, int nthreads)
 {
     fq_problem p = *p0;
-    const fq_kfuncs *kf = p.dtype == FQ_F64 ? &isa->f64 : &isa->f32;
+    const fq_kfuncs *kf = p.dtype == FQ_F64 ? &isa->f64 : p.dtype == FQ_F16 ? &isa->f16 :
+                          p.dtype == FQ_BF16 ? &isa->bf16 : &isa->f32;
     if (nthreads < 1)
         nthreads = 1;
     if (nthreads > FQ_MAX_THREADS)
         nthreads = FQ_MAX_THREADS;
+    /* the streaming kernel: decode steps, paged caches, half storage (no
+     * mask, bias, softcap or ALiBi there: the wrapper sends those elsewhere) */
+    const int opts = p.mask || p.bias || p.softcap != 0 || p.alibi;
+    const int must = p.block_table || p.dtype == FQ_F16 || p.dtype == FQ_BF16;
+    if (must && (opts || !kf->sitem))
+        return FQ_EINVAL;
+    if (must || (!opts && pool.stream_mode != 1 && (p.Lq <= FQ_STREAM_MAXQ || pool.stream_mode == 2)))
+        return run_stream(&p, kf, nthreads);
 
     /* tiles: rows = G*qt near the tuned target, kt a multiple of NR */
     int64_t rows = pool.tile_rows ? pool.tile_rows : isa->rows;
@@ -279,16 +418,10 @@ int fq_run(const fq_problem *p0, const fq_isa *isa, int nthreads)
         run_items(&job, 0);
         return job.status;
     }
-    nthreads = ensure_workers(nthreads);
-    for (int t = 0; t < nthreads; t++) {
-        if (ensure_buf(&pool.scratch[t], bytes)) {
-            if (t == 0) {
-                pthread_mutex_unlock(&pool.call_lock);
-                return FQ_ENOMEM;
-            }
-            nthreads = t;
-            break;
-        }
+    nthreads = pool_threads(nthreads, bytes);
+    if (!nthreads) {
+        pthread_mutex_unlock(&pool.call_lock);
+        return FQ_ENOMEM;
     }
     /* several query tiles per group: pack K^T once for all of them */
     if (job.nqt > 1) {

@@ -7,7 +7,7 @@
 #include <stddef.h>
 #include <stdint.h>
 
-enum { FQ_F32 = 0, FQ_F64 = 1 };
+enum { FQ_F32 = 0, FQ_F64 = 1, FQ_F16 = 2, FQ_BF16 = 3 };
 
 /* status codes returned by fq_run (never printed, never exit()) */
 enum { FQ_OK = 0, FQ_ENOMEM = 1, FQ_EISA = 2, FQ_EINVAL = 3 };
@@ -35,6 +35,12 @@ typedef struct fq_problem {
     void *kpack;
     unsigned char *vbad;             /* per panel: its V rows hold inf/NaN */
     int64_t npan;                    /* panels per (batch, KV head) */
+    /* paged KV: k/v are caches (num_blocks, block_size, Hkv, D) with
+     * sk/sv = (block, head, position) byte strides; key j of batch b is row
+     * j % block_size of block block_table[b * bt_cols + j / block_size] */
+    const int64_t *block_table;      /* NULL: dense */
+    int64_t bt_cols, block_size;
+    int64_t psplit;                  /* splits of the key axis (partials per row) */
 } fq_problem;
 
 /* Per-thread scratch, allocated once and grown on demand. */
@@ -53,11 +59,19 @@ typedef struct fq_kfuncs {
     void (*pack)(const fq_problem *p, int64_t bg, int64_t pn0, int64_t pn1);
     void (*vexp)(const void *x, void *y, int64_t n);   /* test hook for the vector exp */
     int nr;                          /* key-tile granularity (QK micro-kernel columns) */
+    /* the streaming kernel (decode, paged, half storage): rows of query
+     * positions [q0, q0+qt) of group g of batch b over keys [j0, j1); writes
+     * out/lse, or (part != NULL) the row partials (O, m, l) of one split */
+    int (*sitem)(const fq_problem *p, int64_t b, int64_t g, int64_t q0, int64_t j0, int64_t j1,
+                 void *scratch, void *part);
+    size_t (*sscratch)(const fq_problem *p);
+    /* merges the psplit partials of flat rows [r0, r1) into out/lse */
+    void (*smerge)(const fq_problem *p, const void *part, int64_t nsplit, int64_t r0, int64_t r1);
 } fq_kfuncs;
 
 typedef struct fq_isa {
     const char *name;
-    fq_kfuncs f32, f64;
+    fq_kfuncs f32, f64, f16, bf16;   /* f16/bf16: streaming kernel only */
     int rows;                        /* target rows per work item (tuned) */
     int kt;                          /* keys per tile (tuned) */
 } fq_isa;
@@ -77,5 +91,8 @@ int fq_cpu_has_avx512(void);
 /* driver.c */
 int fq_run(const fq_problem *p, const fq_isa *isa, int nthreads);
 int fq_set_tiles(int rows, int kt);   /* 0 = the ISA's tuned default */
+/* test hook: stream 0 = automatic, 1 = never (dense problems), 2 = whenever
+ * the options allow; splits 0 = automatic, n > 0 = that many key splits */
+int fq_set_decode(int stream, int splits);
 
 #endif

@@ -83,6 +83,24 @@ static void select_isa(void)
 
 /* ---- argument checks ---------------------------------------------------- */
 
+/* FQ_* storage dtype of an array, -1 if unsupported; bfloat16 is the
+ * ml_dtypes type (a user dtype: itemsize 2, named "bfloat16") */
+static int storage_dtype(PyArrayObject *a)
+{
+    int tn = PyArray_TYPE(a);
+    if (tn == NPY_FLOAT32)
+        return FQ_F32;
+    if (tn == NPY_FLOAT64)
+        return FQ_F64;
+    if (tn == NPY_FLOAT16)
+        return FQ_F16;
+    PyArray_Descr *d = PyArray_DESCR(a);
+    if (tn >= NPY_USERDEF && PyArray_ITEMSIZE(a) == 2 && d->typeobj &&
+        !strcmp(((PyTypeObject *)d->typeobj)->tp_name, "bfloat16"))
+        return FQ_BF16;
+    return -1;
+}
+
 static PyArrayObject *as_arr(PyObject *o, const char *name)
 {
     if (!PyArray_Check(o)) {
@@ -144,12 +162,13 @@ static int64_t last_stride(PyArrayObject *a)
 }
 
 /* attention(q, k, v, out, lse, mask, bias, key_lens, alibi,
- *           scale, softcap, window_left, window_right, num_threads) */
+ *           scale, softcap, window_left, window_right, num_threads
+ *           [, block_table, block_size]) */
 static PyObject *py_attention(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
 {
     (void)self;
-    if (nargs != 14) {
-        PyErr_SetString(PyExc_TypeError, "attention() takes 14 positional arguments");
+    if (nargs != 14 && nargs != 16) {
+        PyErr_SetString(PyExc_TypeError, "attention() takes 14 or 16 positional arguments");
         return NULL;
     }
     if (!current_isa) {
@@ -157,7 +176,7 @@ static PyObject *py_attention(PyObject *self, PyObject *const *args, Py_ssize_t 
         return NULL;
     }
     PyArrayObject *q = as_arr(args[0], "q"), *k, *v, *out, *lse = NULL, *mask = NULL, *bias = NULL,
-                  *kl = NULL, *alibi = NULL;
+                  *kl = NULL, *alibi = NULL, *bt = NULL;
     if (!q || !(k = as_arr(args[1], "k")) || !(v = as_arr(args[2], "v")) || !(out = as_arr(args[3], "out")))
         return NULL;
     if (args[4] != Py_None && !(lse = as_arr(args[4], "lse")))
@@ -175,35 +194,85 @@ static PyObject *py_attention(PyObject *self, PyObject *const *args, Py_ssize_t 
     long long wl = PyLong_AsLongLong(args[11]);
     long long wr = PyLong_AsLongLong(args[12]);
     long nthreads = PyLong_AsLong(args[13]);
+    long long bsize = 0;
+    if (nargs == 16 && args[14] != Py_None) {
+        if (!(bt = as_arr(args[14], "block_table")))
+            return NULL;
+        bsize = PyLong_AsLongLong(args[15]);
+    }
     if (PyErr_Occurred())
         return NULL;
 
     int tn = PyArray_TYPE(q);
-    if (tn != NPY_FLOAT32 && tn != NPY_FLOAT64) {
-        PyErr_SetString(PyExc_TypeError, "the c backend computes float32 and float64 only");
+    int dt = storage_dtype(q);
+    if (dt < 0) {
+        PyErr_SetString(PyExc_TypeError, "the c backend computes float16, bfloat16, float32 and float64 only");
         return NULL;
     }
+    /* lse, bias and alibi are in the accumulation dtype */
+    int acc_tn = dt == FQ_F64 ? NPY_FLOAT64 : NPY_FLOAT32;
     if (check_view(q, "q", tn, 4) || check_view(k, "k", tn, 4) || check_view(v, "v", tn, 4) ||
         check_view(out, "out", tn, 4) || unit_last(q, "q") || unit_last(k, "k") ||
         unit_last(v, "v") || unit_last(out, "out"))
         return NULL;
+    if (PyArray_DESCR(k) != PyArray_DESCR(q) && !PyArray_EquivTypes(PyArray_DESCR(k), PyArray_DESCR(q))) {
+        PyErr_SetString(PyExc_TypeError, "k has the wrong dtype");
+        return NULL;
+    }
+    if (!PyArray_EquivTypes(PyArray_DESCR(v), PyArray_DESCR(q)) ||
+        !PyArray_EquivTypes(PyArray_DESCR(out), PyArray_DESCR(q))) {
+        PyErr_SetString(PyExc_TypeError, "v and out must have the dtype of q");
+        return NULL;
+    }
     if (!PyArray_ISWRITEABLE(out)) {
         PyErr_SetString(PyExc_ValueError, "out must be writeable");
         return NULL;
     }
     npy_intp B = PyArray_DIM(q, 0), Hq = PyArray_DIM(q, 1), Lq = PyArray_DIM(q, 2), D = PyArray_DIM(q, 3);
-    npy_intp Hkv = PyArray_DIM(k, 1), Lk = PyArray_DIM(k, 2), Dv = PyArray_DIM(v, 3);
-    npy_intp kshape[4] = {B, Hkv, Lk, D}, vshape[4] = {B, Hkv, Lk, Dv}, oshape[4] = {B, Hq, Lq, Dv};
-    npy_intp full[4] = {B, Hq, Lq, Lk};
-    if (same_shape(k, "k", kshape, 4) || same_shape(v, "v", vshape, 4) || same_shape(out, "out", oshape, 4))
+    npy_intp Hkv, Lk, Dv = PyArray_DIM(v, 3);
+    npy_intp nblocks = 0, btcols = 0;
+    if (bt) {
+        /* paged: k/v are caches (num_blocks, block_size, Hkv, D) */
+        nblocks = PyArray_DIM(k, 0);
+        Hkv = PyArray_DIM(k, 2);
+        npy_intp kshape[4] = {nblocks, bsize, Hkv, D}, vshape[4] = {nblocks, bsize, Hkv, Dv};
+        if (bsize < 1 || same_shape(k, "k cache", kshape, 4) || same_shape(v, "v cache", vshape, 4)) {
+            if (!PyErr_Occurred())
+                PyErr_SetString(PyExc_ValueError, "block_size must be >= 1");
+            return NULL;
+        }
+        if (PyArray_TYPE(bt) != NPY_INT64 || PyArray_NDIM(bt) != 2 || PyArray_DIM(bt, 0) != B ||
+            !PyArray_IS_C_CONTIGUOUS(bt) || !PyArray_ISALIGNED(bt)) {
+            PyErr_SetString(PyExc_ValueError, "block_table must be a C-contiguous int64 array of shape (B, max_blocks)");
+            return NULL;
+        }
+        btcols = PyArray_DIM(bt, 1);
+        Lk = btcols * bsize;
+        if (!kl) {
+            PyErr_SetString(PyExc_ValueError, "a paged call needs key_lens (the sequence lengths)");
+            return NULL;
+        }
+        if (nblocks == 0 && Lk > 0) {
+            /* no block to read: every length must be 0 (checked below) */
+        }
+    } else {
+        Hkv = PyArray_DIM(k, 1);
+        Lk = PyArray_DIM(k, 2);
+        npy_intp kshape[4] = {B, Hkv, Lk, D}, vshape[4] = {B, Hkv, Lk, Dv};
+        if (same_shape(k, "k", kshape, 4) || same_shape(v, "v", vshape, 4))
+            return NULL;
+    }
+    npy_intp oshape[4] = {B, Hq, Lq, Dv};
+    if (same_shape(out, "out", oshape, 4))
         return NULL;
     if (D < 1 || Dv < 1 || Hkv < 1 || Hq % Hkv) {
         PyErr_SetString(PyExc_ValueError, "bad head dims or head counts");
         return NULL;
     }
+    npy_intp full[4] = {B, Hq, Lq, Lk};
     if (lse) {
         npy_intp lshape[3] = {B, Hq, Lq};
-        if (check_view(lse, "lse", tn, 3) || same_shape(lse, "lse", lshape, 3))
+        if (check_view(lse, "lse", acc_tn, 3) || same_shape(lse, "lse", lshape, 3))
             return NULL;
         if (!PyArray_IS_C_CONTIGUOUS(lse) || !PyArray_ISWRITEABLE(lse)) {
             PyErr_SetString(PyExc_ValueError, "lse must be C-contiguous and writeable");
@@ -218,11 +287,11 @@ static PyObject *py_attention(PyObject *self, PyObject *const *args, Py_ssize_t 
         if (same_shape(mask, "mask", full, 4))
             return NULL;
     }
-    if (bias && (check_view(bias, "bias", tn, 4) || same_shape(bias, "bias", full, 4)))
+    if (bias && (check_view(bias, "bias", acc_tn, 4) || same_shape(bias, "bias", full, 4)))
         return NULL;
     if (alibi) {
         npy_intp ashape[2] = {B, Hq};
-        if (check_view(alibi, "alibi", tn, 2) || same_shape(alibi, "alibi", ashape, 2))
+        if (check_view(alibi, "alibi", acc_tn, 2) || same_shape(alibi, "alibi", ashape, 2))
             return NULL;
         if (!PyArray_IS_C_CONTIGUOUS(alibi)) {
             PyErr_SetString(PyExc_ValueError, "alibi must be C-contiguous");
@@ -237,7 +306,7 @@ static PyObject *py_attention(PyObject *self, PyObject *const *args, Py_ssize_t 
         }
         const int64_t *lens = (const int64_t *)PyArray_DATA(kl);
         for (npy_intp b = 0; b < B; b++)
-            if (lens[b] < 0 || lens[b] > Lk) {
+            if (lens[b] < 0 || lens[b] > Lk || (bt && lens[b] > 0 && nblocks == 0)) {
                 PyErr_SetString(PyExc_ValueError, "key_lens values must lie in [0, Lk]");
                 return NULL;
             }
@@ -251,7 +320,7 @@ static PyObject *py_attention(PyObject *self, PyObject *const *args, Py_ssize_t 
 
     fq_problem p;
     memset(&p, 0, sizeof p);
-    p.dtype = tn == NPY_FLOAT64 ? FQ_F64 : FQ_F32;
+    p.dtype = dt;
     p.B = B; p.Hq = Hq; p.Hkv = Hkv; p.G = Hq / Hkv; p.Lq = Lq; p.Lk = Lk; p.D = D; p.Dv = Dv;
     p.q = PyArray_BYTES(q); p.k = PyArray_BYTES(k); p.v = PyArray_BYTES(v); p.out = PyArray_BYTES(out);
     for (int d = 0; d < 3; d++) {
@@ -259,6 +328,14 @@ static PyObject *py_attention(PyObject *self, PyObject *const *args, Py_ssize_t 
         p.sk[d] = PyArray_STRIDE(k, d);
         p.sv[d] = PyArray_STRIDE(v, d);
         p.so[d] = PyArray_STRIDE(out, d);
+    }
+    if (bt) {
+        /* (block, head, position) strides */
+        p.sk[1] = PyArray_STRIDE(k, 2); p.sk[2] = PyArray_STRIDE(k, 1);
+        p.sv[1] = PyArray_STRIDE(v, 2); p.sv[2] = PyArray_STRIDE(v, 1);
+        p.block_table = (const int64_t *)PyArray_DATA(bt);
+        p.bt_cols = btcols;
+        p.block_size = bsize;
     }
     p.lse = lse ? PyArray_BYTES(lse) : NULL;
     if (mask) {
@@ -279,6 +356,14 @@ static PyObject *py_attention(PyObject *self, PyObject *const *args, Py_ssize_t 
 
     if (Lk == 0) {
         PyErr_SetString(PyExc_ValueError, "Lk must be > 0 (the wrapper handles Lk == 0)");
+        return NULL;
+    }
+    if (dt >= FQ_F16 && (mask || bias || alibi || softcap != 0)) {
+        PyErr_SetString(PyExc_ValueError, "float16/bfloat16 calls take no mask, bias, softcap or ALiBi here");
+        return NULL;
+    }
+    if (bt && (mask || bias || alibi || softcap != 0)) {
+        PyErr_SetString(PyExc_ValueError, "paged calls take no mask, bias, softcap or ALiBi here");
         return NULL;
     }
     const fq_isa *isa = current_isa;
@@ -416,7 +501,24 @@ static PyObject *py_set_tiles(PyObject *self, PyObject *const *args, Py_ssize_t 
     Py_RETURN_NONE;
 }
 
+static PyObject *py_set_decode(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
+{
+    (void)self;
+    if (nargs != 2) {
+        PyErr_SetString(PyExc_TypeError, "set_decode(stream, splits)");
+        return NULL;
+    }
+    long stream = PyLong_AsLong(args[0]), splits = PyLong_AsLong(args[1]);
+    if (PyErr_Occurred())
+        return NULL;
+    fq_set_decode((int)stream, (int)splits);
+    Py_RETURN_NONE;
+}
+
 static PyMethodDef methods[] = {
+    {"set_decode", (PyCFunction)(void (*)(void))py_set_decode, METH_FASTCALL,
+     "set_decode(stream, splits): test hook; stream 0 = auto, 1 = never, 2 = whenever "
+     "the options allow; splits 0 = auto, n = that many key splits"},
     {"attention", (PyCFunction)(void (*)(void))py_attention, METH_FASTCALL,
      "attention(q, k, v, out, lse, mask, bias, key_lens, alibi, scale, softcap, "
      "window_left, window_right, num_threads): fill out (and lse) of a validated problem"},
