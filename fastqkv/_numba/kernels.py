@@ -915,33 +915,6 @@ def _gather(x, bt, paged, b, kv0, nh, c0, n, dst, kind):
 
 
 @njit(nogil=True, cache=True, fastmath=FASTMATH)
-def _qk_rows(qs, kc, s, mp, n, d):
-    """``s[:mp, :n] = qs[:mp] @ kc[:n].T`` one key row at a time (4 query
-    rows per pass, each dot product vectorised along ``d``): K is read
-    strictly in order, which keeps the hardware prefetcher streaming where
-    a 4 x 4 block of key rows would not."""
-    z = s.dtype.type(0)
-    for j in range(n):
-        krow = kc[j]
-        for r in range(0, mp, 4):
-            q0 = qs[r]
-            q1 = qs[r + 1]
-            q2 = qs[r + 2]
-            q3 = qs[r + 3]
-            s0 = s1 = s2 = s3 = z
-            for t in range(d):
-                x = krow[t]
-                s0 += q0[t] * x
-                s1 += q1[t] * x
-                s2 += q2[t] * x
-                s3 += q3[t] * x
-            s[r, j] = s0
-            s[r + 1, j] = s1
-            s[r + 2, j] = s2
-            s[r + 3, j] = s3
-
-
-@njit(nogil=True, cache=True, fastmath=FASTMATH)
 def _pv_window(p, vc, o, alpha, M, n, dv, nq, ip0, c0, wl, wr):
     """``O = alpha O + P V`` for a chunk some row sees only in part: key by
     key over each row's visible keys, so an invisible value never leaks."""
@@ -1156,9 +1129,9 @@ def _stream_item(q, k, v, key_lens, bt, sc, wl, wr, flags, kind, b, kv0, nh, i0,
         else:                   # rows see different keys: gathered, row by row
             _gather(k, bt, paged, b, kv0, nh, c0, n, ks, kind)
             _gather(v, bt, paged, b, kv0, nh, c0, n, vs, kind)
+            _qk_direct(qs, ks.reshape((1,) + ks.shape), bt, False, 0, 0, nh, 0, n, s, mp, d, KIND_FLOAT)
             for hh in range(nh):
                 sh = s[hh]
-                _qk_rows(qs[hh], ks[hh], sh, mp, n, d)
                 _softmax_tile(sh, M, n, npad, nq, i0 + off, c0, wl, wr, sc, False, m[hh], l[hh],
                               alpha[hh])
                 _pv_window(sh, vs[hh], o[hh], alpha[hh], M, n, dv, nq, i0 + off, c0, wl, wr)
