@@ -13,6 +13,8 @@ import contextlib
 
 import numpy as np
 
+from . import _validate
+
 _IMPORT_ERROR = None
 try:
     from . import _ckernels
@@ -21,6 +23,14 @@ except ImportError as exc:  # the extension was not built (no compiler, failed b
     _IMPORT_ERROR = exc
 
 _DTYPES = (np.dtype(np.float32), np.dtype(np.float64))
+
+# paged problems (Problem.block_table) are read through the block table by
+# the streaming kernel; with mask/bias/softcap/ALiBi they are densified here
+FEATURES = frozenset({"paged"})
+
+
+def _has_score_options(p):
+    return p.mask is not None or p.bias is not None or p.alibi is not None or bool(p.softcap)
 
 
 def probe():
@@ -46,8 +56,15 @@ def supports(problem):
 
 def run(problem, num_threads):
     p = problem
-    _ckernels.attention(p.q, p.k, p.v, p.out, p.lse, p.mask, p.bias, p.key_lens, p.alibi,
-                        p.scale, p.softcap, p.window_left, p.window_right, num_threads)
+    if p.block_table is not None and _has_score_options(p):
+        _validate.densify_pages(p)
+    if p.block_table is None:
+        _ckernels.attention(p.q, p.k, p.v, p.out, p.lse, p.mask, p.bias, p.key_lens, p.alibi,
+                            p.scale, p.softcap, p.window_left, p.window_right, num_threads)
+    else:
+        _ckernels.attention(p.q, p.k, p.v, p.out, p.lse, None, None, p.key_lens, None,
+                            p.scale, 0.0, p.window_left, p.window_right, num_threads,
+                            p.block_table, p.block_size)
 
 
 def isa():

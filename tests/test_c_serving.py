@@ -89,3 +89,127 @@ def test_streaming_kernel_on_generated_cases(case, splits, isa, decode_hook):
     """The streaming kernel forced on every generated case it can run (any Lq)."""
     decode_hook(2, splits)
     testing.check_case(case, backend="c", num_threads=2)
+
+
+# ---------------------------------------------------------------------------
+# paged KV caches
+
+def _paged(rng, k, v, seq_lens, bs, extra_cols=2):
+    """Scatter dense (B, Hkv, Lk, D) K/V into shuffled blocks of a cache
+    (num_blocks, bs, Hkv, D); table entries past each sequence's last block
+    hold junk ids that must never be read."""
+    B, Hkv, Lk, D = k.shape
+    nbs = -(-Lk // bs)
+    cols = nbs + extra_cols
+    nblocks = B * nbs + 3
+    perm = rng.permutation(nblocks)
+    kc = rng.standard_normal((nblocks, bs, Hkv, D)).astype(k.dtype)
+    vc = rng.standard_normal((nblocks, bs, Hkv, v.shape[-1])).astype(v.dtype)
+    kc[perm[-3:]] = np.nan                      # unused blocks: poison
+    vc[perm[-3:]] = np.nan
+    table = np.full((B, cols), 1 << 40, np.int64)
+    for b in range(B):
+        n = int(seq_lens[b])
+        for j in range(-(-n // bs)):
+            blk = perm[b * nbs + j]
+            table[b, j] = blk
+            m = min(bs, n - j * bs)
+            kc[blk, :m] = k[b, :, j * bs: j * bs + m].transpose(1, 0, 2)
+            vc[blk, :m] = v[b, :, j * bs: j * bs + m].transpose(1, 0, 2)
+    return kc, vc, table
+
+
+def _check_paged(q, k, v, seq_lens, bs, threads=2, **kw):
+    rng = np.random.default_rng(bs)
+    kc, vc, table = _paged(rng, k, v, seq_lens, bs)
+    want, want_lse = reference.attention(q, k, v, key_lens=seq_lens, return_lse=True, **kw)
+    with testing._threads(threads):
+        got, lse = fastqkv.paged_attention(q, kc, vc, table, seq_lens, return_lse=True,
+                                           backend="c", **kw)
+    tol = 5e-6 if q.dtype == np.float32 else 1e-12
+    np.testing.assert_allclose(got, want, atol=tol, rtol=tol)
+    np.testing.assert_allclose(lse, want_lse, atol=tol, rtol=tol)
+    return got
+
+
+PAGED = [
+    # name, (B, Hq, Hkv, Lq, Lk, D), seq_lens, kwargs
+    ("mha-decode", (3, 2, 2, 1, 70, 16), [70, 0, 33], dict(causal=True)),
+    ("gqa4-decode", (2, 8, 2, 1, 100, 32), [100, 64], {}),
+    ("gqa8-decode", (1, 16, 2, 1, 129, 64), [129], dict(causal=True)),
+    ("gqa4-chunk-prefill", (2, 8, 2, 20, 90, 16), [90, 41], dict(causal=True)),
+    ("gqa4-window", (2, 4, 1, 3, 80, 8), [80, 5], dict(causal=True, window=(9, 0))),
+]
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize("bs", [1, 3, 16, 64, "len"])
+@pytest.mark.parametrize("name,shape,seq,kw", PAGED, ids=[p[0] for p in PAGED])
+def test_paged_equals_dense(name, shape, seq, kw, bs, threads, isa):
+    B, Hq, Hkv, Lq, Lk, D = shape
+    bs = Lk if bs == "len" else bs
+    rng = np.random.default_rng(7)
+    q = rng.standard_normal((B, Hq, Lq, D), np.float32)
+    k = rng.standard_normal((B, Hkv, Lk, D), np.float32)
+    v = rng.standard_normal((B, Hkv, Lk, D), np.float32)
+    _check_paged(q, k, v, np.array(seq, np.int64), bs, threads=threads, **kw)
+
+
+@pytest.mark.parametrize("splits", [2, 5])
+def test_paged_split_kv(splits, decode_hook):
+    decode_hook(0, splits)
+    rng = np.random.default_rng(8)
+    q = rng.standard_normal((2, 8, 1, 32), np.float64)
+    k = rng.standard_normal((2, 2, 300, 32), np.float64)
+    v = rng.standard_normal((2, 2, 300, 32), np.float64)
+    _check_paged(q, k, v, np.array([300, 17]), 16)
+
+
+def test_chunked_prefill_equals_last_rows_of_full_prefill():
+    rng = np.random.default_rng(9)
+    L, C = 150, 37
+    x = rng.standard_normal((1, 8, L, 32), np.float32)
+    k = rng.standard_normal((1, 2, L, 32), np.float32)
+    v = rng.standard_normal((1, 2, L, 32), np.float32)
+    full = fastqkv.attention(x, k, v, causal=True, backend="c")
+    kc, vc, table = _paged(rng, k, v, np.array([L]), 16)
+    chunk = fastqkv.paged_attention(x[:, :, L - C:], kc, vc, table, np.array([L]), causal=True,
+                                    backend="c")
+    np.testing.assert_allclose(chunk, full[:, :, L - C:], atol=3e-6)
+
+
+def test_paged_with_score_options_is_densified():
+    rng = np.random.default_rng(10)
+    q = rng.standard_normal((2, 4, 2, 16), np.float32)
+    k = rng.standard_normal((2, 2, 40, 16), np.float32)
+    v = rng.standard_normal((2, 2, 40, 16), np.float32)
+    _check_paged(q, k, v, np.array([40, 11]), 4, softcap=3.0, causal=True)
+
+
+def test_paged_blhd_layout():
+    rng = np.random.default_rng(11)
+    q = rng.standard_normal((2, 1, 8, 16), np.float32)          # (B, Lq, Hq, D)
+    k = rng.standard_normal((2, 2, 50, 16), np.float32)
+    v = rng.standard_normal((2, 2, 50, 16), np.float32)
+    seq = np.array([50, 23])
+    kc, vc, table = _paged(rng, k, v, seq, 8)
+    got = fastqkv.paged_attention(q, kc, vc, table, seq, layout="blhd", backend="c")
+    want = reference.attention(q.transpose(0, 2, 1, 3), k, v, key_lens=seq)
+    np.testing.assert_allclose(got, want.transpose(0, 2, 1, 3), atol=3e-6)
+
+
+def test_module_checks_block_table():
+    from fastqkv import _ckernels
+
+    q = np.zeros((1, 2, 1, 8), np.float32)
+    out = np.zeros_like(q)
+    kc = np.zeros((4, 4, 1, 8), np.float32)
+    lens = np.array([5], np.int64)
+    for bad in (np.zeros((1, 2), np.int32), np.zeros((2, 2), np.int64), np.zeros(2, np.int64),
+                np.zeros((1, 4), np.int64)[:, ::2]):
+        with pytest.raises(ValueError, match="block_table"):
+            _ckernels.attention(q, kc, kc, out, None, None, None, lens, None, 1.0, 0.0, -1, -1, 1,
+                                bad, 4)
+    with pytest.raises(ValueError, match="key_lens"):
+        _ckernels.attention(q, kc, kc, out, None, None, None, np.array([9]), None, 1.0, 0.0, -1, -1,
+                            1, np.zeros((1, 2), np.int64), 4)
