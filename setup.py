@@ -1,7 +1,7 @@
 """Build of the C extension ``fastqkv._ckernels`` (metadata lives in pyproject.toml).
 
 The attention kernel body (csrc/kernels/attn_tile.inc) is compiled once per ISA:
-``attn_generic.c`` with the baseline flags, ``attn_avx2.c`` with AVX2+FMA and
+``attn_generic.c`` with the baseline flags, ``attn_avx2.c`` with AVX2+FMA+F16C and
 ``attn_avx512.c`` with AVX-512 F/DQ/BW/VL (x86-64 only, each kept only if the
 compiler accepts its flags).  The variant is chosen at import from cpuid/xgetbv.
 No -march=native (one build runs on every x86-64) and no -ffast-math (the
@@ -23,8 +23,8 @@ from setuptools.command.build_ext import build_ext
 BASE_FLAGS = ["-std=gnu11", "-O3", "-ffp-contract=fast", "-fno-math-errno",
               "-fvisibility=hidden", "-Wall", "-Wno-unused-function"]
 ISA_FLAGS = {
-    "avx2": ["-mavx2", "-mfma"],
-    "avx512": ["-mavx2", "-mfma", "-mavx512f", "-mavx512dq", "-mavx512bw", "-mavx512vl"],
+    "avx2": ["-mavx2", "-mfma", "-mf16c"],
+    "avx512": ["-mavx2", "-mfma", "-mf16c", "-mavx512f", "-mavx512dq", "-mavx512bw", "-mavx512vl"],
 }
 IS_X86_64 = platform.machine().lower() in ("x86_64", "amd64", "x64")
 
@@ -130,7 +130,8 @@ def _extension():
         libraries=["m"] if os.name == "posix" else [],
         extra_link_args=["-pthread"] if os.name == "posix" else [],
         depends=["csrc/fastqkv.h", "csrc/kernels/simd.h", "csrc/kernels/attn_tile.inc",
-                 "csrc/kernels/attn_isa.inc", "csrc/kernels/attn_stream.inc"],
+                 "csrc/kernels/attn_isa.inc", "csrc/kernels/attn_stream.inc",
+                 "csrc/kernels/attn_half.inc"],
     )
 
 

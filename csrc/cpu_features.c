@@ -31,7 +31,7 @@ int fq_cpu_has_avx2_fma(void)
     if (!os_avx(&xcr0))
         return 0;
     __get_cpuid(1, &a, &b, &c, &d);
-    if (!(c & (1u << 12)))                          /* FMA */
+    if (!(c & (1u << 12)) || !(c & (1u << 29)))     /* FMA, F16C */
         return 0;
     if (__get_cpuid_max(0, 0) < 7)
         return 0;

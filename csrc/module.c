@@ -95,9 +95,12 @@ static int storage_dtype(PyArrayObject *a)
     if (tn == NPY_FLOAT16)
         return FQ_F16;
     PyArray_Descr *d = PyArray_DESCR(a);
-    if (tn >= NPY_USERDEF && PyArray_ITEMSIZE(a) == 2 && d->typeobj &&
-        !strcmp(((PyTypeObject *)d->typeobj)->tp_name, "bfloat16"))
-        return FQ_BF16;
+    if (tn >= NPY_USERDEF && PyArray_ITEMSIZE(a) == 2 && d->typeobj) {
+        const char *name = ((PyTypeObject *)d->typeobj)->tp_name;
+        const char *dot = strrchr(name, '.');
+        if (!strcmp(dot ? dot + 1 : name, "bfloat16"))
+            return FQ_BF16;
+    }
     return -1;
 }
 

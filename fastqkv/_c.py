@@ -23,6 +23,9 @@ except ImportError as exc:  # the extension was not built (no compiler, failed b
     _IMPORT_ERROR = exc
 
 _DTYPES = (np.dtype(np.float32), np.dtype(np.float64))
+# stored half width, accumulated in float32 (the streaming kernel)
+_HALF = tuple(_validate.half_dtypes()) if hasattr(_validate, "half_dtypes") else tuple(
+    d for d in (np.dtype(np.float16), _validate.BFLOAT16) if d is not None)
 
 # paged problems (Problem.block_table) are read through the block table by
 # the streaming kernel; with mask/bias/softcap/ALiBi they are densified here
@@ -49,16 +52,27 @@ def probe():
 
 
 def supports(problem):
-    if problem.dtype not in _DTYPES:
-        return f"dtype {problem.dtype} is not supported by the c backend yet (float32, float64 only)"
-    return None
+    if problem.dtype in _DTYPES:
+        return None
+    if problem.dtype in _HALF:
+        return None
+    return f"dtype {problem.dtype} is not supported by the c backend"
 
 
 def run(problem, num_threads):
     p = problem
     if p.block_table is not None and _has_score_options(p):
         _validate.densify_pages(p)
-    if p.block_table is None:
+    if p.dtype in _HALF and _has_score_options(p):
+        # the streaming kernel reads half storage but applies no score
+        # options: widen to float32, run the tiled kernel, round the output
+        f32 = np.float32
+        out32 = np.empty(p.out.shape, f32)
+        _ckernels.attention(p.q.astype(f32), p.k.astype(f32), p.v.astype(f32), out32, p.lse,
+                            p.mask, p.bias, p.key_lens, p.alibi, p.scale, p.softcap,
+                            p.window_left, p.window_right, num_threads)
+        p.out[...] = out32.astype(p.dtype)
+    elif p.block_table is None:
         _ckernels.attention(p.q, p.k, p.v, p.out, p.lse, p.mask, p.bias, p.key_lens, p.alibi,
                             p.scale, p.softcap, p.window_left, p.window_right, num_threads)
     else:

@@ -213,3 +213,65 @@ def test_module_checks_block_table():
     with pytest.raises(ValueError, match="key_lens"):
         _ckernels.attention(q, kc, kc, out, None, None, None, np.array([9]), None, 1.0, 0.0, -1, -1,
                             1, np.zeros((1, 2), np.int64), 4)
+
+
+# ---------------------------------------------------------------------------
+# float16 / bfloat16 storage
+
+HALF_CASES = testing.generate_cases(dtypes=tuple(d.name for d in testing.half_dtypes()))
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize("case", HALF_CASES, ids=[c.name for c in HALF_CASES])
+def test_half_generated_case(case, threads, isa):
+    testing.check_case(case, backend="c", num_threads=threads)
+
+
+@pytest.mark.parametrize("dt", testing.half_dtypes(), ids=lambda d: d.name)
+def test_half_split_and_paged_decode(dt, isa, decode_hook):
+    rng = np.random.default_rng(12)
+    q = rng.standard_normal((2, 8, 1, 64)).astype(dt)
+    k = rng.standard_normal((2, 2, 500, 64)).astype(dt)
+    v = rng.standard_normal((2, 2, 500, 64)).astype(dt)
+    seq = np.array([500, 123])
+    want, want_lse = reference.attention(q, k, v, key_lens=seq, return_lse=True)
+    kc, vc, table = _paged(rng, k, v, seq, 16)
+    for splits in (1, 6):
+        decode_hook(0, splits)
+        for got, lse in (fastqkv.attention(q, k, v, key_lens=seq, return_lse=True, backend="c"),
+                         fastqkv.paged_attention(q, kc, vc, table, seq, return_lse=True, backend="c")):
+            assert got.dtype == dt and lse.dtype == np.float32
+            testing.assert_close(got, want, dt, cond=8.0, what="out")
+            testing.assert_close(lse, want_lse, dt, cond=8.0, what="lse")
+
+
+@pytest.mark.parametrize("dt", testing.half_dtypes(), ids=lambda d: d.name)
+def test_half_conversions_exact(dt, isa):
+    """q = 0: out is the mean of V exactly representable values, so the
+    widening (subnormals, zero, extremes) and the rounding are checked bit for bit."""
+    ml_dtypes = pytest.importorskip("ml_dtypes")
+
+    finfo = ml_dtypes.finfo(dt)
+    vals = np.array([finfo.smallest_subnormal, -finfo.smallest_subnormal, finfo.tiny, 0.0,
+                     2.0, 1.0, -3.5, float(finfo.max) / 4, -float(finfo.max) / 4, 0.1], np.float64)
+    v = np.broadcast_to(vals.astype(dt)[None, None, None, :], (1, 1, 1, vals.size)).copy()
+    v = np.repeat(v, 3, axis=2)                      # 3 identical keys: the mean is the value
+    q = np.zeros((1, 1, 1, vals.size), dt)
+    k = np.ones((1, 1, 3, vals.size), dt)
+    got = fastqkv.attention(q, k, v, backend="c")
+    np.testing.assert_array_equal(got.view(np.uint16)[0, 0, 0], v.view(np.uint16)[0, 0, 0])
+
+
+def test_half_rounds_to_nearest_even():
+    """The output is the float32 result rounded to nearest even."""
+    ml_dtypes = pytest.importorskip("ml_dtypes")
+    rng = np.random.default_rng(13)
+    for dt in testing.half_dtypes():
+        q = rng.standard_normal((1, 4, 1, 32)).astype(dt)
+        k = rng.standard_normal((1, 1, 257, 32)).astype(dt)
+        v = rng.standard_normal((1, 1, 257, 32)).astype(dt)
+        want = reference.attention(q.astype(np.float64), k.astype(np.float64), v.astype(np.float64))
+        got = fastqkv.attention(q, k, v, backend="c")
+        # within one unit of the last place of the storage type (plus float32 noise)
+        ulp = np.abs(want.astype(dt).astype(np.float64)) * float(ml_dtypes.finfo(dt).eps)
+        assert np.all(np.abs(got.astype(np.float64) - want) <= ulp + 1e-6)
