@@ -1,7 +1,11 @@
 """fastqkv's c backend against PyTorch SDPA and ONNX Runtime (com.microsoft
 GroupQueryAttention / MultiHeadAttention), same process, same thread count.
 
-    python bench/bench_c_peers.py [--threads 2] [--repeat 15] [--only prefill]
+    python bench/bench_c_peers.py [--threads 2] [--repeat 15] [--only prefill|decode]
+
+Decode rows (dense and paged with block size 16, float32 and bfloat16) print
+the K/V bytes read per second and their share of the read bandwidth measured
+in the same run (numpy float32 sum over 512 MiB, one thread per core).
 
 Contenders run in alternating blocks separated by a short sleep (see
 time_interleaved).  Prints ms (median), GFLOP/s (4 * B * Hq * visible pairs * D) and the ratio
@@ -309,6 +313,110 @@ CASES = {
 }
 
 
+# ---------------------------------------------------------------------------
+# decode: one query position per sequence against a long KV cache
+
+DECODE_CASES = {
+    "decode-B8-4k": dict(B=8, Hq=32, Hkv=8, Lk=4096, D=128),
+    "decode-B1-32k": dict(B=1, Hq=32, Hkv=8, Lk=32768, D=128),
+}
+DECODE_BLOCK = 16
+
+
+def read_bandwidth(threads, mib=512, repeat=7):
+    """GB/s of a parallel read: numpy float32 sum over a `mib` MiB array, one
+    Python thread per slice (numpy releases the GIL in the reduction)."""
+    import threading
+
+    a = np.ones(mib * 2 ** 20 // 4, np.float32)
+    parts = np.array_split(a, threads)
+    ts = []
+    for _ in range(repeat):
+        th = [threading.Thread(target=np.sum, args=(p_,)) for p_ in parts]
+        t0 = time.perf_counter()
+        for t_ in th:
+            t_.start()
+        for t_ in th:
+            t_.join()
+        ts.append(time.perf_counter() - t0)
+    return a.nbytes / statistics.median(ts) / 1e9
+
+
+def _paged_copy(k, v, bs, rng):
+    """(num_blocks, bs, Hkv, D) caches holding k/v in shuffled blocks, and the table."""
+    B, Hkv, Lk, D = k.shape
+    nb = Lk // bs
+    perm = rng.permutation(B * nb)
+    kc = np.empty((B * nb, bs, Hkv, D), k.dtype)
+    vc = np.empty_like(kc)
+    kc[perm] = k.reshape(B, Hkv, nb, bs, D).transpose(0, 2, 3, 1, 4).reshape(B * nb, bs, Hkv, D)
+    vc[perm] = v.reshape(B, Hkv, nb, bs, D).transpose(0, 2, 3, 1, 4).reshape(B * nb, bs, Hkv, D)
+    return kc, vc, perm.reshape(B, nb).astype(np.int64)
+
+
+def bench_decode(name, B, Hq, Hkv, Lk, D, *, dtype, paged, threads, repeat):
+    rng = np.random.default_rng(0)
+    q = rng.standard_normal((B, Hq, 1, D)).astype(dtype)
+    k = rng.standard_normal((B, Hkv, Lk, D)).astype(dtype)
+    v = rng.standard_normal((B, Hkv, Lk, D)).astype(dtype)
+    out = np.empty_like(q)
+    fastqkv.set_num_threads(threads)
+    if paged:
+        kc, vc, table = _paged_copy(k, v, DECODE_BLOCK, rng)
+        lens = np.full(B, Lk, np.int64)
+        fns = {"c": lambda: fastqkv.paged_attention(q, kc, vc, table, lens, out=out, backend="c")}
+    else:
+        fns = {"c": lambda: fastqkv.attention(q, k, v, out=out, backend="c")}
+    if torch is not None and not paged:
+        torch.set_num_threads(threads)
+        if dtype == np.float32:
+            tq, tk, tv = (torch.from_numpy(x) for x in (q, k, v))
+        else:   # bfloat16: same bits in a torch.bfloat16 tensor
+            tq, tk, tv = (torch.from_numpy(x.view(np.int16)).view(torch.bfloat16) for x in (q, k, v))
+        sdpa = torch.nn.functional.scaled_dot_product_attention
+
+        def run_torch():
+            with torch.inference_mode():
+                sdpa(tq, tk, tv, enable_gqa=Hq != Hkv)
+        fns["torch"] = run_torch
+    if ort is not None and not paged and dtype == np.float32:
+        fns["ort"] = ort_gqa(B, Hq, Hkv, 1, Lk, D, threads)
+    row = time_interleaved(fns, repeat)
+    row["bytes"] = k.nbytes + v.nbytes
+    return row
+
+
+def decode_table(threads, repeat, only=""):
+    """Decode rows: GB/s of K/V read, % of the read bandwidth measured in this
+    run, ratios vs torch SDPA and ORT GroupQueryAttention (dense peers), bf16
+    vs float32 and paged vs dense speed-ups."""
+    import ml_dtypes
+
+    bw = read_bandwidth(threads)
+    print(f"read bandwidth (numpy float32 sum over 512 MiB, {threads} threads): {bw:.1f} GB/s; "
+          f"load average {os.getloadavg()[0]:.1f}")
+    print(f"{'case':30s} {'c ms':>8s} {'GB/s':>6s} {'%bw':>5s} {'torch ms':>9s} {'x torch':>8s} "
+          f"{'ort ms':>8s} {'x ort':>6s} {'vs f32':>7s} {'vs dense':>8s}")
+    for name, kw in DECODE_CASES.items():
+        if only and only not in name:
+            continue
+        base = {}
+        for dt_name, dt in (("f32", np.float32), ("bf16", np.dtype(ml_dtypes.bfloat16))):
+            for paged in (False, True):
+                r = bench_decode(name, dtype=dt, paged=paged, threads=threads, repeat=repeat, **kw)
+                tag = f"{name}-{dt_name}-{'paged' if paged else 'dense'}"
+                base[(dt_name, paged)] = r["c"]
+                gbs = r["bytes"] / r["c"] / 1e9
+                t, o = r.get("torch"), r.get("ort")
+                vs32 = base[("f32", paged)] / r["c"] if dt_name != "f32" else float("nan")
+                vsd = base[(dt_name, False)] / r["c"] if paged else float("nan")
+                print(f"{tag:30s} {r['c'] * 1e3:8.2f} {gbs:6.1f} {100 * gbs / bw:4.0f}% "
+                      f"{t * 1e3 if t else float('nan'):9.2f} {t / r['c'] if t else float('nan'):8.2f} "
+                      f"{o * 1e3 if o else float('nan'):8.2f} {o / r['c'] if o else float('nan'):6.2f} "
+                      f"{vs32:7.2f} {vsd:8.2f}", flush=True)
+    print(f"read bandwidth after the decode rows: {read_bandwidth(threads):.1f} GB/s")
+
+
 def overhead(repeat=2000):
     rng = np.random.default_rng(0)
     q, k, v = (rng.standard_normal((1, 1, 1, 64)).astype(np.float32) for _ in range(3))
@@ -341,6 +449,10 @@ def main(argv=None):
         wait_quiet(args.wait_quiet)
     sg = sgemm_gflops(args.threads)
     print(f"sgemm (numpy 2048^2 float32, {args.threads} threads): {sg:.1f} GFLOP/s")
+    if not args.only or "decode" in args.only:
+        decode_table(args.threads, args.repeat, "" if args.only in ("", "decode") else args.only)
+        if args.only:
+            return
     hdr = (f"{'case':22s} {'c ms':>8s} {'GFLOP/s':>8s} {'%sgemm':>7s} {'torch ms':>9s} {'x torch':>8s} "
            f"{'ort ms':>8s} {'x ort':>6s} {'foreign load':>13s}")
     print(hdr)

@@ -79,8 +79,8 @@ static void run_items(fq_job *job, int tid)
         if (job->stream) {
             int64_t sp = it % job->nsplit, rest = it / job->nsplit;
             int64_t qtile = job->nqt - 1 - rest / job->BH;
-            int64_t bg = rest % job->BH;
-            int64_t b = bg / job->p->Hkv, g = bg % job->p->Hkv;
+            int64_t bg = rest % job->BH, hg = job->p->Hkv / job->p->hpi;
+            int64_t b = bg / hg, g = bg % hg * job->p->hpi;
             int64_t j0 = sp * job->chunk, j1 = j0 + job->chunk < job->p->Lk ? j0 + job->chunk : job->p->Lk;
             st = job->kf->sitem(job->p, b, g, qtile * job->p->qt, j0, j1, scratch,
                                 job->part ? job->part + (size_t)sp * job->pstride : NULL);
@@ -280,6 +280,9 @@ static int run_stream(fq_problem *p, const fq_kfuncs *kf, int nthreads)
     if (qt > p->Lq)
         qt = p->Lq;
     p->qt = qt;
+    /* a paged cache keeps every KV head of a token in one row: one item
+     * reads all heads, so the block is read front to back */
+    p->hpi = p->block_table ? p->Hkv : 1;
     double work = (double)p->B * p->Hq * p->Lq * (double)p->Lk * (double)(p->D + p->Dv);
     if (work < FQ_SERIAL_FLOPS)
         nthreads = 1;
@@ -289,7 +292,7 @@ static int run_stream(fq_problem *p, const fq_kfuncs *kf, int nthreads)
     job.kf = kf;
     job.stream = 1;
     job.nqt = (p->Lq + qt - 1) / qt;
-    job.BH = p->B * p->Hkv;
+    job.BH = p->B * (p->Hkv / p->hpi);
     int64_t items0 = job.nqt * job.BH;
 
     /* split-KV: enough items of similar size for the threads (ragged
@@ -301,7 +304,7 @@ static int run_stream(fq_problem *p, const fq_kfuncs *kf, int nthreads)
         double total = 0;
         for (int64_t b = 0; b < p->B; b++)
             total += (double)(p->key_lens ? p->key_lens[b] : p->Lk);
-        total *= (double)(p->Hkv * job.nqt);
+        total *= (double)(p->Hkv / p->hpi * job.nqt);
         double chunk = total / (8.0 * nthreads);
         if (chunk < FQ_MIN_CHUNK)
             chunk = FQ_MIN_CHUNK;

@@ -41,6 +41,7 @@ typedef struct fq_problem {
     const int64_t *block_table;      /* NULL: dense */
     int64_t bt_cols, block_size;
     int64_t psplit;                  /* splits of the key axis (partials per row) */
+    int64_t hpi;                     /* KV heads per streaming item (paged: all) */
 } fq_problem;
 
 /* Per-thread scratch, allocated once and grown on demand. */
