@@ -38,7 +38,10 @@ For batch ``b``, query head ``h``, query row ``i`` and key ``j``:
   whole output row and its lse NaN; NaN or inf in a visible value row
   reaches the output through ``p * v`` (so ``0 * inf`` is NaN).  A score of
   ``+inf`` gives ``inf - inf``: the row is NaN.  Scores of magnitude ``1e4``
-  and ``-inf`` biases are handled exactly (max subtraction).
+  and ``-inf`` biases are handled exactly (max subtraction).  The fast
+  backends compute weights in their own precision: a weight that underflows
+  to 0 there (but not in float64) meets an inf value as ``0 * inf = NaN``
+  where this oracle gives inf; either way the row is not finite.
 * dtypes: float32 and float64 compute in their own precision in the fast
   backends; float16 and bfloat16 are stored at half width and accumulated in
   float32.  This oracle computes everything in float64 and rounds the output
