@@ -68,7 +68,10 @@ def run(problem, num_threads):
         # options: widen to float32, run the tiled kernel, round the output
         f32 = np.float32
         out32 = np.empty(p.out.shape, f32)
-        _ckernels.attention(p.q.astype(f32), p.k.astype(f32), p.v.astype(f32), out32, p.lse,
+        # C order: astype's default order "K" can leave a broadcast (zero
+        # stride) axis innermost
+        q, k, v = (np.ascontiguousarray(x, dtype=f32) for x in (p.q, p.k, p.v))
+        _ckernels.attention(q, k, v, out32, p.lse,
                             p.mask, p.bias, p.key_lens, p.alibi, p.scale, p.softcap,
                             p.window_left, p.window_right, num_threads)
         p.out[...] = out32.astype(p.dtype)

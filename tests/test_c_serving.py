@@ -275,3 +275,14 @@ def test_half_rounds_to_nearest_even():
         # within one unit of the last place of the storage type (plus float32 noise)
         ulp = np.abs(want.astype(dt).astype(np.float64)) * float(ml_dtypes.finfo(dt).eps)
         assert np.all(np.abs(got.astype(np.float64) - want) <= ulp + 1e-6)
+
+
+def test_half_with_score_options_broadcast_inputs():
+    """Half inputs with a score option go through float32 copies in C order
+    (a broadcast V must not leave a zero stride innermost)."""
+    for dt in testing.half_dtypes():
+        q = np.array([[[[0.1257, -0.1321]]]]).astype(dt)
+        k = np.array([[[[0.6406, 0.1049], [-0.5356, 0.3616]]]]).astype(dt)
+        v = np.broadcast_to(np.array([1.304, 2.0]).astype(dt), (1, 1, 2, 2))
+        testing.check_case(testing.Case("half-broadcast-v", q, k, v, {"softcap": 1.0, "scale": 0.01}),
+                           backend="c", num_threads=1)
