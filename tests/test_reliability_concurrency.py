@@ -248,10 +248,7 @@ sys.exit(0 if code == 0 else 6)
 """
 
 
-_FORK_BUGS = {
-    "numba": "the numba backend runs parallel=True on Numba's GNU OpenMP threading layer, which "
-             "terminates a forked child ('fork() called from a process already using GNU OpenMP')",
-}
+_FORK_BUGS = {}
 
 
 @pytest.mark.skipif(not hasattr(os, "fork"), reason="needs os.fork")

@@ -69,8 +69,51 @@ def supports(problem):
 
 
 def _kernels():
+    _select_threading_layer()
     from . import kernels
     return kernels
+
+
+_layer_selected = []
+
+
+def _select_threading_layer():
+    """Prefer Numba's TBB threading layer, which is safe both for concurrent
+    Python threads and across ``fork`` (the GNU OpenMP layer aborts a forked
+    child).  A layer chosen by the user ($NUMBA_THREADING_LAYER or
+    ``numba.config.THREADING_LAYER``) is kept; without a loadable TBB,
+    Numba's default stays."""
+    if _layer_selected:
+        return
+    _layer_selected.append(True)
+    import numba
+    if numba.config.THREADING_LAYER != "default" or os.environ.get("NUMBA_THREADING_LAYER"):
+        return
+    if _load_tbb():
+        numba.config.THREADING_LAYER = "tbb"
+
+
+def _load_tbb():
+    """Whether Numba's TBB pool can load.  The ``tbb`` wheel puts libtbb in
+    ``<prefix>/lib``, which Numba's extension does not search: load it first
+    by path so the extension finds it by its soname."""
+    try:
+        from numba.np.ufunc import tbbpool  # noqa: F401
+        return True
+    except ImportError:
+        pass
+    import ctypes
+    import sys
+    for prefix in dict.fromkeys((sys.prefix, sys.base_prefix)):
+        lib = os.path.join(prefix, "lib", "libtbb.so.12")
+        if os.path.exists(lib):
+            try:
+                ctypes.CDLL(lib, mode=ctypes.RTLD_GLOBAL)
+                from numba.np.ufunc import tbbpool  # noqa: F401,F811
+                return True
+            except (OSError, ImportError):
+                continue
+    return False
 
 
 def run(problem, num_threads):
