@@ -55,8 +55,10 @@ if [ -z "$SO" ]; then
     fi
     skip "setup.py builds no C extension yet"
 fi
-nm -D "$SO" 2>/dev/null | grep -q __asan_report || fail "$SO is not instrumented by AddressSanitizer"
-nm -D "$SO" 2>/dev/null | grep -q __ubsan_handle || fail "$SO is not instrumented by UBSan"
+# (symbols read into a variable: grep -q closing a pipe early would fail under pipefail)
+SYMS="$(nm -D "$SO" 2>/dev/null)"
+grep -q __asan_report <<<"$SYMS" || fail "$SO is not instrumented by AddressSanitizer"
+grep -q __ubsan_handle <<<"$SYMS" || fail "$SO is not instrumented by UBSan"
 cp "$SO" "$SRC/fastqkv/" || fail "could not install the sanitized extension"
 
 export LD_PRELOAD="$LIBASAN${LD_PRELOAD:+:$LD_PRELOAD}"
@@ -76,7 +78,9 @@ print("asan_check: c backend", info.reason, "from", c._ckernels.__file__)
 EOF
 
 TESTS=()
-[ -f tests/test_c_backend.py ] && TESTS+=(tests/test_c_backend.py)
+for t in tests/test_c_backend.py tests/test_c_serving.py; do
+    [ -f "$t" ] && TESTS+=("$t")
+done
 for t in tests/test_reliability_badinput.py tests/test_reliability_numerics.py \
          tests/test_reliability_concurrency.py tests/test_reliability_fuzz.py; do
     [ -f "$t" ] && TESTS+=("$t")

@@ -198,9 +198,6 @@ def test_fuzz_against_oracle(backend, case, threads):
 
 
 @pytest.mark.skipif(not HALF, reason="no half-width dtypes")
-@pytest.mark.xfail("c" in BACKENDS, strict=True,
-                   reason="c backend float16/bfloat16 path (7d02378) raises 'ValueError: v must have a unit "
-                          "last stride' from fastqkv/_c.py for a valid strided half input under backend='auto'")
 @settings(max_examples=_examples(0.5))
 @given(case=cases(dtypes=tuple(HALF)), threads=st.sampled_from((1, 2)))
 def test_fuzz_half_width_auto(case, threads):
