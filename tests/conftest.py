@@ -1,5 +1,24 @@
+import os
+
 import numpy as np
 import pytest
+
+import fastqkv as _fastqkv
+
+# Child processes started by the tests (python -c / -m) must import the same
+# fastqkv as this process -- the installed one, which holds the compiled
+# extension -- and not a source tree that happens to be the working directory.
+_PKG_PARENT = os.path.dirname(os.path.dirname(os.path.abspath(_fastqkv.__file__)))
+os.environ["PYTHONPATH"] = os.pathsep.join(
+    [_PKG_PARENT] + ([os.environ["PYTHONPATH"]] if os.environ.get("PYTHONPATH") else []))
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _outside_the_source_tree(tmp_path_factory):
+    old = os.getcwd()
+    os.chdir(tmp_path_factory.mktemp("cwd"))
+    yield
+    os.chdir(old)
 
 
 @pytest.fixture
