@@ -12,6 +12,17 @@ ENV_ISA = "FASTQKV_ISA"                  # force a compiled ISA variant of the C
 # Order in which backend="auto" tries the backends: fastest first.
 AUTO_ORDER = ("c", "numba", "numpy")
 
+# Memory-bound decode (Lq <= DECODE_MAX_LQ, no mask/bias/softcap/ALiBi, at
+# least DECODE_MIN_KV_BYTES of K/V to read): the Numba streaming kernel reads
+# K/V faster than the C one.  Measured by `fastqkv bench --case decode` on an
+# AMD EPYC (Zen 4, 2 cores): B8 Hq32 Hkv8 Lk4096 D128 float32 numba 9.3 ms vs
+# c 14.6 ms; Lk 32k 20.2 vs 31.0 ms; float16 B4 Lk4096 (~50 MB) 3.2 vs 3.7 ms.
+# Below that c wins: float16 B2 Lk2048 (~12 MB) c 0.60 ms, numba 0.83 ms;
+# Lk 512 float32 c 0.032 ms, numba 0.077 ms.
+DECODE_ORDER = ("numba", "c", "numpy")
+DECODE_MAX_LQ = 16
+DECODE_MIN_KV_BYTES = 32 << 20
+
 # Layout names accepted by every public function.
 LAYOUTS = ("bhld", "blhd")
 

@@ -51,6 +51,7 @@ _global_backend = None
 _context_backend = contextvars.ContextVar("fastqkv_backend", default=None)
 _num_threads = None
 _auto_candidates: list = []   # (name, module) of the available backends, in AUTO_ORDER
+_decode_candidates: list = []  # the same in DECODE_ORDER
 
 
 def _probe(name):
@@ -127,6 +128,15 @@ def _require(name):
     return name
 
 
+def _streaming_decode(p):
+    """Whether ``p`` is a memory-bound decode call (see _config.DECODE_ORDER)."""
+    if p.Lq > _config.DECODE_MAX_LQ or p.mask is not None or p.bias is not None or p.softcap \
+            or p.alibi is not None:
+        return False
+    keys = p.B * p.Lk if p.key_lens is None else int(p.key_lens.sum())
+    return keys * p.Hkv * (p.D + p.Dv) * p.dtype.itemsize >= _config.DECODE_MIN_KV_BYTES
+
+
 def resolve(backend, problem):
     """The backend module that runs ``problem`` and its name."""
     if backend == "auto":
@@ -134,7 +144,9 @@ def resolve(backend, problem):
         if pinned is None:
             if not _auto_candidates:
                 _auto_candidates.extend((n, _modules[n]) for n in _config.AUTO_ORDER if _probe(n).available)
-            for name, mod in _auto_candidates:
+                _decode_candidates.extend((n, _modules[n]) for n in _config.DECODE_ORDER
+                                          if _probe(n).available)
+            for name, mod in (_decode_candidates if _streaming_decode(problem) else _auto_candidates):
                 if mod.supports(problem) is None:
                     return mod, name
             raise RuntimeError("no backend supports this call")  # numpy supports all

@@ -91,3 +91,17 @@ def test_num_threads_default_env_and_setter():
 def test_import_does_not_import_numba():
     r = _run("import sys, fastqkv; print('numba' in sys.modules)")
     assert r.stdout.strip() == "False", r.stderr
+
+
+def test_auto_prefers_the_streaming_order_for_large_decode():
+    from fastqkv import _config
+    small = np.zeros((1, 4, 1, 64), np.float32)
+    big_kv = np.zeros((1, 1, _config.DECODE_MIN_KV_BYTES // (2 * 64 * 4), 64), np.float32)
+    p_small = fastqkv._validate.plan_attention(small, small[:, :1], small[:, :1])
+    p_big = fastqkv._validate.plan_attention(small, big_kv, big_kv)
+    p_masked = fastqkv._validate.plan_attention(small, big_kv, big_kv, mask=np.ones(big_kv.shape[2], bool))
+    assert not _dispatch._streaming_decode(p_small)
+    assert _dispatch._streaming_decode(p_big)
+    assert not _dispatch._streaming_decode(p_masked)
+    avail = [n for n in _config.DECODE_ORDER if fastqkv.backends()[n].available]
+    assert _dispatch.resolve("auto", p_big)[1] == avail[0]
