@@ -20,9 +20,7 @@ import numpy as np
 
 from . import _config
 
-__all__ = ["Problem", "plan_attention", "check_backend_name"]
-
-_FLOAT_NAMES = ("float16", "bfloat16", "float32", "float64")
+__all__ = ["Problem", "plan_attention", "plan_simple"]
 
 
 def _bfloat16():
@@ -124,13 +122,6 @@ def _user_shape(B, H, L, D, ndim, layout):
 def check_layout(layout):
     if not isinstance(layout, str) or layout not in _config.LAYOUTS:
         raise ValueError(f"layout must be one of {_config.LAYOUTS}, got {layout!r}")
-
-
-def check_backend_name(backend, known):
-    if not isinstance(backend, str):
-        raise TypeError(f"backend must be a string, got {type(backend).__name__}")
-    if backend != "auto" and backend not in known:
-        raise ValueError(f"backend must be 'auto' or one of {sorted(known)}, got {backend!r}")
 
 
 def check_bool(x, name):
@@ -397,7 +388,7 @@ def plan_attention(q, k, v, *, causal=False, mask=None, bias=None, key_lens=None
     lse_user = None
     lse4 = None
     if return_lse:
-        lse_user = np.empty(out_shape[:-1] if layout == "bhld" or ndim < 3 else _lse_shape(B, Hq, Lq, ndim), acc)
+        lse_user = np.empty(lse_shape(B, Hq, Lq, ndim), acc)
         lse4 = lse_user.reshape(B, Hq, Lq)
 
     return Problem._fast(
@@ -445,8 +436,10 @@ def plan_simple(q, k, v, causal, scale, return_lse):
                          return_lse, "bhld", 4)
 
 
-def _lse_shape(B, H, L, ndim):
-    return (B, H, L) if ndim == 4 else (H, L)
+def lse_shape(B, H, L, ndim):
+    """Shape of the lse for outputs of rank ``ndim`` (any layout): (B, H, L),
+    (H, L) or (L,)."""
+    return (B, H, L)[4 - ndim:]
 
 
 def _walkable_any(a):
@@ -491,21 +484,21 @@ def plan_merge(outs, lses, layout):
             raise TypeError(f"outs[{i}] must have dtype {o0.dtype} like outs[0], got {o.dtype}")
     o4 = [_to_bhld(o, layout) for o in outs]
     B, H, L, _ = o4[0].shape
-    lse_shape = (B, H, L)[4 - o0.ndim:] if o0.ndim > 2 else (L,)
+    want = lse_shape(B, H, L, o0.ndim)
     for i, x in enumerate(lses):
-        if x.shape != lse_shape:
-            raise ValueError(f"lses[{i}] must have shape {lse_shape}, got {x.shape}")
+        if x.shape != want:
+            raise ValueError(f"lses[{i}] must have shape {want}, got {x.shape}")
         if x.dtype != l0.dtype:
             raise TypeError(f"lses[{i}] must have dtype {l0.dtype} like lses[0], got {x.dtype}")
     l3 = [x.reshape(B, H, L) for x in lses]
-    return o4, l3, (o0.dtype, l0.dtype, o0.shape, lse_shape)
+    return o4, l3, (o0.dtype, l0.dtype, o0.shape, want)
 
 
-def merge_result(out4, lse3, out_dtype, lse_dtype, out_shape, lse_shape, layout):
+def merge_result(out4, lse3, out_dtype, lse_dtype, out_shape, lse_user_shape, layout):
     """Arrange merged (B, H, L, Dv) / (B, H, L) results in the caller's shapes."""
     out = np.empty(out_shape, out_dtype)
     _to_bhld(out, layout)[...] = out4
-    return out, lse3.astype(lse_dtype).reshape(lse_shape)
+    return out, lse3.astype(lse_dtype).reshape(lse_user_shape)
 
 
 # ---------------------------------------------------------------------------
