@@ -15,17 +15,23 @@ first use only.  Structure (the C backend has the same one):
   read once per group.  It walks the visible key tiles only (causal,
   ``key_lens`` and window bounds skip whole tiles) with a max-subtracted
   online softmax (``_softmax_tile``).
-* Packing: when a KV head serves several query tiles, its K tiles and
-  transposed V tiles are packed once per call (``_pack_head``); otherwise
-  (decode) each item copies its K/V tiles into thread scratch and computes
-  ``P V`` as 4-key SAXPYs over V rows (``_pv_rows``), so V is never
-  transposed for a handful of rows.
-* micro-kernel ``_abt_tile`` (``S = Q K^T`` and ``O = alpha O + P V``): a
-  ``4 x 4`` block of dot products per step over contiguous scratch, each
-  vectorised by LLVM along the reduction.  ``_exp`` is a float32 polynomial
-  exp (Cephes coefficients, exponent bits assembled with an int->float
-  bitcast) that vectorises where ``math.exp`` would not; float64 uses
-  ``math.exp``.
+* Packing: when a KV head serves several query tiles, its K tiles (as K^T
+  panels of ``NR`` keys, ``_pack_kp``) and V rows are packed once per call
+  (``_pack_head``); otherwise each item packs its tiles into thread scratch.
+* micro-kernels of items of more than 8 rows (prefill, encoder):
+  ``_qk_tile`` / ``_pv_tile`` over ``_gemm_block``, an intrinsic that emits
+  the outer-product form in LLVM vector types: an ``MR x NR`` block of
+  register accumulators, one B row loaded and one A element broadcast per
+  row and step, packed FMAs with no horizontal sum.  ``S = Q K^T`` reads Q
+  packed per ``MR``-row block and the K^T panels; ``O = alpha O + P V``
+  reads V rows as they are packed, so V is never transposed.
+* Small items (decode with options) keep ``_abt_tile`` (a ``4 x 4`` block
+  of dot products vectorised along the reduction) with K and V rows read in
+  place when contiguous, and ``P V`` as 4-key SAXPYs over V rows
+  (``_pv_rows``).
+* ``_exp`` is a float32 polynomial exp (Cephes coefficients, exponent bits
+  assembled with an int->float bitcast) that vectorises where ``math.exp``
+  would not; float64 uses ``math.exp``.
 * ``_borrow`` drops the owner reference from array views inside the work
   loops, so threads slicing the same inputs do not contend on one atomic
   reference count.
@@ -44,7 +50,8 @@ Numerics: no ``fastmath=True`` anywhere.  The micro-kernels and the row sums
 use :data:`FASTMATH` (``nsz``, ``arcp``, ``contract``, ``reassoc``): it lets
 LLVM split a dot product or a sum into vector lanes and fuse multiply-adds;
 it leaves out ``nnan``/``ninf``, so ``-inf`` (masking) and NaN (bad input)
-keep their IEEE meaning.  Row maxima use ``llvm.maximum``, which propagates
+keep their IEEE meaning.  ``_gemm_block`` emits ``llvm.fmuladd`` and plain
+multiplies only, no fast-math flags.  Row maxima use ``llvm.maximum``, which propagates
 NaN and still vectorises.  Every global read by a kernel is a constant.
 Invisible keys get weight exactly 0; a V tile holding inf/NaN that some row
 cannot see in full is multiplied key by key over each row's visible keys
@@ -73,7 +80,7 @@ FASTMATH = {"nsz", "arcp", "contract", "reassoc"}
 
 # Work-item shape, tuned on an AMD EPYC (Zen 4, 32 KiB L1d, 1 MiB L2 per core):
 # about ROWS packed query rows (heads of a group x query positions) per item
-# and KEYS keys per K/V tile (a multiple of 4, the micro-kernel width);
+# and KEYS keys per K/V tile (best a multiple of NR, the K panel width);
 # DECODE_KEYS when an item has at most 8 rows (decode: per-tile overheads
 # dominate).  Read by the Python wrapper only, so tests can shrink them to
 # exercise many tiles without recompiling.
@@ -436,6 +443,150 @@ def _fill(row, value):
 
 
 # ---------------------------------------------------------------------------
+# register-blocked micro-kernels of the wide (prefill / encoder) path
+#
+# Outer-product form, as in the C backend: C[r, :w] (+)= sum_t A[r, t] B[t, :w]
+# for a block of MR rows and w columns held in vector registers; each step
+# loads the B row once and broadcasts one A element per row.  The vectors
+# are LLVM vector types built in an intrinsic, so the hot loop is packed
+# FMAs (vfmadd231ps zmm on AVX-512) with no horizontal reduction.
+#   QK:  A = Q packed per row block (qs[blk][t][MR]), B = K^T panel
+#        (kp[panel][t][NR]), C = the score tile.
+#   PV:  A = P (the score tile, row stride lds), B = V rows, C = O, first
+#        scaled by alpha[r].
+# Tuned on an Intel Ice Lake Xeon (AVX-512, 32 vector registers, 48 KiB
+# L1d): MR = 6 rows x NR = 64 float32 columns = 24 zmm accumulators.  On a
+# CPU with narrower vectors a block is split into row groups that fit
+# _ACC accumulators (still correct, not tuned).
+
+def _vector_shape():
+    """``(vector bytes, vector accumulators)`` for the CPU Numba compiles for."""
+    from numba.core import config
+    if config.CPU_FEATURES is not None:
+        feats = config.CPU_FEATURES
+    elif config.CPU_NAME:
+        feats = ""
+    else:
+        import llvmlite.binding as llb
+        feats = llb.get_host_cpu_features().flatten()
+    feats = feats.split(",")
+    if "+avx512f" in feats:
+        return 64, 24
+    if "+avx" in feats:
+        return 32, 12
+    return 16, 12
+
+
+_VBYTES, _ACC = _vector_shape()
+MR = 6                        # rows per register block
+NR = 4 * _VBYTES // 4         # keys per K panel = columns per PV block (64 on AVX-512)
+_UNROLL = 4                   # steps per loop iteration
+
+
+def _gemm_block(width, scale_c):
+    """Intrinsic ``f(a, aoff, ars, ats, b, boff, ldb, c, coff, ldc, kd, alpha, alo)``:
+    for ``r < MR``, ``C[r, :width] = sum_{t < kd} A[r, t] * B[t, :width]``
+    (with ``scale_c``: ``alpha[alo + r] * C[r, :width] + ...``), where
+    ``A[r, t] = a.flat[aoff + r*ars + t*ats]``, ``B[t, x] = b.flat[boff + t*ldb + x]``,
+    ``C[r, x] = c.flat[coff + r*ldc + x]``.  Arrays are read through their
+    data pointers: the caller guarantees contiguity and bounds."""
+
+    @intrinsic
+    def gemm(typingctx, a, aoff, ars, ats, b, boff, ldb, c, coff, ldc, kd, alpha, alo):
+        arrs = (a, b, c, alpha)
+        if not all(isinstance(x, types.Array) for x in arrs) or len({x.dtype for x in arrs}) != 1:
+            return None
+        ints = (aoff, ars, ats, boff, ldb, coff, ldc, kd, alo)
+        if not all(isinstance(x, types.Integer) for x in ints):
+            return None
+        sig = types.void(a, aoff, ars, ats, b, boff, ldb, c, coff, ldc, kd, alpha, alo)
+
+        def codegen(context, builder, signature, args):
+            i64 = ir.IntType(64)
+            i32 = ir.IntType(32)
+            vals = [context.cast(builder, v, t, types.int64) if isinstance(t, types.Integer) else v
+                    for v, t in zip(args, signature.args)]
+            a_, aoff, ars, ats, b_, boff, ldb, c_, coff, ldc, kd, al_, alo = vals
+
+            def data(i, v):
+                return context.make_array(signature.args[i])(context, builder, v).data
+
+            lt = context.get_value_type(signature.args[0].dtype)
+            size = context.get_abi_sizeof(lt)
+            vl = max(1, _VBYTES // size)
+            nv = width // vl
+            vt = ir.VectorType(lt, vl)
+            rows = max(1, min(MR, _ACC // nv))
+            fma = cgutils.get_or_insert_function(
+                builder.module, ir.FunctionType(vt, [vt, vt, vt]),
+                "llvm.fmuladd.v%d%s" % (vl, "f32" if size == 4 else "f64"))
+
+            def const(x):
+                return ir.Constant(i64, x)
+
+            def vptr(p, off):
+                return builder.bitcast(builder.gep(p, [off]), vt.as_pointer())
+
+            def splat(x):
+                v = builder.insert_element(ir.Constant(vt, ir.Undefined), x, ir.Constant(i32, 0))
+                return builder.shuffle_vector(v, ir.Constant(vt, ir.Undefined),
+                                              ir.Constant(ir.VectorType(i32, vl), [0] * vl))
+
+            ap = builder.gep(data(0, a_), [aoff])
+            bp = builder.gep(data(4, b_), [boff])
+            cp = builder.gep(data(7, c_), [coff])
+            alp = builder.gep(data(11, al_), [alo])
+            nu = builder.udiv(kd, const(_UNROLL))
+            for r0 in range(0, MR, rows):
+                rr = range(r0, min(MR, r0 + rows))
+                acc = {(r, n): cgutils.alloca_once(builder, vt) for r in rr for n in range(nv)}
+                arow = {r: builder.gep(ap, [builder.mul(const(r), ars)]) for r in rr}
+                crow = {r: builder.gep(cp, [builder.mul(const(r), ldc)]) for r in rr}
+                for r in rr:
+                    if scale_c:
+                        av = splat(builder.load(builder.gep(alp, [const(r)])))
+                    for n in range(nv):
+                        if scale_c:
+                            x = builder.load(vptr(crow[r], const(n * vl)), align=size)
+                            builder.store(builder.fmul(x, av), acc[r, n])
+                        else:
+                            builder.store(ir.Constant(vt, None), acc[r, n])
+
+                def step(t):
+                    brow = builder.gep(bp, [builder.mul(t, ldb)])
+                    bv = [builder.load(vptr(brow, const(n * vl)), align=size) for n in range(nv)]
+                    toff = builder.mul(t, ats)
+                    for r in rr:
+                        x = splat(builder.load(builder.gep(arow[r], [toff])))
+                        for n in range(nv):
+                            builder.store(builder.call(fma, [x, bv[n], builder.load(acc[r, n])]), acc[r, n])
+
+                with cgutils.for_range(builder, nu) as loop:
+                    t0 = builder.mul(loop.index, const(_UNROLL))
+                    for u in range(_UNROLL):
+                        step(builder.add(t0, const(u)))
+                tail = builder.mul(nu, const(_UNROLL))
+                with cgutils.for_range(builder, builder.sub(kd, tail)) as loop:
+                    step(builder.add(tail, loop.index))
+                for r in rr:
+                    for n in range(nv):
+                        builder.store(builder.load(acc[r, n]), vptr(crow[r], const(n * vl)), align=size)
+            return context.get_dummy_value()
+
+        return sig, codegen
+
+    return gemm
+
+
+_qk_block = _gemm_block(NR, False)
+# O = alpha O + P V on NR columns, and on the 16, 32, 48 of a narrower rest
+_pv_block = _gemm_block(NR, True)
+_pv_block16 = _gemm_block(16, True)
+_pv_block32 = _gemm_block(32, True)
+_pv_block48 = _gemm_block(48, True)
+
+
+# ---------------------------------------------------------------------------
 # packing: K and V tiles of `tk` keys aligned at multiples of `tk`
 
 @njit(nogil=True, cache=True)
@@ -481,40 +632,34 @@ def _pack_v(v, b, kvh, j0, n, vs, check):
 
 
 @njit(nogil=True, cache=True)
-def _pack_vt(v, b, kvh, j0, n, vt):
-    """``vt[:dv, :n] = v[b, kvh, j0:j0+n].T``, zero elsewhere; True if the
-    packed values hold inf or NaN.  4 x 4 blocks: a plain loop would be
-    vectorised into gathers or scatters, several times slower."""
-    z = vt.dtype.type(0)
-    src = _borrow(v)[b, kvh]
-    dv = src.shape[1]
-    n4 = n & ~3
-    dv4 = dv & ~3
-    for jj in range(0, n4, 4):
-        r0 = src[j0 + jj]
-        r1 = src[j0 + jj + 1]
-        r2 = src[j0 + jj + 2]
-        r3 = src[j0 + jj + 3]
-        for c in range(0, dv4, 4):
-            a00, a01, a02, a03 = r0[c], r0[c + 1], r0[c + 2], r0[c + 3]
-            a10, a11, a12, a13 = r1[c], r1[c + 1], r1[c + 2], r1[c + 3]
-            a20, a21, a22, a23 = r2[c], r2[c + 1], r2[c + 2], r2[c + 3]
-            a30, a31, a32, a33 = r3[c], r3[c + 1], r3[c + 2], r3[c + 3]
-            _put4(vt[c], jj, a00, a10, a20, a30)
-            _put4(vt[c + 1], jj, a01, a11, a21, a31)
-            _put4(vt[c + 2], jj, a02, a12, a22, a32)
-            _put4(vt[c + 3], jj, a03, a13, a23, a33)
-        for c in range(dv4, dv):
-            _put4(vt[c], jj, r0[c], r1[c], r2[c], r3[c])
-    for jj in range(n4, n):
-        r0 = src[j0 + jj]
-        for c in range(dv):
-            vt[c, jj] = r0[c]
-    for c in range(vt.shape[0]):
-        dst = vt[c]
-        for jj in range(n if c < dv else 0, dst.shape[0]):
-            dst[jj] = z
-    return _nonfinite(vt, dv, n)
+def _pack_kp(k, b, kvh, j0, n, kp):
+    """K^T in panels of NR keys for :data:`_qk_block`:
+    ``kp.flat[p*d*NR + t*NR + x] = k[b, kvh, j0 + p*NR + x, t]`` for keys
+    ``< n``, zero for the rest of the last panel.  Four keys at a time: a
+    plain loop would be vectorised into gathers or scatters."""
+    z = kp.dtype.type(0)
+    src = _borrow(k)[b, kvh]
+    dst = kp.reshape(kp.size)
+    d = src.shape[1]
+    npad = (n + NR - 1) // NR * NR
+    for j in range(0, npad, 4):
+        base = (j // NR) * d * NR + j % NR
+        if j + 4 <= n:
+            r0 = src[j0 + j]
+            r1 = src[j0 + j + 1]
+            r2 = src[j0 + j + 2]
+            r3 = src[j0 + j + 3]
+            for t in range(d):
+                _put4(dst, base + t * NR, r0[t], r1[t], r2[t], r3[t])
+        else:
+            for x in range(4):
+                if j + x < n:
+                    row = src[j0 + j + x]
+                    for t in range(d):
+                        dst[base + t * NR + x] = row[t]
+                else:
+                    for t in range(d):
+                        dst[base + t * NR + x] = z
 
 
 @njit(nogil=True, cache=True, inline="always")
@@ -526,16 +671,49 @@ def _put4(dst, j, a, b, c, d):
 
 
 @njit(nogil=True, cache=True)
-def _pack_head(k, v, b, kvh, lkb, tk, kp, vtp, bad):
+def _pack_head(k, v, b, kvh, lkb, tk, kp, vp, bad):
     """Pack the keys ``< lkb`` of one KV head once for all its query tiles:
-    K tiles to ``kp[b, kvh, tile]``, transposed V tiles to
-    ``vtp[b, kvh, tile]``, ``bad[b, kvh, tile]`` = the V tile holds inf/NaN."""
-    k, v, kp, vtp, bad = _borrow(k), _borrow(v), _borrow(kp), _borrow(vtp), _borrow(bad)
+    K^T panels to ``kp[b, kvh, tile]``, V rows (columns ``dv:`` zero) to
+    ``vp[b, kvh, tile]``, ``bad[b, kvh, tile]`` = the V tile holds inf/NaN."""
+    k, v, kp, vp, bad = _borrow(k), _borrow(v), _borrow(kp), _borrow(vp), _borrow(bad)
+    dv = v.shape[3]
     for tile in range((lkb + tk - 1) // tk):
         j0 = tile * tk
         n = min(tk, lkb - j0)
-        _pack_k(k, b, kvh, j0, n, kp[b, kvh, tile])
-        bad[b, kvh, tile] = _pack_vt(v, b, kvh, j0, n, vtp[b, kvh, tile])
+        _pack_kp(k, b, kvh, j0, n, kp[b, kvh, tile])
+        vt = vp[b, kvh, tile]
+        vt[:, dv:] = 0
+        bad[b, kvh, tile] = _pack_v(v, b, kvh, j0, n, vt, True)
+
+
+@njit(nogil=True, cache=True)
+def _qk_tile(qs, kp, s, alpha, mp, npad, d):
+    """``s[:mp, :npad] = Q K^T`` from Q packed per MR-row block
+    (``qs.flat[r0*d + t*MR + i]`` = row ``r0 + i``) and K^T panels."""
+    lds = s.shape[1]
+    for p in range(0, npad, NR):
+        for r in range(0, mp, MR):
+            _qk_block(qs, r * d, 1, MR, kp, p * d, NR, s, r * lds + p, lds, d, alpha, 0)
+
+
+@njit(nogil=True, cache=True)
+def _pv_tile(s, vb, o, alpha, mp, n, dvp):
+    """``o[r] = alpha[r] * o[r] + s[r, :n] @ vb[:n]`` for ``r < mp``
+    (``dvp`` a multiple of 16; ``vb`` rows contiguous)."""
+    lds = s.shape[1]
+    ldv = vb.strides[0] // vb.itemsize
+    ldo = o.shape[1]
+    for c in range(0, dvp, NR):
+        w = min(NR, dvp - c)
+        for r in range(0, mp, MR):
+            if w == NR:
+                _pv_block(s, r * lds, lds, 1, vb, c, ldv, o, r * ldo + c, ldo, n, alpha, r)
+            elif w == 48:
+                _pv_block48(s, r * lds, lds, 1, vb, c, ldv, o, r * ldo + c, ldo, n, alpha, r)
+            elif w == 32:
+                _pv_block32(s, r * lds, lds, 1, vb, c, ldv, o, r * ldo + c, ldo, n, alpha, r)
+            else:
+                _pv_block16(s, r * lds, lds, 1, vb, c, ldv, o, r * ldo + c, ldo, n, alpha, r)
 
 
 # ---------------------------------------------------------------------------
@@ -543,11 +721,16 @@ def _pack_head(k, v, b, kvh, lkb, tk, kp, vtp, bad):
 
 @njit(nogil=True, cache=True)
 def _work_item(q, k, v, out, lse, mask, bias, key_lens, alibi, sc, softcap, wl, wr, flags,
-               b, kvh, i0, i1, tk, prepacked, kp, vtp, bad, qs, ks, vs, s, o, m, l, alpha):
-    """Attention for query rows ``i0:i1`` of every head of KV head ``kvh``."""
+               b, kvh, i0, i1, tk, prepacked, kp, vp, bad, qs, ks, vs, s, o, m, l, alpha):
+    """Attention for query rows ``i0:i1`` of every head of KV head ``kvh``.
+    Items of more than 8 rows (and every item when K/V are prepacked) take
+    the register-blocked micro-kernels (``_qk_tile`` / ``_pv_tile``: Q packed
+    per MR-row block, K^T panels of NR keys); smaller ones (decode with
+    options) the 4 x 4 dot-product blocks of ``_abt_tile`` with K and V rows
+    read in place when they are contiguous."""
     q, k, v, out, lse, mask, bias = (_borrow(q), _borrow(k), _borrow(v), _borrow(out), _borrow(lse),
                                      _borrow(mask), _borrow(bias))
-    kp, vtp, bad, qs, ks, vs = _borrow(kp), _borrow(vtp), _borrow(bad), _borrow(qs), _borrow(ks), _borrow(vs)
+    kp, vp, bad, qs, ks, vs = _borrow(kp), _borrow(vp), _borrow(bad), _borrow(qs), _borrow(ks), _borrow(vs)
     s, o, m, l, alpha = _borrow(s), _borrow(o), _borrow(m), _borrow(l), _borrow(alpha)
     T = s.dtype.type
     ninf = T(-np.inf)
@@ -563,24 +746,39 @@ def _work_item(q, k, v, out, lse, mask, bias, key_lens, alibi, sc, softcap, wl, 
     options = has_mask or has_bias or has_alibi or softcap > 0
     nq = i1 - i0
     M = g * nq
-    mp = (M + 3) & ~3
+    wide = prepacked or M > 8
+    mr = MR if wide else 4
+    mp = (M + mr - 1) // mr * mr
+    kw = NR if wide else 4              # key padding of a tile
     lkb = key_lens[b] if (flags & HAS_KEY_LENS) != 0 else Lk
     off = lkb - Lq                      # aligned position i' = i + off
     item = q.itemsize
-    # K and V rows contiguous (and V rows a multiple of 4 long): decode tiles
-    # can be read where they are instead of being copied to scratch
+    # K and V rows contiguous (and V rows as long as o's): small items can
+    # read K/V tiles where they are instead of copying them to scratch
     rows_c = (k.strides[3] == item and k.strides[2] == d * item and v.strides[3] == item
               and v.strides[2] == dv * item and dv == dvp)
 
-    # pack the group's query rows: row r is head kvh*g + r // nq, query i0 + r % nq
+    # pack the group's query rows: row r is head kvh*g + r // nq, query
+    # i0 + r % nq; wide items store them per MR-row block, t-major
+    qf = qs.reshape(qs.size)
     for r in range(mp):
-        dst = qs[r]
-        if r < M:
-            src = q[b, kvh * g + r // nq, i0 + r % nq]
-            for t in range(d):
-                dst[t] = src[t]
+        if wide:
+            at = (r // MR) * MR * d + r % MR
+            if r < M:
+                src = q[b, kvh * g + r // nq, i0 + r % nq]
+                for t in range(d):
+                    qf[at + t * MR] = src[t]
+            else:
+                for t in range(d):
+                    qf[at + t * MR] = 0
         else:
-            _fill(dst, T(0))
+            dst = qs[r]
+            if r < M:
+                src = q[b, kvh * g + r // nq, i0 + r % nq]
+                for t in range(d):
+                    dst[t] = src[t]
+            else:
+                _fill(dst, T(0))
         m[r] = ninf
         l[r] = 0
         alpha[r] = 1
@@ -597,16 +795,24 @@ def _work_item(q, k, v, out, lse, mask, bias, key_lens, alibi, sc, softcap, wl, 
     for j0 in range((lo // tk) * tk, hi, tk):
         tile = j0 // tk
         n = min(tk, hi - j0)
-        npad = (n + 3) & ~3
+        npad = (n + kw - 1) // kw * kw
         bad_v = False
         direct = False
+        # a tile every row sees in full needs no guard: 0 * inf is then
+        # NaN in the oracle too (a visible key whose weight underflows)
+        full = not has_mask and (wl < 0 or i1 - 1 + off - wl <= j0) and \
+            (wr < 0 or i0 + off + wr + 1 >= j0 + n)
         if prepacked:
-            _abt_tile(qs, kp[b, kvh, tile], s, alpha, False, mp, npad, d)
+            vt = vp[b, kvh, tile]
+            bad_v = bad[b, kvh, tile]
+            _qk_tile(qs, kp[b, kvh, tile], s, alpha, mp, npad, d)
+        elif wide:
+            vt = vs
+            _pack_kp(k, b, kvh, j0, n, ks)
+            bad_v = _pack_v(v, b, kvh, j0, n, vs, not full)
+            _qk_tile(qs, ks, s, alpha, mp, npad, d)
         else:
-            # a tile every row sees in full needs no guard: 0 * inf is then
-            # NaN in the oracle too (a visible key whose weight underflows)
-            full = not has_mask and (wl < 0 or i1 - 1 + off - wl <= j0) and \
-                (wr < 0 or i0 + off + wr + 1 >= j0 + n)
+            vt = vs
             direct = full and n == npad and rows_c
             if direct:                  # K and V rows read in place
                 _abt_tile(qs, _as_c(k[b, kvh, j0:j0 + n]), s, alpha, False, mp, npad, d)
@@ -631,19 +837,15 @@ def _work_item(q, k, v, out, lse, mask, bias, key_lens, alibi, sc, softcap, wl, 
         _softmax_tile(s, M, n, npad, nq, i0 + off, j0, wl, wr, sc, options, m, l, alpha)
         for r in range(M, mp):
             _fill(s[r, :npad], T(0))
-        if direct:
-            _pv_rows(s, _as_c(v[b, kvh, j0:j0 + n]), o, alpha, M, n, dvp)
-        elif not prepacked:
-            if bad_v:
-                _pv_visible(s, vs, False, o, alpha, M, n, dvp, nq, i0 + off, j0, wl, wr,
-                            has_mask, mask, b, kvh * g, i0)
-            else:
-                _pv_rows(s, vs, o, alpha, M, n, dvp)
-        elif bad[b, kvh, tile]:
-            _pv_visible(s, vtp[b, kvh, tile], True, o, alpha, M, n, dvp, nq, i0 + off, j0, wl, wr,
+        if bad_v:
+            _pv_visible(s, vt, False, o, alpha, M, n, dvp, nq, i0 + off, j0, wl, wr,
                         has_mask, mask, b, kvh * g, i0)
+        elif wide:
+            _pv_tile(s, vt, o, alpha, mp, n, dvp)
+        elif direct:
+            _pv_rows(s, _as_c(v[b, kvh, j0:j0 + n]), o, alpha, M, n, dvp)
         else:
-            _abt_tile(s, vtp[b, kvh, tile], o, alpha, True, mp, dvp, npad)
+            _pv_rows(s, vs, o, alpha, M, n, dvp)
 
     has_lse = (flags & HAS_LSE) != 0
     for r in range(M):
@@ -663,20 +865,28 @@ def _work_item(q, k, v, out, lse, mask, bias, key_lens, alibi, sc, softcap, wl, 
                 lse[b, h, i] = m[r] + math.log(ll)
 
 
+@njit(nogil=True, cache=True, inline="always")
+def _dims(g, tq, dv, tk):
+    """Scratch dimensions ``(rows, V row length, keys per tile, score row
+    length)``."""
+    tkp = (tk + NR - 1) // NR * NR
+    return (g * tq + 11) // 12 * 12, (dv + 15) & ~15, tkp, tkp + 16
+
+
 @njit(nogil=True, cache=True)
 def _layout(B, Hkv, Lq, Lk, g, d, dv, tq, tk, nt):
-    """Workspace sizes of a call: ``(per thread, packed K, packed V^T,
+    """Workspace sizes of a call: ``(per thread, packed K, packed V,
     flags)`` in elements; the packed parts are 0 unless query tiles share
-    KV heads."""
+    KV heads.  Rows are padded to a multiple of 12 (4 and MR), V rows to
+    16 columns, tiles to whole K panels; score rows get one spare cache
+    line (fewer L1 set conflicts between the rows of a block)."""
     nqt = (Lq + tq - 1) // tq
-    mpmax = (g * tq + 3) & ~3
-    dvp = (dv + 3) & ~3
-    tkp = (tk + 3) & ~3
-    per = mpmax * d + tkp * d + tkp * dvp + mpmax * tkp + mpmax * dvp + 3 * mpmax
+    mpmax, dvp, tkp, lds = _dims(g, tq, dv, tk)
+    per = mpmax * d + tkp * d + tkp * dvp + mpmax * lds + mpmax * dvp + 3 * mpmax
     if nqt <= 1:
         return per, 0, 0, 0
     ntile = (Lk + tk - 1) // tk
-    return per, B * Hkv * ntile * tkp * d, B * Hkv * ntile * dvp * tkp, B * Hkv * ntile
+    return per, B * Hkv * ntile * tkp * d, B * Hkv * ntile * tkp * dvp, B * Hkv * ntile
 
 
 @njit(nogil=True, cache=True, inline="always")
@@ -687,8 +897,8 @@ def _carve(ws, at, n):
 
 def _attention_py(q, k, v, out, lse, mask, bias, key_lens, alibi, sc, softcap, wl, wr, flags,
                   tq, tk, nthreads, ws, wsb, queue):
-    """Parallel driver.  When a KV head serves several query tiles, its K and
-    (transposed) V tiles are packed once first, in parallel over ``(b, kv
+    """Parallel driver.  When a KV head serves several query tiles, its K
+    (as K^T panels) and V tiles are packed once first, in parallel over ``(b, kv
     head)``; otherwise each tile is packed by the work item that uses it.
     Then ``prange`` over threads, each with its own scratch, taking work
     items ``(b, kv head, query tile)`` from an atomic counter, costliest
@@ -705,19 +915,17 @@ def _attention_py(q, k, v, out, lse, mask, bias, key_lens, alibi, sc, softcap, w
     nqt = (Lq + tq - 1) // tq
     n_items = B * Hkv * nqt
     nt = max(1, min(nthreads, n_items))
-    mpmax = (g * tq + 3) & ~3
-    dvp = (dv + 3) & ~3
-    tkp = (tk + 3) & ~3
+    mpmax, dvp, tkp, lds = _dims(g, tq, dv, tk)
     ntile = (Lk + tk - 1) // tk
-    per, nkp, nvtp, nbad = _layout(B, Hkv, Lq, Lk, g, d, dv, tq, tk, nt)
+    per, nkp, nvp, nbad = _layout(B, Hkv, Lq, Lk, g, d, dv, tq, tk, nt)
     prepacked = nkp > 0
     if prepacked:
         kp = ws[:nkp].reshape((B, Hkv, ntile, tkp, d))
-        vtp = ws[nkp:nkp + nvtp].reshape((B, Hkv, ntile, dvp, tkp))
+        vp = ws[nkp:nkp + nvp].reshape((B, Hkv, ntile, tkp, dvp))
         bad = wsb[:nbad].reshape((B, Hkv, ntile))
     else:
         kp = ws[:1].reshape((1, 1, 1, 1, 1))
-        vtp = ws[:1].reshape((1, 1, 1, 1, 1))
+        vp = ws[:1].reshape((1, 1, 1, 1, 1))
         bad = wsb[:1].reshape((1, 1, 1))
     queue[0] = 0                        # next pack job
     queue[1] = 0                        # next work item
@@ -729,9 +937,9 @@ def _attention_py(q, k, v, out, lse, mask, bias, key_lens, alibi, sc, softcap, w
                     break
                 b = it // Hkv
                 lkb = key_lens[b] if (flags & HAS_KEY_LENS) != 0 else Lk
-                _pack_head(k, v, b, it % Hkv, lkb, tk, kp, vtp, bad)
+                _pack_head(k, v, b, it % Hkv, lkb, tk, kp, vp, bad)
     for t in prange(nt):
-        mine, _ = _carve(ws, nkp + nvtp + t * per, per)
+        mine, _ = _carve(ws, nkp + nvp + t * per, per)
         at = 0
         x, at = _carve(mine, at, mpmax * d)
         qs = x.reshape((mpmax, d))
@@ -740,8 +948,8 @@ def _attention_py(q, k, v, out, lse, mask, bias, key_lens, alibi, sc, softcap, w
         x, at = _carve(mine, at, tkp * dvp)
         vs = x.reshape((tkp, dvp))
         vs[:, dv:] = 0                  # padding columns of V rows stay zero
-        x, at = _carve(mine, at, mpmax * tkp)
-        s = x.reshape((mpmax, tkp))
+        x, at = _carve(mine, at, mpmax * lds)
+        s = x.reshape((mpmax, lds))
         x, at = _carve(mine, at, mpmax * dvp)
         o = x.reshape((mpmax, dvp))
         m, at = _carve(mine, at, mpmax)
@@ -756,7 +964,7 @@ def _attention_py(q, k, v, out, lse, mask, bias, key_lens, alibi, sc, softcap, w
             i0 = qt * tq
             _work_item(q, k, v, out, lse, mask, bias, key_lens, alibi, sc, softcap, wl, wr,
                        flags, rest // Hkv, rest % Hkv, i0, min(i0 + tq, Lq), tk, prepacked,
-                       kp, vtp, bad, qs, ks, vs, s, o, m, l, alpha)
+                       kp, vp, bad, qs, ks, vs, s, o, m, l, alpha)
 
 
 # ---------------------------------------------------------------------------
@@ -1606,8 +1814,8 @@ def _run_general(p, num_threads):
     n = min(int(num_threads), numba.config.NUMBA_NUM_THREADS, items, 1 + work // MIN_WORK_PER_THREAD)
     n = max(1, n)
     g = p.Hq // p.Hkv
-    per, nkp, nvtp, nbad = _layout(p.B, p.Hkv, p.Lq, p.Lk, g, p.D, p.Dv, tq, tk, n)
-    ws, wsb, queue = _workspace(dt, nkp + nvtp + n * per, nbad)
+    per, nkp, nvp, nbad = _layout(p.B, p.Hkv, p.Lq, p.Lk, g, p.D, p.Dv, tq, tk, n)
+    ws, wsb, queue = _workspace(dt, nkp + nvp + n * per, nbad)
     old = numba.get_num_threads()
     numba.set_num_threads(n)
     try:
