@@ -324,22 +324,10 @@ DECODE_BLOCK = 16
 
 
 def read_bandwidth(threads, mib=512, repeat=7):
-    """GB/s of a parallel read: numpy float32 sum over a `mib` MiB array, one
-    Python thread per slice (numpy releases the GIL in the reduction)."""
-    import threading
+    """GB/s (median) of a parallel read over `mib` MiB: the probe of `fastqkv bench`."""
+    from fastqkv._bench import _bandwidth
 
-    a = np.ones(mib * 2 ** 20 // 4, np.float32)
-    parts = np.array_split(a, threads)
-    ts = []
-    for _ in range(repeat):
-        th = [threading.Thread(target=np.sum, args=(p_,)) for p_ in parts]
-        t0 = time.perf_counter()
-        for t_ in th:
-            t_.start()
-        for t_ in th:
-            t_.join()
-        ts.append(time.perf_counter() - t0)
-    return a.nbytes / statistics.median(ts) / 1e9
+    return _bandwidth(mib << 20, threads, repeat)[1]
 
 
 def _paged_copy(k, v, bs, rng):

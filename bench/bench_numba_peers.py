@@ -43,33 +43,12 @@ def median_ms(fn, repeat, min_time=0.2):
 
 
 def read_bandwidth(threads, repeat):
-    """GB/s of a parallel float32 sum over 512 MiB (the decode roofline)."""
-    import numba
+    """(best, median) GB/s of a parallel read over 512 MiB (the decode
+    roofline): the probe of `fastqkv bench`."""
+    from fastqkv._bench import _bandwidth
 
-    @numba.njit(parallel=True, cache=True, fastmath={"reassoc"})
-    def psum(a):
-        n = a.shape[0]
-        nchunk = 256
-        per = (n + nchunk - 1) // nchunk
-        total = 0.0
-        for c in numba.prange(nchunk):
-            chunk = a[c * per:min(n, (c + 1) * per)]
-            s = np.float32(0)
-            for i in range(chunk.shape[0]):     # 0-based: vectorised
-                s += chunk[i]
-            total += s
-        return total
-
-    a = np.ones(512 * 2**20 // 4, np.float32)
-    numba.set_num_threads(min(threads, numba.config.NUMBA_NUM_THREADS))
-    psum(a)
-    times = []
-    for _ in range(max(5, repeat)):
-        t = time.perf_counter()
-        psum(a)
-        times.append(time.perf_counter() - t)
-    # the best run: the bandwidth the machine can deliver (a strict roofline)
-    return a.nbytes / min(times) / 1e9, a.nbytes / statistics.median(times) / 1e9
+    best, med, _how = _bandwidth(512 << 20, threads, max(5, repeat))
+    return best, med
 
 
 def visible_pairs(Lq, Lk, causal, key_lens=None, B=1):

@@ -447,3 +447,63 @@ int fq_run(const fq_problem *p0, const fq_isa *isa, int nthreads)
     pthread_mutex_unlock(&pool.call_lock);
     return job.status;
 }
+
+/* ---- machine limit for the benchmarks ------------------------------------
+ * The read bandwidth: nthreads threads each sum a contiguous part of n
+ * floats with 4 independent vector accumulators (memory bound on any x86-64
+ * with SSE2), the way a decode step streams its K/V cache. */
+typedef float fq_v4 __attribute__((vector_size(16)));
+typedef float fq_v4u __attribute__((vector_size(16), aligned(4), may_alias));
+typedef struct { const float *p; size_t n; double sum; } fq_sumpart;
+
+static void *sum_part(void *arg)
+{
+    fq_sumpart *sp = (fq_sumpart *)arg;
+    const float *p = sp->p;
+    size_t i = 0, n = sp->n;
+    fq_v4 a0 = {0}, a1 = {0}, a2 = {0}, a3 = {0};
+    for (; i + 16 <= n; i += 16) {
+        a0 += *(const fq_v4u *)(p + i);
+        a1 += *(const fq_v4u *)(p + i + 4);
+        a2 += *(const fq_v4u *)(p + i + 8);
+        a3 += *(const fq_v4u *)(p + i + 12);
+    }
+    fq_v4 a = (a0 + a1) + (a2 + a3);
+    double s = (double)a[0] + a[1] + a[2] + a[3];
+    for (; i < n; i++)
+        s += p[i];
+    sp->sum = s;
+    return NULL;
+}
+
+double fq_read_sum(const float *p, size_t n, int nthreads)
+{
+    fq_sumpart parts[FQ_MAX_THREADS];
+    pthread_t th[FQ_MAX_THREADS];
+    int started[FQ_MAX_THREADS];
+    if (nthreads < 1)
+        nthreads = 1;
+    if (nthreads > FQ_MAX_THREADS)
+        nthreads = FQ_MAX_THREADS;
+    size_t per = (n / (size_t)nthreads + 15) / 16 * 16;
+    for (int t = 0; t < nthreads; t++) {
+        size_t a = per * (size_t)t < n ? per * (size_t)t : n;
+        size_t b = a + per < n ? a + per : n;
+        parts[t].p = p + a;
+        parts[t].n = b - a;
+        parts[t].sum = 0;
+    }
+    for (int t = 1; t < nthreads; t++)
+        started[t] = pthread_create(&th[t], NULL, sum_part, &parts[t]) == 0;
+    sum_part(&parts[0]);
+    for (int t = 1; t < nthreads; t++) {
+        if (started[t])
+            pthread_join(th[t], NULL);
+        else
+            sum_part(&parts[t]);   /* no thread: the caller sums it */
+    }
+    double s = 0;
+    for (int t = 0; t < nthreads; t++)
+        s += parts[t].sum;
+    return s;
+}

@@ -80,9 +80,15 @@ typedef struct fq_isa {
 extern const fq_isa fq_isa_generic;
 #if FQ_HAVE_AVX2
 extern const fq_isa fq_isa_avx2;
+/* the benchmarks' read bandwidth probe: the sum of n floats on nthreads threads */
+double fq_read_sum(const float *p, size_t n, int nthreads);
+
 #endif
 #if FQ_HAVE_AVX512
 extern const fq_isa fq_isa_avx512;
+/* the benchmarks' read bandwidth probe: the sum of n floats on nthreads threads */
+double fq_read_sum(const float *p, size_t n, int nthreads);
+
 #endif
 
 /* cpu_features.c */
@@ -95,5 +101,8 @@ int fq_set_tiles(int rows, int kt);   /* 0 = the ISA's tuned default */
 /* test hook: stream 0 = automatic, 1 = never (dense problems), 2 = whenever
  * the options allow; splits 0 = automatic, n > 0 = that many key splits */
 int fq_set_decode(int stream, int splits);
+
+/* the benchmarks' read bandwidth probe: the sum of n floats on nthreads threads */
+double fq_read_sum(const float *p, size_t n, int nthreads);
 
 #endif

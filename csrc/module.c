@@ -518,6 +518,32 @@ static PyObject *py_set_decode(PyObject *self, PyObject *const *args, Py_ssize_t
     Py_RETURN_NONE;
 }
 
+/* read_sum(x, nthreads): the sum of a 1-D contiguous float32 array read by
+ * nthreads threads, GIL released (the benchmarks' read bandwidth probe) */
+static PyObject *py_read_sum(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
+{
+    (void)self;
+    if (nargs != 2) {
+        PyErr_SetString(PyExc_TypeError, "read_sum(x, nthreads)");
+        return NULL;
+    }
+    PyArrayObject *x = as_arr(args[0], "x");
+    if (!x)
+        return NULL;
+    if (PyArray_TYPE(x) != NPY_FLOAT32 || PyArray_NDIM(x) != 1 || !PyArray_IS_C_CONTIGUOUS(x)) {
+        PyErr_SetString(PyExc_ValueError, "x must be a 1-D contiguous float32 array");
+        return NULL;
+    }
+    long nt = PyLong_AsLong(args[1]);
+    if (nt == -1 && PyErr_Occurred())
+        return NULL;
+    double s;
+    Py_BEGIN_ALLOW_THREADS
+    s = fq_read_sum((const float *)PyArray_DATA(x), (size_t)PyArray_DIM(x, 0), (int)(nt < 1 ? 1 : nt > 256 ? 256 : nt));
+    Py_END_ALLOW_THREADS
+    return PyFloat_FromDouble(s);
+}
+
 static PyMethodDef methods[] = {
     {"set_decode", (PyCFunction)(void (*)(void))py_set_decode, METH_FASTCALL,
      "set_decode(stream, splits): test hook; stream 0 = auto, 1 = never, 2 = whenever "
@@ -531,6 +557,8 @@ static PyMethodDef methods[] = {
     {"isa_supported", py_isa_supported, METH_NOARGS, "ISA variants this CPU/OS can run"},
     {"set_isa", py_set_isa, METH_O, "set_isa(name | None) -> previous name"},
     {"vexp", (PyCFunction)(void (*)(void))py_vexp, METH_FASTCALL, "vexp(x, y): test hook"},
+    {"read_sum", (PyCFunction)(void (*)(void))py_read_sum, METH_FASTCALL,
+     "read_sum(x, nthreads): sum of a 1-D float32 array on nthreads threads (bandwidth probe)"},
     {"set_tiles", (PyCFunction)(void (*)(void))py_set_tiles, METH_FASTCALL,
      "set_tiles(rows, kt): override tile sizes for tuning (0 = default)"},
     {NULL, NULL, 0, NULL},

@@ -192,3 +192,17 @@ def test_generated_case_small_tiles(case, threads, small_tiles):
 @pytest.mark.parametrize("name,shape,kw", EXTRA, ids=[e[0] for e in EXTRA])
 def test_larger_shapes_small_tiles(name, shape, kw, small_tiles):
     test_larger_shapes(name, shape, kw, np.float32, _c.isa())
+
+
+@pytest.mark.parametrize("n", [0, 1, 15, 16, 17, 1000, 4099])
+@pytest.mark.parametrize("threads", [1, 2, 3])
+def test_read_sum_probe(n, threads):
+    """The benchmarks' bandwidth probe reads every element exactly once."""
+    from fastqkv import _ckernels
+
+    x = np.arange(n, dtype=np.float32) % 7
+    assert _ckernels.read_sum(x, threads) == float(x.astype(np.float64).sum())
+    with pytest.raises(ValueError):
+        _ckernels.read_sum(x.astype(np.float64), threads)
+    with pytest.raises(ValueError):
+        _ckernels.read_sum(np.ones(8, np.float32)[::2], threads)
