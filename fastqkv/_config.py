@@ -13,13 +13,20 @@ ENV_ISA = "FASTQKV_ISA"                  # force a compiled ISA variant of the C
 AUTO_ORDER = ("c", "numba", "numpy")
 
 # Memory-bound decode (Lq <= DECODE_MAX_LQ, no mask/bias/softcap/ALiBi, at
-# least DECODE_MIN_KV_BYTES of K/V to read): the Numba streaming kernel reads
-# K/V faster than the C one.  Measured by `fastqkv bench --case decode` on an
-# AMD EPYC (Zen 4, 2 cores): B8 Hq32 Hkv8 Lk4096 D128 float32 numba 9.3 ms vs
-# c 14.6 ms; Lk 32k 20.2 vs 31.0 ms; float16 B4 Lk4096 (~50 MB) 3.2 vs 3.7 ms.
-# Below that c wins: float16 B2 Lk2048 (~12 MB) c 0.60 ms, numba 0.83 ms;
-# Lk 512 float32 c 0.032 ms, numba 0.077 ms.
+# least DECODE_MIN_KV_BYTES of K/V to read) on the CPU vendors listed in
+# DECODE_ORDER_VENDORS goes through DECODE_ORDER; everywhere else (and for
+# every other call) auto uses AUTO_ORDER.  Measured by `fastqkv bench --case
+# decode`, 2 threads:
+#  - AMD EPYC (Zen 4): the Numba streaming kernel reads K/V faster.  B8 Hq32
+#    Hkv8 Lk4096 D128 float32 numba 9.3 ms vs c 14.6 ms; Lk 32k 20.2 vs
+#    31.0 ms; float16 B4 Lk4096 (~50 MB) 3.2 vs 3.7 ms.  Below the threshold c
+#    wins: float16 B2 Lk2048 (~12 MB) c 0.60 ms, numba 0.83 ms; Lk 512 float32
+#    c 0.032 ms, numba 0.077 ms.
+#  - Intel Xeon (Ice Lake, AVX-512): c is faster on every decode case: B8
+#    Lk4096 c 14.6 ms vs numba 20.1 ms, B2 Lk32k 27.8 vs 32.8 ms, float16 B4
+#    Lk4096 4.3 vs 5.3 ms, bfloat16 4.2 vs 5.4 ms.
 DECODE_ORDER = ("numba", "c", "numpy")
+DECODE_ORDER_VENDORS = ("AuthenticAMD",)
 DECODE_MAX_LQ = 16
 DECODE_MIN_KV_BYTES = 32 << 20
 

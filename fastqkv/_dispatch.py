@@ -51,7 +51,7 @@ _global_backend = None
 _context_backend = contextvars.ContextVar("fastqkv_backend", default=None)
 _num_threads = None
 _auto_candidates: list = []   # (name, module) of the available backends, in AUTO_ORDER
-_decode_candidates: list = []  # the same in DECODE_ORDER
+_decode_candidates: list = []  # the same in decode_order()
 
 
 def _probe(name):
@@ -128,8 +128,35 @@ def _require(name):
     return name
 
 
+def cpu_vendor():
+    """The CPU vendor string (``GenuineIntel``, ``AuthenticAMD``, ...) from
+    /proc/cpuinfo, or "" where that is not available."""
+    if not _vendor_cache:
+        vendor = ""
+        try:
+            with open("/proc/cpuinfo", encoding="ascii", errors="replace") as f:
+                for line in f:
+                    if line.startswith("vendor_id"):
+                        vendor = line.split(":", 1)[1].strip()
+                        break
+        except OSError:
+            pass
+        _vendor_cache.append(vendor)
+    return _vendor_cache[0]
+
+
+_vendor_cache: list = []
+
+
+def decode_order():
+    """The backend order auto uses for memory-bound decode on this CPU."""
+    if cpu_vendor() in _config.DECODE_ORDER_VENDORS:
+        return _config.DECODE_ORDER
+    return _config.AUTO_ORDER
+
+
 def _streaming_decode(p):
-    """Whether ``p`` is a memory-bound decode call (see _config.DECODE_ORDER)."""
+    """Whether ``p`` is a memory-bound decode call (see decode_order())."""
     if p.Lq > _config.DECODE_MAX_LQ or p.mask is not None or p.bias is not None or p.softcap \
             or p.alibi is not None:
         return False
@@ -144,7 +171,7 @@ def resolve(backend, problem):
         if pinned is None:
             if not _auto_candidates:
                 _auto_candidates.extend((n, _modules[n]) for n in _config.AUTO_ORDER if _probe(n).available)
-                _decode_candidates.extend((n, _modules[n]) for n in _config.DECODE_ORDER
+                _decode_candidates.extend((n, _modules[n]) for n in decode_order()
                                           if _probe(n).available)
             for name, mod in (_decode_candidates if _streaming_decode(problem) else _auto_candidates):
                 if mod.supports(problem) is None:

@@ -22,7 +22,8 @@ def cmd_info(args):
           f"machine {platform.machine()}")
     print(f"threads: {_dispatch.get_num_threads()} (set_num_threads / ${_config.ENV_NUM_THREADS})")
     print(f"backend for 'auto': {_dispatch.get_backend()} "
-          f"(order {', '.join(_config.AUTO_ORDER)}; ${_config.ENV_BACKEND} overrides)")
+          f"(order {', '.join(_config.AUTO_ORDER)}; large decode {', '.join(_dispatch.decode_order())} "
+          f"on this {_dispatch.cpu_vendor() or 'unknown'} CPU; ${_config.ENV_BACKEND} overrides)")
     for name in (_config.ENV_BACKEND, _config.ENV_NUM_THREADS, _config.ENV_ISA):
         if name in os.environ:
             print(f"  ${name}={os.environ[name]}")

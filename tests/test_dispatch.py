@@ -103,5 +103,17 @@ def test_auto_prefers_the_streaming_order_for_large_decode():
     assert not _dispatch._streaming_decode(p_small)
     assert _dispatch._streaming_decode(p_big)
     assert not _dispatch._streaming_decode(p_masked)
-    avail = [n for n in _config.DECODE_ORDER if fastqkv.backends()[n].available]
+    avail = [n for n in _dispatch.decode_order() if fastqkv.backends()[n].available]
     assert _dispatch.resolve("auto", p_big)[1] == avail[0]
+
+
+def test_decode_order_follows_the_cpu_vendor(monkeypatch):
+    from fastqkv import _config
+    for vendor in _config.DECODE_ORDER_VENDORS:
+        monkeypatch.setattr(_dispatch, "_vendor_cache", [vendor])
+        assert _dispatch.decode_order() == _config.DECODE_ORDER
+    for vendor in ("GenuineIntel", ""):
+        monkeypatch.setattr(_dispatch, "_vendor_cache", [vendor])
+        assert _dispatch.decode_order() == _config.AUTO_ORDER
+    monkeypatch.setattr(_dispatch, "_vendor_cache", [])
+    assert isinstance(_dispatch.cpu_vendor(), str)
