@@ -882,7 +882,7 @@ def _layout(B, Hkv, Lq, Lk, g, d, dv, tq, tk, nt):
     line (fewer L1 set conflicts between the rows of a block)."""
     nqt = (Lq + tq - 1) // tq
     mpmax, dvp, tkp, lds = _dims(g, tq, dv, tk)
-    per = mpmax * d + tkp * d + tkp * dvp + mpmax * lds + mpmax * dvp + 3 * mpmax
+    per = _a16(mpmax * d) + tkp * d + tkp * dvp + mpmax * lds + mpmax * dvp + 3 * _a16(mpmax)
     if nqt <= 1:
         return per, 0, 0, 0
     ntile = (Lk + tk - 1) // tk
@@ -890,9 +890,22 @@ def _layout(B, Hkv, Lq, Lk, g, d, dv, tq, tk, nt):
 
 
 @njit(nogil=True, cache=True, inline="always")
+def _a16(n):
+    """``n`` rounded up to 16 elements (64 bytes or more)."""
+    return (n + 15) & ~15
+
+
+@njit(nogil=True, cache=True, inline="always")
 def _carve(ws, at, n):
     """``ws[at:at+n]`` and ``at + n``."""
     return ws[at:at + n], at + n
+
+
+@njit(nogil=True, cache=True, inline="always")
+def _carve16(ws, at, n):
+    """``ws[at:at+n]`` and the next start, rounded up to 16 elements: with
+    ``ws`` 64-byte aligned, every scratch array starts on a cache line."""
+    return ws[at:at + n], at + _a16(n)
 
 
 def _attention_py(q, k, v, out, lse, mask, bias, key_lens, alibi, sc, softcap, wl, wr, flags,
@@ -939,22 +952,22 @@ def _attention_py(q, k, v, out, lse, mask, bias, key_lens, alibi, sc, softcap, w
                 lkb = key_lens[b] if (flags & HAS_KEY_LENS) != 0 else Lk
                 _pack_head(k, v, b, it % Hkv, lkb, tk, kp, vp, bad)
     for t in prange(nt):
-        mine, _ = _carve(ws, nkp + nvp + t * per, per)
+        mine, _ = _carve16(ws, nkp + nvp + t * per, per)
         at = 0
-        x, at = _carve(mine, at, mpmax * d)
+        x, at = _carve16(mine, at, mpmax * d)
         qs = x.reshape((mpmax, d))
-        x, at = _carve(mine, at, tkp * d)
+        x, at = _carve16(mine, at, tkp * d)
         ks = x.reshape((tkp, d))
-        x, at = _carve(mine, at, tkp * dvp)
+        x, at = _carve16(mine, at, tkp * dvp)
         vs = x.reshape((tkp, dvp))
         vs[:, dv:] = 0                  # padding columns of V rows stay zero
-        x, at = _carve(mine, at, mpmax * lds)
+        x, at = _carve16(mine, at, mpmax * lds)
         s = x.reshape((mpmax, lds))
-        x, at = _carve(mine, at, mpmax * dvp)
+        x, at = _carve16(mine, at, mpmax * dvp)
         o = x.reshape((mpmax, dvp))
-        m, at = _carve(mine, at, mpmax)
-        l, at = _carve(mine, at, mpmax)
-        alpha, at = _carve(mine, at, mpmax)
+        m, at = _carve16(mine, at, mpmax)
+        l, at = _carve16(mine, at, mpmax)
+        alpha, at = _carve16(mine, at, mpmax)
         while True:
             it = _fetch_add(queue, 1)
             if it >= n_items:
@@ -1605,7 +1618,7 @@ def _workspace(dt, nfloat, nbool, nqueue=2):
         bufs = _local.bufs = {}
     ws = bufs.get(dt)
     if ws is None or ws.shape[0] < nfloat:
-        ws = bufs[dt] = np.empty(max(nfloat, 1), dt)
+        ws = bufs[dt] = _aligned(max(nfloat, 1), dt)
     wsb = bufs.get("bool")
     if wsb is None or wsb.shape[0] < nbool:
         wsb = bufs["bool"] = np.empty(max(nbool, 1), np.bool_)
@@ -1613,6 +1626,16 @@ def _workspace(dt, nfloat, nbool, nqueue=2):
     if queue is None or queue.shape[0] < nqueue:
         queue = bufs["queue"] = np.zeros(max(nqueue, 2), np.int64)
     return ws, wsb, queue
+
+
+def _aligned(n, dt, align=64):
+    """An empty 1-d array of ``n`` elements of ``dt`` starting on an
+    ``align``-byte boundary (vector loads of the micro-kernels then do not
+    straddle cache lines)."""
+    dt = np.dtype(dt)
+    raw = np.empty(n * dt.itemsize + align, np.uint8)
+    at = -raw.ctypes.data % align
+    return raw[at:at + n * dt.itemsize].view(dt)
 
 
 def release_workspace():
