@@ -5,7 +5,8 @@ GroupQueryAttention / MultiHeadAttention), same process, same thread count.
 
 Decode rows (dense and paged with block size 16, float32 and bfloat16) print
 the K/V bytes read per second and their share of the read bandwidth measured
-in the same run (numpy float32 sum over 512 MiB, one thread per core).
+in the same run (the C probe of `fastqkv bench`: a float32 sum over 512 MiB
+on every thread).
 
 Contenders run in alternating blocks separated by a short sleep (see
 time_interleaved).  Prints ms (median), GFLOP/s (4 * B * Hq * visible pairs * D) and the ratio
@@ -381,7 +382,7 @@ def decode_table(threads, repeat, only=""):
     import ml_dtypes
 
     bw = read_bandwidth(threads)
-    print(f"read bandwidth (numpy float32 sum over 512 MiB, {threads} threads): {bw:.1f} GB/s; "
+    print(f"read bandwidth (C probe, float32 sum over 512 MiB, {threads} threads): {bw:.1f} GB/s; "
           f"load average {os.getloadavg()[0]:.1f}")
     print(f"{'case':30s} {'c ms':>8s} {'GB/s':>6s} {'%bw':>5s} {'torch ms':>9s} {'x torch':>8s} "
           f"{'ort ms':>8s} {'x ort':>6s} {'vs f32':>7s} {'vs dense':>8s}")
