@@ -108,6 +108,62 @@ AI FQ_T N(hsum)(V x)
 #endif
 }
 
+/* Transposed reduction: x[0..FQ_VLC) -> one vector whose lane j is the sum
+ * of the lanes of x[fq_bitrev(j)] (callers place their j-th accumulator at
+ * x[bitrev(j)] to get the sums in order): log2(VL) levels of two shuffles and
+ * an add per pair, instead of one horizontal sum per vector. */
+#define FQ_VLC (FQ_VBYTES / FQ_ELEM_BYTES)
+#define FQ_LO(j, H) ((((j) % (2 * (H))) < (H)) ? ((j) / (2 * (H))) * 2 * (H) + (j) % (2 * (H)) \
+                     : FQ_VLC + ((j) / (2 * (H))) * 2 * (H) + (j) % (2 * (H)) - (H))
+#define FQ_HI(j, H) (FQ_LO(j, H) + (H))
+#define FQ_L2(F, H) F(0, H), F(1, H)
+#define FQ_L4(F, H) FQ_L2(F, H), F(2, H), F(3, H)
+#define FQ_L8(F, H) FQ_L4(F, H), F(4, H), F(5, H), F(6, H), F(7, H)
+#define FQ_L16(F, H) FQ_L8(F, H), F(8, H), F(9, H), F(10, H), F(11, H), F(12, H), F(13, H), \
+                     F(14, H), F(15, H)
+#undef FQ_LN
+#if FQ_VLC == 16
+#define FQ_LN FQ_L16
+#elif FQ_VLC == 8
+#define FQ_LN FQ_L8
+#elif FQ_VLC == 4
+#define FQ_LN FQ_L4
+#else
+#define FQ_LN FQ_L2
+#endif
+#if defined(__clang__)
+#define FQ_PAIR(a, b, H) (__builtin_shufflevector(a, b, FQ_LN(FQ_LO, H)) + \
+                          __builtin_shufflevector(a, b, FQ_LN(FQ_HI, H)))
+#else
+#define FQ_PAIR(a, b, H) (__builtin_shuffle(a, b, (VI){FQ_LN(FQ_LO, H)}) + \
+                          __builtin_shuffle(a, b, (VI){FQ_LN(FQ_HI, H)}))
+#endif
+
+static inline int N(bitrev)(int j)
+{
+    int r = 0;
+    for (int b = 1; b < FQ_VLC; b <<= 1)
+        r = (r << 1) | ((j & b) != 0);
+    return r;
+}
+
+AI V N(vred)(V *x)
+{
+#if FQ_VLC >= 16
+    for (int i = 0; i < 8; i++)
+        x[i] = FQ_PAIR(x[2 * i], x[2 * i + 1], 8);
+#endif
+#if FQ_VLC >= 8
+    for (int i = 0; i < 4; i++)
+        x[i] = FQ_PAIR(x[2 * i], x[2 * i + 1], 4);
+#endif
+#if FQ_VLC >= 4
+    for (int i = 0; i < 2; i++)
+        x[i] = FQ_PAIR(x[2 * i], x[2 * i + 1], 2);
+#endif
+    return FQ_PAIR(x[0], x[1], 1);
+}
+
 /* Vectorised exp, Cephes style: x = n ln2 + r with |r| <= ln2/2 (Cody-Waite
  * two-constant ln2), exp(r) by a polynomial, 2^n built in the exponent bits
  * (n taken from the rounding magic number, no float->int conversion).
