@@ -20,4 +20,7 @@
 #define NV_PV 4
 #define FQ_ROWS 256
 #define FQ_KT 512
+/* P.V key chunks of 32 KiB of V (two thirds of Ice Lake's 48 KiB L1d):
+ * 1-3.6 % faster prefill there than 16 KiB; 64 KiB was 2-5 % slower */
+#define FQ_PV_L1_BYTES 32768
 #include "attn_isa.inc"
