@@ -186,6 +186,25 @@ def test_strided_kv_and_dv(forced):
     _check(q, k, v, layout="blhd", causal=True, key_lens=np.array([90, 41]))
 
 
+@pytest.mark.parametrize("dtype", ["float32", "float64"] + HALF)
+@pytest.mark.parametrize("D,Dv", [(136, 100), (40, 72), (8, 200)], ids=["D136Dv100", "D40Dv72", "D8Dv200"])
+def test_decode_head_dims(dtype, D, Dv, forced):
+    """Head dims past the streaming micro-kernels' vector blocks: QK on whole
+    vectors plus a scalar rest of D, PV on 4, 3, 2 or 1 vectors plus a
+    scalar rest of Dv; dense bhld, blhd (every KV head per item) and paged,
+    chunks whose key count is not a multiple of 4."""
+    forced(0, 12)
+    dt = _dtype(dtype)
+    rng = np.random.default_rng(D + Dv)
+    q, k, v = _qkv(rng, 2, 8, 2, 1, 75, D, dt, Dv=Dv)
+    kl = np.array([75, 30])
+    _check(q, k, v, key_lens=kl)
+    _check(q.transpose(0, 2, 1, 3), k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3), layout="blhd",
+           key_lens=kl)
+    kc, vc, bt = _paginate(rng, k, v, kl, 16)
+    _check_paged(q, kc, vc, bt, kl)
+
+
 def test_decode_large_logits_and_negative_scale():
     rng = np.random.default_rng(15)
     q, k, v = _qkv(rng, 1, 4, 1, 1, 700, 16)
