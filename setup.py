@@ -14,6 +14,7 @@ a warning is printed, the package installs without the extension, and
 
 import os
 import platform
+import shlex
 import sys
 import tempfile
 
@@ -96,6 +97,9 @@ class GracefulBuildExt(build_ext):
             for isa, flags in ISA_FLAGS.items():
                 if src.replace("\\", "/").endswith(f"kernels/attn_{isa}.c"):
                     extra = extra + flags
+            # $FASTQKV_CFLAGS comes last, so it can override the optimisation
+            # level (scripts/asan_check.sh builds with -O1)
+            extra = extra + shlex.split(os.environ.get("FASTQKV_CFLAGS", ""))
             return orig(obj, src, ext_, cc_args, extra, pp_opts)
 
         compiler._compile = _compile
