@@ -2160,20 +2160,24 @@ def _run_stream(p, num_threads):
     tk = STREAM_KEYS if nh == 1 else TOKEN_MAJOR_KEYS
     split = split_keys(p, num_threads, tq, tk, nh)
     nqt = -(-p.Lq // tq)
-    lens = p.key_lens if p.key_lens is not None else np.full(p.B, p.Lk, np.int64)
-    ns = np.maximum(1, -(-lens // split))
-    items = int(ns.sum()) * (p.Hkv // nh) * nqt
-    work = p.Hq * p.Lq * int(lens.sum()) * (p.D + p.Dv)
+    # plain Python over the lengths: a small decode call is over in tens of
+    # microseconds, and each NumPy call on a tiny array costs several
+    lens = p.key_lens.tolist() if p.key_lens is not None else [p.Lk] * p.B
+    ns = [max(1, -(-x // split)) for x in lens]
+    items = sum(ns) * (p.Hkv // nh) * nqt
+    work = p.Hq * p.Lq * sum(lens) * (p.D + p.Dv)
     n = _threads_for(num_threads, items, work)
-    part, per = _stream_layout(p.B, p.Hq, p.Lq, g, p.D, p.Dv, tq, tk, nh, int(ns.max()))
+    part, per = _stream_layout.py_func(p.B, p.Hq, p.Lq, g, p.D, p.Dv, tq, tk, nh, max(ns))
     ws, _, queue = _workspace(acc, part + n * per, 0, 4 + p.B + n * 4 * ((tk + 3) & ~3))
     old = numba.get_num_threads()
-    numba.set_num_threads(n)
+    if old != n:
+        numba.set_num_threads(n)
     try:
         fn(q, k, v, out, lse, key_lens, bt, acc.type(p.scale), int(p.window_left),
            int(p.window_right), flags, kind, tq, tk, nh, split, n, ws, queue)
     finally:
-        numba.set_num_threads(old)
+        if old != n:
+            numba.set_num_threads(old)
     if tmp is not None:
         p.out[...] = tmp
 
