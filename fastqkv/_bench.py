@@ -756,10 +756,16 @@ def _auto_verdict(inp, res, timers, size, progress):
 
 
 def _limit_for(case, machine):
+    """The roofline of a case: the best of the machine's runs (on a shared
+    machine the median of the probe moves with the neighbours' load; the best
+    run is what the hardware delivered, the stricter yardstick)."""
     if case["bound"] == "memory":
-        return machine["bandwidth_gbs"], "bw"
-    key = "dgemm_gflops" if case["case"]["dtype"] == "float64" else "sgemm_gflops"
-    return machine[key], "dgemm" if key == "dgemm_gflops" else "sgemm"
+        key, what = "bandwidth_gbs", "bw"
+    elif case["case"]["dtype"] == "float64":
+        key, what = "dgemm_gflops", "dgemm"
+    else:
+        key, what = "sgemm_gflops", "sgemm"
+    return machine.get(key + "_best", machine[key]), what
 
 
 def format_table(results, machine):
@@ -782,8 +788,8 @@ def format_table(results, machine):
         for s in c["skipped"]:
             lines.append(f"{c['name']:24s} {s['runner']:8s} skipped: {s['reason']}")
     lines.append("")
-    lines.append("x PEER = PEER ms / backend ms (> 1: faster than the peer). %limit: of sgemm (sg), "
-                 "dgemm (dg) or read bandwidth (bw). ±%: half the interquartile range of the samples.")
+    lines.append("x PEER = PEER ms / backend ms (> 1: faster than the peer). %limit: of the best run of "
+                 "sgemm (sg), dgemm (dg) or read bandwidth (bw). ±%: half the interquartile range of the samples.")
     lines.append("")
     for c in results:
         lines.append(auto_line(c))
@@ -841,11 +847,14 @@ def write_plot(path, results, machine):
                     ys.append(r[key])
             ax.bar(xs, ys, width, label=name)
         if bound == "compute":
-            ax.axhline(machine["sgemm_gflops"], color="k", ls="--", label="sgemm")
+            ax.axhline(machine.get("sgemm_gflops_best", machine["sgemm_gflops"]), color="k", ls="--",
+                       label="sgemm (best run)")
             if any(c["case"]["dtype"] == "float64" for c in cs):
-                ax.axhline(machine["dgemm_gflops"], color="gray", ls=":", label="dgemm")
+                ax.axhline(machine.get("dgemm_gflops_best", machine["dgemm_gflops"]), color="gray", ls=":",
+                           label="dgemm (best run)")
         else:
-            ax.axhline(machine["bandwidth_gbs"], color="k", ls="--", label="read bandwidth")
+            ax.axhline(machine.get("bandwidth_gbs_best", machine["bandwidth_gbs"]), color="k", ls="--",
+                       label="read bandwidth (best run)")
         ax.set_xticks(range(len(cs)))
         ax.set_xticklabels([c["name"] for c in cs], rotation=25, ha="right", fontsize=8)
         ax.set_ylabel(label)
