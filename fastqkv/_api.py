@@ -45,8 +45,8 @@ def attention(q: ArrayLike, k: ArrayLike, v: ArrayLike, *, causal: bool = False,
     :func:`fastqkv.backends`.  Returns ``out`` or ``(out, lse)``.
     """
     if (mask is None and bias is None and key_lens is None and window is None and softcap is None
-            and alibi_slopes is None and out is None and layout == "bhld" and backend == "auto"):
-        p = _validate.plan_simple(q, k, v, causal, scale, return_lse)
+            and alibi_slopes is None and layout == "bhld" and type(backend) is str):
+        p = _validate.plan_simple(q, k, v, causal, scale, return_lse, out)
         if p is not None:
             mod, _ = _dispatch.resolve(backend, p)
             mod.run(p, _dispatch.get_num_threads())

@@ -397,10 +397,12 @@ def plan_attention(q, k, v, *, causal=False, mask=None, bias=None, key_lens=None
         dtype, acc, out_user, lse_user, copy_to, return_lse, layout, ndim)
 
 
-def plan_simple(q, k, v, causal, scale, return_lse):
+def plan_simple(q, k, v, causal, scale, return_lse, out=None):
     """The per-call fast path of plan_attention for its commonest call:
     C-contiguous aligned 4-D ``bhld`` ndarrays of one dtype (float32 or
-    float64), no mask/bias/key_lens/window/softcap/ALiBi/out, non-empty work.
+    float64), no mask/bias/key_lens/window/softcap/ALiBi, non-empty work, and
+    either no ``out`` or a C-contiguous aligned writeable ``out`` of the right
+    shape and dtype whose memory bounds are disjoint from q, k and v.
 
     Returns a ready Problem, or None whenever anything differs; the caller
     then runs :func:`plan_attention`, which does every check and raises."""
@@ -429,7 +431,19 @@ def plan_simple(q, k, v, causal, scale, return_lse):
             and fv.aligned):
         return None
     acc = _F64 if dt is _F64 else _F32
-    out = np.empty((B, Hq, Lq, Dv), dt)
+    if out is None:
+        out = np.empty((B, Hq, Lq, Dv), dt)
+    else:
+        if type(out) is not nd or out.dtype != dt or out.shape != (B, Hq, Lq, Dv):
+            return None
+        fo = out.flags
+        if not (fo.c_contiguous and fo.aligned and fo.writeable):
+            return None
+        # bounds only: disjoint extents cannot overlap (anything else takes
+        # the full check of plan_attention)
+        may_share = np.may_share_memory
+        if may_share(out, q) or may_share(out, k) or may_share(out, v):
+            return None
     lse = np.empty((B, Hq, Lq), acc) if return_lse else None
     return Problem._fast(q, k, v, out, lse, None, None, None, None, scale, 0.0, causal, -1,
                          0 if causal else -1, B, Hq, Hkv, Lq, Lk, D, Dv, dt, acc, out, lse, None,
