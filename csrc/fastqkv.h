@@ -80,15 +80,9 @@ typedef struct fq_isa {
 extern const fq_isa fq_isa_generic;
 #if FQ_HAVE_AVX2
 extern const fq_isa fq_isa_avx2;
-/* the benchmarks' read bandwidth probe: the sum of n floats on nthreads threads */
-double fq_read_sum(const float *p, size_t n, int nthreads);
-
 #endif
 #if FQ_HAVE_AVX512
 extern const fq_isa fq_isa_avx512;
-/* the benchmarks' read bandwidth probe: the sum of n floats on nthreads threads */
-double fq_read_sum(const float *p, size_t n, int nthreads);
-
 #endif
 
 /* cpu_features.c */

@@ -15,6 +15,7 @@ ONNX models are encoded directly as protobuf bytes (a one-node graph), so the
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -493,6 +494,10 @@ def _gemm(n, dtype, runs):
     return f / min(ts) / 1e9, f / statistics.median(ts) / 1e9
 
 
+# MiB of the read bandwidth probe per bench size
+_PROBE_MIB = {"full": 512, "quick": 256, "tiny": 16}
+
+
 def _bandwidth(nbytes, threads, runs):
     """Read bandwidth (best, median GB/s) and how it was measured: a sum over
     ``nbytes`` split across ``threads`` threads of the C extension's probe
@@ -503,27 +508,25 @@ def _bandwidth(nbytes, threads, runs):
         from . import _ckernels
     except ImportError:
         _ckernels = None
-    if _ckernels is not None and hasattr(_ckernels, "read_sum"):
-        def read():
-            _ckernels.read_sum(a, threads)
-        how = f"float32 sum over {nbytes >> 20} MiB, {threads} threads of the C probe (4 vector accumulators each)"
+    with contextlib.ExitStack() as stack:
+        if _ckernels is not None and hasattr(_ckernels, "read_sum"):
+            def read():
+                _ckernels.read_sum(a, threads)
+            how = f"float32 sum over {nbytes >> 20} MiB, {threads} threads of the C probe (4 vector accumulators each)"
+        else:
+            parts = np.array_split(a, threads)
+            ex = stack.enter_context(ThreadPoolExecutor(threads))
+
+            def read():
+                list(ex.map(np.sum, parts))
+            how = (f"numpy float32 sum over {nbytes >> 20} MiB split across {threads} Python threads "
+                   "(C probe unavailable: understates multi-core bandwidth)")
         read()
         ts = []
         for _ in range(runs):
             t0 = time.perf_counter()
             read()
             ts.append(time.perf_counter() - t0)
-    else:
-        parts = np.array_split(a, threads)
-        how = (f"numpy float32 sum over {nbytes >> 20} MiB split across {threads} Python threads "
-               "(C probe unavailable: understates multi-core bandwidth)")
-        with ThreadPoolExecutor(threads) as ex:
-            list(ex.map(np.sum, parts))
-            ts = []
-            for _ in range(runs):
-                t0 = time.perf_counter()
-                list(ex.map(np.sum, parts))
-                ts.append(time.perf_counter() - t0)
     return a.nbytes / min(ts) / 1e9, a.nbytes / statistics.median(ts) / 1e9, how
 
 
@@ -531,7 +534,7 @@ def measure_machine(threads, size="full"):
     """sgemm/dgemm GFLOP/s (numpy matmul) and read bandwidth (a float32 sum on
     ``threads`` threads): ``{name: value}`` plus how each was measured."""
     n = {"full": 2048, "quick": 1024, "tiny": 256}[size]
-    mib = {"full": 512, "quick": 256, "tiny": 16}[size]
+    mib = _PROBE_MIB[size]
     runs = 5 if size != "tiny" else 2
     lim = _blas_limit(threads)
     try:
@@ -755,17 +758,22 @@ def _auto_verdict(inp, res, timers, size, progress):
     return out
 
 
+def _best(machine, key):
+    """The best run of a machine limit (on a shared machine the median moves
+    with the neighbours' load; the best run is what the hardware delivered,
+    the stricter yardstick); the median in results without it."""
+    return machine.get(key + "_best", machine[key])
+
+
 def _limit_for(case, machine):
-    """The roofline of a case: the best of the machine's runs (on a shared
-    machine the median of the probe moves with the neighbours' load; the best
-    run is what the hardware delivered, the stricter yardstick)."""
+    """The roofline of a case: the best run of its machine limit."""
     if case["bound"] == "memory":
         key, what = "bandwidth_gbs", "bw"
     elif case["case"]["dtype"] == "float64":
         key, what = "dgemm_gflops", "dgemm"
     else:
         key, what = "sgemm_gflops", "sgemm"
-    return machine.get(key + "_best", machine[key]), what
+    return _best(machine, key), what
 
 
 def format_table(results, machine):
@@ -847,13 +855,13 @@ def write_plot(path, results, machine):
                     ys.append(r[key])
             ax.bar(xs, ys, width, label=name)
         if bound == "compute":
-            ax.axhline(machine.get("sgemm_gflops_best", machine["sgemm_gflops"]), color="k", ls="--",
+            ax.axhline(_best(machine, "sgemm_gflops"), color="k", ls="--",
                        label="sgemm (best run)")
             if any(c["case"]["dtype"] == "float64" for c in cs):
-                ax.axhline(machine.get("dgemm_gflops_best", machine["dgemm_gflops"]), color="gray", ls=":",
+                ax.axhline(_best(machine, "dgemm_gflops"), color="gray", ls=":",
                            label="dgemm (best run)")
         else:
-            ax.axhline(machine.get("bandwidth_gbs_best", machine["bandwidth_gbs"]), color="k", ls="--",
+            ax.axhline(_best(machine, "bandwidth_gbs"), color="k", ls="--",
                        label="read bandwidth (best run)")
         ax.set_xticks(range(len(cs)))
         ax.set_xticklabels([c["name"] for c in cs], rotation=25, ha="right", fontsize=8)
@@ -962,8 +970,7 @@ def _run(args, size, threads, names, cases):
             if case.bound == "memory":
                 # the read bandwidth of a shared machine drifts: probe it again
                 # next to every memory-bound case; the best run of all is the roofline
-                mib = {"full": 512, "quick": 256, "tiny": 16}[size]
-                best, _med, _how = _bandwidth(mib << 20, threads, 3)
+                best, _med, _how = _bandwidth(_PROBE_MIB[size] << 20, threads, 3)
                 machine["bandwidth_gbs_best"] = max(machine["bandwidth_gbs_best"], best)
             results.append(run_case(case, names, threads, size, progress, args.repeat))
     finally:
