@@ -451,7 +451,11 @@ int fq_run(const fq_problem *p0, const fq_isa *isa, int nthreads)
 /* ---- machine limit for the benchmarks ------------------------------------
  * The read bandwidth: nthreads threads each sum a contiguous part of n
  * floats with 4 independent vector accumulators (memory bound on any x86-64
- * with SSE2), the way a decode step streams its K/V cache. */
+ * with SSE2), the way a decode step streams its K/V cache, and prefetch
+ * FQ_PROBE_PF floats ahead as the decode kernels do.  Without the prefetch
+ * an Intel Ice Lake Xeon read 18.7 GB/s on 2 threads where it reads 23.3
+ * (and a decode kernel read 20.7): the probe would not be the limit. */
+#define FQ_PROBE_PF 2048
 typedef float fq_v4 __attribute__((vector_size(16)));
 typedef float fq_v4u __attribute__((vector_size(16), aligned(4), may_alias));
 typedef struct { const float *p; size_t n; double sum; } fq_sumpart;
@@ -463,6 +467,7 @@ static void *sum_part(void *arg)
     size_t i = 0, n = sp->n;
     fq_v4 a0 = {0}, a1 = {0}, a2 = {0}, a3 = {0};
     for (; i + 16 <= n; i += 16) {
+        __builtin_prefetch(p + i + FQ_PROBE_PF, 0, 3);
         a0 += *(const fq_v4u *)(p + i);
         a1 += *(const fq_v4u *)(p + i + 4);
         a2 += *(const fq_v4u *)(p + i + 8);

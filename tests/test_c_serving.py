@@ -245,15 +245,18 @@ def test_half_split_and_paged_decode(dt, isa, decode_hook):
             testing.assert_close(lse, want_lse, dt, cond=8.0, what="lse")
 
 
+@pytest.mark.parametrize("reps", [1, 16], ids=["D10", "D160"])
 @pytest.mark.parametrize("dt", testing.half_dtypes(), ids=lambda d: d.name)
-def test_half_conversions_exact(dt, isa):
+def test_half_conversions_exact(dt, reps, isa):
     """q = 0: out is the mean of V exactly representable values, so the
-    widening (subnormals, zero, extremes) and the rounding are checked bit for bit."""
+    widening (subnormals, zero, extremes) and the rounding are checked bit for bit.
+    D 160 has whole register-tile blocks of columns and a tail on every ISA."""
     ml_dtypes = pytest.importorskip("ml_dtypes")
 
     finfo = ml_dtypes.finfo(dt)
     vals = np.array([finfo.smallest_subnormal, -finfo.smallest_subnormal, finfo.tiny, 0.0,
                      2.0, 1.0, -3.5, float(finfo.max) / 4, -float(finfo.max) / 4, 0.1], np.float64)
+    vals = np.tile(vals, reps)
     v = np.broadcast_to(vals.astype(dt)[None, None, None, :], (1, 1, 1, vals.size)).copy()
     v = np.repeat(v, 3, axis=2)                      # 3 identical keys: the mean is the value
     q = np.zeros((1, 1, 1, vals.size), dt)
