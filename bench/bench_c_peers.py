@@ -4,9 +4,9 @@ GroupQueryAttention / MultiHeadAttention), same process, same thread count.
     python bench/bench_c_peers.py [--threads 2] [--repeat 15] [--only prefill|decode]
 
 Decode rows (dense and paged with block size 16, float32 and bfloat16) print
-the K/V bytes read per second and their share of the read bandwidth measured
-in the same run (the C probe of `fastqkv bench`: a float32 sum over 512 MiB
-on every thread).
+the K/V bytes read per second and their share of the read bandwidth (the C
+probe of `fastqkv bench`: a float32 sum over 512 MiB on every thread), the
+probe taking its turns with the decode contenders of the same shape.
 
 Contenders run in alternating blocks separated by a short sleep (see
 time_interleaved).  Prints ms (median), GFLOP/s (4 * B * Hq * visible pairs * D) and the ratio
@@ -324,13 +324,6 @@ DECODE_CASES = {
 DECODE_BLOCK = 16
 
 
-def read_bandwidth(threads, mib=512, repeat=7):
-    """GB/s (median) of a parallel read over `mib` MiB: the probe of `fastqkv bench`."""
-    from fastqkv._bench import _bandwidth
-
-    return _bandwidth(mib << 20, threads, repeat)[1]
-
-
 def _paged_copy(k, v, bs, rng):
     """(num_blocks, bs, Hkv, D) caches holding k/v in shuffled blocks, and the table."""
     B, Hkv, Lk, D = k.shape
@@ -343,67 +336,79 @@ def _paged_copy(k, v, bs, rng):
     return kc, vc, perm.reshape(B, nb).astype(np.int64)
 
 
-def bench_decode(name, B, Hq, Hkv, Lk, D, *, dtype, paged, threads, repeat):
+def decode_contenders(B, Hq, Hkv, Lk, D, *, dtypes, threads):
+    """{name: fn} for one decode shape: c dense and paged (block size
+    DECODE_BLOCK) in every dtype, torch SDPA in every dtype, ORT
+    GroupQueryAttention in float32; and {name: K/V bytes read}."""
     rng = np.random.default_rng(0)
-    q = rng.standard_normal((B, Hq, 1, D)).astype(dtype)
-    k = rng.standard_normal((B, Hkv, Lk, D)).astype(dtype)
-    v = rng.standard_normal((B, Hkv, Lk, D)).astype(dtype)
-    out = np.empty_like(q)
     fastqkv.set_num_threads(threads)
-    if paged:
+    fns, nbytes = {}, {}
+    for dt_name, dtype in dtypes:
+        q = rng.standard_normal((B, Hq, 1, D)).astype(dtype)
+        k = rng.standard_normal((B, Hkv, Lk, D)).astype(dtype)
+        v = rng.standard_normal((B, Hkv, Lk, D)).astype(dtype)
+        out = np.empty_like(q)
         kc, vc, table = _paged_copy(k, v, DECODE_BLOCK, rng)
         lens = np.full(B, Lk, np.int64)
-        fns = {"c": lambda: fastqkv.paged_attention(q, kc, vc, table, lens, out=out, backend="c")}
-    else:
-        fns = {"c": lambda: fastqkv.attention(q, k, v, out=out, backend="c")}
-    if torch is not None and not paged:
-        torch.set_num_threads(threads)
-        if dtype == np.float32:
-            tq, tk, tv = (torch.from_numpy(x) for x in (q, k, v))
-        else:   # bfloat16: same bits in a torch.bfloat16 tensor
-            tq, tk, tv = (torch.from_numpy(x.view(np.int16)).view(torch.bfloat16) for x in (q, k, v))
-        sdpa = torch.nn.functional.scaled_dot_product_attention
+        fns[f"{dt_name}-dense"] = lambda q=q, k=k, v=v, out=out: fastqkv.attention(
+            q, k, v, out=out, backend="c")
+        fns[f"{dt_name}-paged"] = lambda q=q, kc=kc, vc=vc, t=table, n=lens, out=out: (
+            fastqkv.paged_attention(q, kc, vc, t, n, out=out, backend="c"))
+        nbytes[f"{dt_name}-dense"] = nbytes[f"{dt_name}-paged"] = k.nbytes + v.nbytes
+        if torch is not None:
+            torch.set_num_threads(threads)
+            if dtype == np.float32:
+                tq, tk, tv = (torch.from_numpy(x) for x in (q, k, v))
+            else:   # bfloat16: same bits in a torch.bfloat16 tensor
+                tq, tk, tv = (torch.from_numpy(x.view(np.int16)).view(torch.bfloat16) for x in (q, k, v))
+            sdpa = torch.nn.functional.scaled_dot_product_attention
 
-        def run_torch():
-            with torch.inference_mode():
-                sdpa(tq, tk, tv, enable_gqa=Hq != Hkv)
-        fns["torch"] = run_torch
-    if ort is not None and not paged and dtype == np.float32:
-        fns["ort"] = ort_gqa(B, Hq, Hkv, 1, Lk, D, threads)
-    row = time_interleaved(fns, repeat)
-    row["bytes"] = k.nbytes + v.nbytes
-    return row
+            def run_torch(tq=tq, tk=tk, tv=tv):
+                with torch.inference_mode():
+                    sdpa(tq, tk, tv, enable_gqa=Hq != Hkv)
+            fns[f"{dt_name}-torch"] = run_torch
+        if ort is not None and dtype == np.float32:
+            fns[f"{dt_name}-ort"] = ort_gqa(B, Hq, Hkv, 1, Lk, D, threads)
+    return fns, nbytes
 
 
 def decode_table(threads, repeat, only=""):
-    """Decode rows: GB/s of K/V read, % of the read bandwidth measured in this
-    run, ratios vs torch SDPA and ORT GroupQueryAttention (dense peers), bf16
-    vs float32 and paged vs dense speed-ups."""
+    """Decode rows: GB/s of K/V read, % of the read bandwidth, ratios vs torch
+    SDPA and ORT GroupQueryAttention (dense peers), bf16 vs float32 and paged
+    vs dense speed-ups.  Every contender of a shape, the read probe included,
+    takes turns in one time_interleaved group, so every ratio of a row is
+    measured under the same load."""
     import ml_dtypes
+    from fastqkv import _ckernels
 
-    bw = read_bandwidth(threads)
-    print(f"read bandwidth (C probe, float32 sum over 512 MiB, {threads} threads): {bw:.1f} GB/s; "
-          f"load average {os.getloadavg()[0]:.1f}")
+    dtypes = (("f32", np.dtype(np.float32)), ("bf16", np.dtype(ml_dtypes.bfloat16)))
+    big = np.ones(512 << 18, np.float32)
+    print(f"read bandwidth (C probe, float32 sum over 512 MiB, {threads} threads) taken in turns with "
+          f"the decode contenders; load average {os.getloadavg()[0]:.1f}")
     print(f"{'case':30s} {'c ms':>8s} {'GB/s':>6s} {'%bw':>5s} {'torch ms':>9s} {'x torch':>8s} "
           f"{'ort ms':>8s} {'x ort':>6s} {'vs f32':>7s} {'vs dense':>8s}")
+    nan = float("nan")
     for name, kw in DECODE_CASES.items():
         if only and only not in name:
             continue
-        base = {}
-        for dt_name, dt in (("f32", np.float32), ("bf16", np.dtype(ml_dtypes.bfloat16))):
-            for paged in (False, True):
-                r = bench_decode(name, dtype=dt, paged=paged, threads=threads, repeat=repeat, **kw)
-                tag = f"{name}-{dt_name}-{'paged' if paged else 'dense'}"
-                base[(dt_name, paged)] = r["c"]
-                gbs = r["bytes"] / r["c"] / 1e9
-                t, o = r.get("torch"), r.get("ort")
-                vs32 = base[("f32", paged)] / r["c"] if dt_name != "f32" else float("nan")
-                vsd = base[(dt_name, False)] / r["c"] if paged else float("nan")
-                print(f"{tag:30s} {r['c'] * 1e3:8.2f} {gbs:6.1f} {100 * gbs / bw:4.0f}% "
-                      f"{t * 1e3 if t else float('nan'):9.2f} {t / r['c'] if t else float('nan'):8.2f} "
-                      f"{o * 1e3 if o else float('nan'):8.2f} {o / r['c'] if o else float('nan'):6.2f} "
+        fns, nbytes = decode_contenders(dtypes=dtypes, threads=threads, **kw)
+        fns["probe"] = lambda: _ckernels.read_sum(big, threads)
+        r = time_interleaved(fns, repeat)
+        bw = big.nbytes / r["probe"] / 1e9
+        for dt_name, _ in dtypes:
+            for kind in ("dense", "paged"):
+                key = f"{dt_name}-{kind}"
+                tc = r[key]
+                gbs = nbytes[key] / tc / 1e9
+                t = r.get(f"{dt_name}-torch") if kind == "dense" else None
+                o = r.get(f"{dt_name}-ort") if kind == "dense" else None
+                vs32 = r[f"f32-{kind}"] / tc if dt_name != "f32" else nan
+                vsd = r[f"{dt_name}-dense"] / tc if kind == "paged" else nan
+                print(f"{name + '-' + key:30s} {tc * 1e3:8.2f} {gbs:6.1f} {100 * gbs / bw:4.0f}% "
+                      f"{t * 1e3 if t else nan:9.2f} {t / tc if t else nan:8.2f} "
+                      f"{o * 1e3 if o else nan:8.2f} {o / tc if o else nan:6.2f} "
                       f"{vs32:7.2f} {vsd:8.2f}", flush=True)
-    print(f"read bandwidth after the decode rows: {read_bandwidth(threads):.1f} GB/s")
+        print(f"{'':30s} read probe in the same turns: {bw:.1f} GB/s")
 
 
 def overhead(repeat=2000):
