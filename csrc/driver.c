@@ -254,7 +254,6 @@ int fq_set_decode(int stream, int splits)
  * in one item, so each K/V byte is read once per group */
 #define FQ_STREAM_ROWS 64
 #define FQ_STREAM_MAXQ 16
-#define FQ_MAX_SPLITS 256
 /* a split covers at least this many keys (the merge and the item's set-up
  * stay negligible) */
 #define FQ_MIN_CHUNK 512

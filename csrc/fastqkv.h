@@ -12,6 +12,10 @@ enum { FQ_F32 = 0, FQ_F64 = 1, FQ_F16 = 2, FQ_BF16 = 3 };
 /* status codes returned by fq_run (never printed, never exit()) */
 enum { FQ_OK = 0, FQ_ENOMEM = 1, FQ_EISA = 2, FQ_EINVAL = 3 };
 
+/* most splits of the key axis per decode row (the merge weighs the partials
+ * of a row in an array of this size) */
+#define FQ_MAX_SPLITS 256
+
 typedef struct fq_problem {
     int dtype;                       /* FQ_F32 or FQ_F64 (storage = accumulation) */
     int64_t B, Hq, Hkv, G, Lq, Lk, D, Dv;
