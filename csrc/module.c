@@ -539,7 +539,8 @@ static PyObject *py_read_sum(PyObject *self, PyObject *const *args, Py_ssize_t n
         return NULL;
     double s;
     Py_BEGIN_ALLOW_THREADS
-    s = fq_read_sum((const float *)PyArray_DATA(x), (size_t)PyArray_DIM(x, 0), (int)(nt < 1 ? 1 : nt > 256 ? 256 : nt));
+    /* fq_read_sum clamps the thread count; only the narrowing to int is done here */
+    s = fq_read_sum((const float *)PyArray_DATA(x), (size_t)PyArray_DIM(x, 0), (int)(nt < 1 ? 1 : nt > INT_MAX ? INT_MAX : nt));
     Py_END_ALLOW_THREADS
     return PyFloat_FromDouble(s);
 }
