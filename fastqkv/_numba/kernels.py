@@ -492,6 +492,38 @@ NR = 4 * _VBYTES // 4         # keys per K panel = columns per PV block (64 on A
 _UNROLL = 4                   # steps per loop iteration
 
 
+def _vec_ir(context, builder, signature, args):
+    """Codegen vocabulary of the vector intrinsics (element type of argument
+    0): ``(vals, data, lt, size, vl, vt, fma, const, splat)`` - the arguments
+    (integers cast to int64), ``data(i)`` the data pointer of array argument
+    ``i``, the scalar type, its size, the lanes per vector, the vector type,
+    ``llvm.fmuladd`` on vectors, an int64 constant and a broadcast."""
+    i32 = ir.IntType(32)
+    vals = [context.cast(builder, v, t, types.int64) if isinstance(t, types.Integer) else v
+            for v, t in zip(args, signature.args)]
+
+    def data(i):
+        return context.make_array(signature.args[i])(context, builder, vals[i]).data
+
+    lt = context.get_value_type(signature.args[0].dtype)
+    size = context.get_abi_sizeof(lt)
+    vl = max(1, _VBYTES // size)
+    vt = ir.VectorType(lt, vl)
+    fma = cgutils.get_or_insert_function(
+        builder.module, ir.FunctionType(vt, [vt, vt, vt]),
+        "llvm.fmuladd.v%d%s" % (vl, "f32" if size == 4 else "f64"))
+
+    def const(v):
+        return ir.Constant(ir.IntType(64), v)
+
+    def splat(v):
+        e = builder.insert_element(ir.Constant(vt, ir.Undefined), v, ir.Constant(i32, 0))
+        return builder.shuffle_vector(e, ir.Constant(vt, ir.Undefined),
+                                      ir.Constant(ir.VectorType(i32, vl), [0] * vl))
+
+    return vals, data, lt, size, vl, vt, fma, const, splat
+
+
 def _gemm_block(width, scale_c):
     """Intrinsic ``f(a, aoff, ars, ats, b, boff, ldb, c, coff, ldc, kd, alpha, alo)``:
     for ``r < MR``, ``C[r, :width] = sum_{t < kd} A[r, t] * B[t, :width]``
@@ -511,40 +543,18 @@ def _gemm_block(width, scale_c):
         sig = types.void(a, aoff, ars, ats, b, boff, ldb, c, coff, ldc, kd, alpha, alo)
 
         def codegen(context, builder, signature, args):
-            i64 = ir.IntType(64)
-            i32 = ir.IntType(32)
-            vals = [context.cast(builder, v, t, types.int64) if isinstance(t, types.Integer) else v
-                    for v, t in zip(args, signature.args)]
-            a_, aoff, ars, ats, b_, boff, ldb, c_, coff, ldc, kd, al_, alo = vals
-
-            def data(i, v):
-                return context.make_array(signature.args[i])(context, builder, v).data
-
-            lt = context.get_value_type(signature.args[0].dtype)
-            size = context.get_abi_sizeof(lt)
-            vl = max(1, _VBYTES // size)
+            vals, data, _, size, vl, vt, fma, const, splat = _vec_ir(context, builder, signature, args)
+            _, aoff, ars, ats, _, boff, ldb, _, coff, ldc, kd, _, alo = vals
             nv = width // vl
-            vt = ir.VectorType(lt, vl)
             rows = max(1, min(MR, _ACC // nv))
-            fma = cgutils.get_or_insert_function(
-                builder.module, ir.FunctionType(vt, [vt, vt, vt]),
-                "llvm.fmuladd.v%d%s" % (vl, "f32" if size == 4 else "f64"))
-
-            def const(x):
-                return ir.Constant(i64, x)
 
             def vptr(p, off):
                 return builder.bitcast(builder.gep(p, [off]), vt.as_pointer())
 
-            def splat(x):
-                v = builder.insert_element(ir.Constant(vt, ir.Undefined), x, ir.Constant(i32, 0))
-                return builder.shuffle_vector(v, ir.Constant(vt, ir.Undefined),
-                                              ir.Constant(ir.VectorType(i32, vl), [0] * vl))
-
-            ap = builder.gep(data(0, a_), [aoff])
-            bp = builder.gep(data(4, b_), [boff])
-            cp = builder.gep(data(7, c_), [coff])
-            alp = builder.gep(data(11, al_), [alo])
+            ap = builder.gep(data(0), [aoff])
+            bp = builder.gep(data(4), [boff])
+            cp = builder.gep(data(7), [coff])
+            alp = builder.gep(data(11), [alo])
             nu = builder.udiv(kd, const(_UNROLL))
             for r0 in range(0, MR, rows):
                 rr = range(r0, min(MR, r0 + rows))
@@ -1239,32 +1249,10 @@ def _stream_ir(context, builder, signature, args):
     int64), ``data(i)`` the data pointer of array argument ``i``, the scalar type,
     its size, the lanes per vector and the vector type, ``load`` (see
     :func:`_loader`), ``llvm.fmuladd`` on vectors, an int64 constant and a
-    broadcast, the byte pointer of the K/V array (argument 3) and the row
-    table (argument 4)."""
-    i32 = ir.IntType(32)
-    vals = [context.cast(builder, v, t, types.int64) if isinstance(t, types.Integer) else v
-            for v, t in zip(args, signature.args)]
-
-    def data(i):
-        return context.make_array(signature.args[i])(context, builder, vals[i]).data
-
-    lt = context.get_value_type(signature.args[0].dtype)
-    size = context.get_abi_sizeof(lt)
-    vl = max(1, _VBYTES // size)
-    vt = ir.VectorType(lt, vl)
+    broadcast (:func:`_vec_ir`), the byte pointer of the K/V array
+    (argument 3) and the row table (argument 4)."""
+    vals, data, lt, size, vl, vt, fma, const, splat = _vec_ir(context, builder, signature, args)
     load = _loader(context, builder, lt, vl)
-    fma = cgutils.get_or_insert_function(
-        builder.module, ir.FunctionType(vt, [vt, vt, vt]),
-        "llvm.fmuladd.v%d%s" % (vl, "f32" if size == 4 else "f64"))
-
-    def const(v):
-        return ir.Constant(ir.IntType(64), v)
-
-    def splat(v):
-        e = builder.insert_element(ir.Constant(vt, ir.Undefined), v, ir.Constant(i32, 0))
-        return builder.shuffle_vector(e, ir.Constant(vt, ir.Undefined),
-                                      ir.Constant(ir.VectorType(i32, vl), [0] * vl))
-
     xp = builder.bitcast(data(3), ir.IntType(8).as_pointer())
     return vals, data, lt, size, vl, vt, load, fma, const, splat, xp, data(4)
 
