@@ -44,7 +44,7 @@ first use only.  Structure (the C backend has the same one):
   when there is no mask, bias, ALiBi or softcap: work items
   ``(batch, KV head, query tile, KV split)``, K and V rows read once, in
   order, in place through row tables by 4 x 4 QK blocks (transposed
-  reductions) and 4-row PV register tiles, the next chunk prefetched;
+  reductions) and 4-row PV register tiles, rows prefetched PF_BYTES ahead;
   splits merged exactly through their max / sum in the same call.
   Anything else with a paged cache is gathered densely, and 16-bit inputs
   with those options are widened to float32, for the tiled kernel.
@@ -1223,7 +1223,8 @@ def _dec_impl(x, kind):
 # Register-tiled micro-kernels of the streaming kernel, as in the C backend's
 # attn_stream.inc: K/V rows are read in place through a table of byte offsets
 # (one per key of a chunk, plus a per-head base), decoded on load (float16:
-# vcvtph2ps, bfloat16: shift), and the next chunk's rows are prefetched.
+# vcvtph2ps, bfloat16: shift), and the rows read PF_BYTES later are
+# prefetched a line at a time next to the loads of the same columns.
 #   QK: 4 rows x 4 keys of vector FMAs along d, then one transposed
 #       reduction (two shuffles and an add per pair and level) gives the 16
 #       dot products in one vector (AVX-512 float32) - no horizontal sum per
@@ -1233,13 +1234,10 @@ def _dec_impl(x, kind):
 SQ_ROWS = 4                   # query rows per QK / PV block (scratch rows are padded to 4)
 SQ_KEYS = 4                   # keys per QK block
 SPV_NV = 4                    # vectors per PV block row (64 float32 columns on AVX-512)
-# prefetch locality of the next chunk's K/V rows: 2 (prefetcht1, into L2),
-# as a chunk of STREAM_KEYS = 128 rows of D = 128 float32 (64 KiB of K) does
-# not fit beside the current one in L1.  Measured on an Intel Ice Lake Xeon
-# (2 cores, AVX-512, 48 KiB L1d), decode B8 Hq32 Hkv8 Lk4096, 2 threads:
-# about as fast as the C kernel with locality 2, ~3 % slower with 3 (L1),
-# ~8 % slower with no prefetch (all within this VM's noise of +-5 %)
-_PF_LOC = 2
+# software prefetch: PF_BYTES of K (V) rows ahead of the row being read,
+# into L1 (locality 3), as the C streaming kernel does (FQ_SPF_BYTES)
+PF_BYTES = 8192
+_PF_LOC = 3
 
 
 def _stream_ir(context, builder, signature, args):
@@ -1284,19 +1282,23 @@ def _loader(context, builder, lt, vl):
     return load
 
 
-def _prefetch_rows(builder, base_i8, tab_p, idx, bias, b0, b1):
-    """``llvm.prefetch`` (read, locality ``_PF_LOC``) of bytes [b0, b1) of the
-    row at ``base_i8 + tab[idx] + bias``, one per 64-byte line."""
-    i64 = ir.IntType(64)
+def _prefetch(builder, p):
+    """``llvm.prefetch`` (read, locality ``_PF_LOC``, data) of the line at
+    the byte pointer ``p``."""
     i32 = ir.IntType(32)
-    i8p = ir.IntType(8).as_pointer()
     fn = cgutils.get_or_insert_function(
-        builder.module, ir.FunctionType(ir.VoidType(), [i8p, i32, i32, i32]), "llvm.prefetch.p0")
-    row = builder.gep(base_i8, [builder.add(builder.load(builder.gep(tab_p, [idx])), bias)])
-    lines = builder.udiv(builder.add(builder.sub(b1, b0), ir.Constant(i64, 63)), ir.Constant(i64, 64))
-    with cgutils.for_range(builder, lines) as loop:
-        p = builder.gep(row, [builder.add(b0, builder.mul(loop.index, ir.Constant(i64, 64)))])
-        builder.call(fn, [p, ir.Constant(i32, 0), ir.Constant(i32, _PF_LOC), ir.Constant(i32, 1)])
+        builder.module, ir.FunctionType(ir.VoidType(), [p.type, i32, i32, i32]), "llvm.prefetch.p0")
+    builder.call(fn, [p, ir.Constant(i32, 0), ir.Constant(i32, _PF_LOC), ir.Constant(i32, 1)])
+
+
+def _pf_row(builder, xp, tp, i, pd, pn, pb, own):
+    """The row to prefetch while row ``i`` of the table is read: the row at
+    byte offset ``tab[i + pd] + pb`` of ``x`` when ``i + pd < pn``, else
+    ``own`` (a row that is read anyway)."""
+    ok = builder.icmp_signed("<", builder.add(i, pd), pn)
+    j = builder.select(ok, builder.add(i, pd), i)
+    row = builder.gep(xp, [builder.add(builder.load(builder.gep(tp, [j])), pb)])
+    return builder.select(ok, row, own)
 
 
 def _reduce_plan(vl):
@@ -1339,43 +1341,48 @@ def _variants(builder, st, kind, nv, widths, emit):
 
 
 def _stream_qk():
-    """Intrinsic ``f(q, qoff, ldq, x, tab, t0, c, base, dw, s, soff, lds, pfo, pfn, pfb)``:
+    """Intrinsic ``f(q, qoff, ldq, x, tab, t0, c, base, dw, s, soff, lds, pd, pn, pb)``:
     ``S[r, j] = sum_{t < dw} Q[r, t] K_j[t]`` for ``r < 4``, ``j < 4``
     (overwritten), ``Q[r, t] = q.flat[qoff + r*ldq + t]``,
     ``S[r, j] = s.flat[soff + r*lds + j]``, ``K_j`` the row at byte offset
     ``tab[t0 + c + j] + base`` of ``x`` (``dw`` a multiple of the vector
-    width).  The first ``pfb`` bytes of the rows ``tab[pfo + c + j] + base``
-    with ``c + j < pfn`` (the next chunk's) are prefetched."""
+    width).  Next to the loads of K_j it prefetches the same columns of the
+    row ``tab[t0 + c + j + pd] + pb`` when ``c + j + pd < pn``."""
 
     @intrinsic
-    def qk(typingctx, q, qoff, ldq, x, tab, t0, c, base, dw, s, soff, lds, pfo, pfn, pfb, kind):
+    def qk(typingctx, q, qoff, ldq, x, tab, t0, c, base, dw, s, soff, lds, pd, pn, pb, kind):
         if not all(isinstance(a, types.Array) for a in (q, x, tab, s)) or q.dtype != s.dtype:
             return None
-        sig = types.void(q, qoff, ldq, x, tab, t0, c, base, dw, s, soff, lds, pfo, pfn, pfb, kind)
+        sig = types.void(q, qoff, ldq, x, tab, t0, c, base, dw, s, soff, lds, pd, pn, pb, kind)
 
         def codegen(context, builder, signature, args):
             vals, data, lt, size, vl, vt, load, fma, const, _, xp, tp = _stream_ir(
                 context, builder, signature, args)
-            _, qoff, ldq, _, _, t0, c, base, dw, _, soff, lds, pfo, pfn, pfb, kind = vals
+            _, qoff, ldq, _, _, t0, c, base, dw, _, soff, lds, pd, pn, pb, kind = vals
             i32 = ir.IntType(32)
 
             def emit(dec, _):
                 qp = builder.gep(data(0), [qoff])
                 sp = builder.gep(data(9), [soff])
-                # prefetch the next chunk's rows c .. c+3 (those that exist)
-                for j in range(SQ_KEYS):
-                    cj = builder.add(c, const(j))
-                    with builder.if_then(builder.icmp_signed("<", cj, pfn)):
-                        _prefetch_rows(builder, xp, tp, builder.add(pfo, cj), base, const(0), pfb)
+                ste = 2 if dec else size
                 tc = builder.add(t0, c)
                 krow = [builder.gep(xp, [builder.add(builder.load(builder.gep(tp, [builder.add(tc, const(j))])), base)])
                         for j in range(SQ_KEYS)]
+                pk = [_pf_row(builder, xp, tp, builder.add(tc, const(j)), pd, builder.add(pn, t0), pb, krow[j])
+                      for j in range(SQ_KEYS)]
                 qrow = [builder.gep(qp, [builder.mul(const(r), ldq)]) for r in range(SQ_ROWS)]
                 acc = [cgutils.alloca_once(builder, vt) for _ in range(SQ_ROWS * SQ_KEYS)]
                 for a in acc:
                     builder.store(ir.Constant(vt, None), a)
                 with cgutils.for_range(builder, builder.udiv(dw, const(vl))) as loop:
                     t = builder.mul(loop.index, const(vl))
+                    tb = builder.mul(t, const(ste))
+                    # a vector of storage narrower than a line: prefetch at line starts
+                    line = (builder.icmp_signed("==", builder.and_(tb, const(63)), const(0))
+                            if vl * ste < 64 else ir.Constant(ir.IntType(1), 1))
+                    with builder.if_then(line):
+                        for j in range(SQ_KEYS):
+                            _prefetch(builder, builder.gep(pk[j], [tb]))
                     kv = [load(krow[j], t, dec) for j in range(SQ_KEYS)]
                     for r in range(SQ_ROWS):
                         qv = builder.load(builder.bitcast(builder.gep(qrow[r], [t]), vt.as_pointer()), align=size)
@@ -1434,27 +1441,27 @@ def _stream_qk():
 
 
 def _stream_pv():
-    """Intrinsic ``f(p, poff, ldp, x, tab, t0, base, col, n, o, ooff, ldo, alpha, aoff, pfo, pfn, pf0, pf1)``:
+    """Intrinsic ``f(p, poff, ldp, x, tab, t0, base, col, n, o, ooff, ldo, alpha, aoff, pd, pn, pb)``:
     for ``r < 4``, ``O[r, :w] = alpha[aoff + r] * O[r, :w] + sum_{c < n} P[r, c] V_c[col:col + w]``
     with ``w = nv`` vectors (``1 <= nv <= SPV_NV``), ``P[r, c] = p.flat[poff + r*ldp + c]``,
     ``O[r, x] = o.flat[ooff + r*ldo + x]`` and ``V_c`` the row at byte
     offset ``tab[t0 + c] + base`` of ``x``.  With key ``c`` it prefetches
-    bytes ``[pf0, pf1)`` of row ``tab[pfo + c] + base`` when ``c < pfn``."""
+    the same columns of row ``tab[t0 + c + pd] + pb`` when ``c + pd < pn``."""
 
     @intrinsic
-    def pv(typingctx, p, poff, ldp, x, tab, t0, base, col, n, o, ooff, ldo, alpha, aoff, pfo, pfn, pf0, pf1,
+    def pv(typingctx, p, poff, ldp, x, tab, t0, base, col, n, o, ooff, ldo, alpha, aoff, pd, pn, pb,
            nv, kind):
         if not all(isinstance(a, types.Array) for a in (p, x, tab, o, alpha)):
             return None
         if len({p.dtype, o.dtype, alpha.dtype}) != 1:
             return None
-        sig = types.void(p, poff, ldp, x, tab, t0, base, col, n, o, ooff, ldo, alpha, aoff, pfo, pfn, pf0, pf1,
+        sig = types.void(p, poff, ldp, x, tab, t0, base, col, n, o, ooff, ldo, alpha, aoff, pd, pn, pb,
                          nv, kind)
 
         def codegen(context, builder, signature, args):
             vals, data, _, size, vl, vt, load, fma, const, splat, xp, tp = _stream_ir(
                 context, builder, signature, args)
-            _, poff, ldp, _, _, t0, base, col, n, _, ooff, ldo, _, aoff, pfo, pfn, pf0, pf1, nv, kind = vals
+            _, poff, ldp, _, _, t0, base, col, n, _, ooff, ldo, _, aoff, pd, pn, pb, nv, kind = vals
 
             def emit(dec, nv):
                 pp = builder.gep(data(0), [poff])
@@ -1470,10 +1477,15 @@ def _stream_pv():
                         ov = builder.load(builder.bitcast(builder.gep(orow[r], [const(k * vl)]), vt.as_pointer()),
                                           align=size)
                         builder.store(builder.fmul(ov, av), a)
+                ste = 2 if dec else size
                 with cgutils.for_range(builder, n) as loop:
                     cc = loop.index
-                    with builder.if_then(builder.icmp_signed("<", cc, pfn)):
-                        _prefetch_rows(builder, xp, tp, builder.add(pfo, cc), base, pf0, pf1)
+                    with builder.if_then(builder.icmp_signed("<", builder.add(cc, pd), pn)):
+                        frow = builder.gep(xp, [builder.add(builder.load(builder.gep(
+                            tp, [builder.add(builder.add(t0, cc), pd)])), pb)])
+                        for i in range(-(-nv * vl * ste // 64)):
+                            _prefetch(builder, builder.gep(frow, [builder.add(builder.mul(col, const(ste)),
+                                                                              const(64 * i))]))
                     vrow = builder.gep(xp, [builder.add(builder.load(builder.gep(tp, [builder.add(t0, cc)])), base)])
                     vb = [load(vrow, builder.add(col, const(k * vl)), dec) for k in range(nv)]
                     for r in range(SQ_ROWS):
@@ -1565,7 +1577,8 @@ def _row_table(x, bt, paged, b, c0, n, npad, tab, t0):
     of KV head 0 of batch ``b`` (dense ``x[b, 0, j]``, paged
     ``x[bt[b, j // bs], j % bs, 0]``) for ``c < n``; entries ``n:npad``
     repeat the last row (a full block of keys for the QK micro-kernel, whose
-    extra columns the softmax overwrites)."""
+    extra columns the softmax overwrites; :func:`_stream_item` puts the next
+    chunk's rows there when there is one)."""
     if paged:
         bs = x.shape[1]
         s0 = x.strides[0]
@@ -1584,12 +1597,29 @@ def _row_table(x, bt, paged, b, c0, n, npad, tab, t0):
 
 
 @njit(nogil=True, cache=True)
-def _stream_chunk(qs, k, v, bt, paged, b, kv0, nh, c0, n, nn, tab, kt, vt, nkt, nvt, s, o, alpha,
+def _pf_next(nh, hh, n, nn, dist, kv0, hs):
+    """Prefetch parameters ``(pd, pn, pb)`` of the micro-kernels while KV head
+    ``kv0 + hh`` (``hs`` bytes per head) of a chunk of ``n`` keys is read,
+    ``nn`` rows of the next chunk following in the table: ``dist`` rows on
+    in the same head (one head per item), else the next head's rows, after
+    the last head the first head's rows of the next chunk."""
+    if nh == 1:
+        return dist, n + nn, (kv0 + hh) * hs
+    if hh + 1 < nh:
+        return 0, n, (kv0 + hh + 1) * hs
+    return n, n + nn, kv0 * hs
+
+
+@njit(nogil=True, cache=True)
+def _stream_chunk(qs, k, v, bt, paged, b, kv0, nh, c0, n, nn, tab, kt, vt, s, o, alpha,
                   m, l, M, mp, nq, ip0, wl, wr, sc, kind):
     """One chunk of keys ``c0 .. c0+n-1`` that every row sees whole, K and V
-    rows read in place through the row tables ``tab[kt:]`` / ``tab[vt:]``;
-    the next chunk's ``nn`` rows (tables ``tab[nkt:]``, ``tab[nvt:]``) are
-    prefetched along the way."""
+    rows read in place through the row tables ``tab[kt:]`` / ``tab[vt:]``,
+    which run on into the next chunk's ``nn`` rows.  The rows are prefetched
+    in the order they are read: PF_BYTES ahead in a head's rows (one KV head
+    per item), or, with several heads per item (token-major caches), the
+    next head's rows of this chunk and after the last head the first head's
+    rows of the next chunk."""
     d = qs.shape[2]
     mpmax = qs.shape[1]
     tkp = s.shape[2]
@@ -1602,28 +1632,28 @@ def _stream_chunk(qs, k, v, bt, paged, b, kv0, nh, c0, n, nn, tab, kt, vt, nkt, 
     ks1 = k.strides[2] if paged else k.strides[1]
     vs1 = v.strides[2] if paged else v.strides[1]
     dv = v.shape[3]
+    kpd = max(1, PF_BYTES // max(1, d * ke))
+    vpd = max(1, PF_BYTES // max(1, dv * ve))
     for hh in range(nh):
         kb = (kv0 + hh) * ks1
+        pd, pn, pb = _pf_next(nh, hh, n, nn, kpd, kv0, ks1)
         for r0 in range(0, mp, SQ_ROWS):
-            pfn = nn if r0 == 0 else 0
             for c in range(0, npad, SQ_KEYS):
                 _sqk(qs, (hh * mpmax + r0) * d, d, k, tab, kt, c, kb, dw, s,
-                     (hh * mpmax + r0) * tkp + c, tkp, nkt, pfn, d * ke, kind)
+                     (hh * mpmax + r0) * tkp + c, tkp, pd, pn if r0 == 0 else 0, pb, kind)
     if dw < d:
         _qk_direct(qs, k, bt, paged, b, kv0, nh, c0, n, s, mp, d, dw, kind)
     for hh in range(nh):
         _softmax_tile(s[hh], M, n, npad, nq, ip0, c0, wl, wr, sc, False, m[hh], l[hh], alpha[hh])
     for hh in range(nh):
         vb = (kv0 + hh) * vs1
+        pd, pn, pb = _pf_next(nh, hh, n, nn, vpd, kv0, vs1)
         for r0 in range(0, mp, SQ_ROWS):
-            pfn = nn if r0 == 0 else 0
             col = 0
             while col < dv - dv % vl:
                 nv = min(SPV_NV, (dv - col) // vl)
-                # prefetch the next chunk's V rows in the same share as the columns
-                end = dv * ve if col + nv * vl >= dv - dv % vl else (col + nv * vl) * ve
                 _spv(s, (hh * mpmax + r0) * tkp, tkp, v, tab, vt, vb, col, n, o,
-                     (hh * mpmax + r0) * dvl + col, dvl, alpha, hh * mpmax + r0, nvt, pfn, col * ve, end,
+                     (hh * mpmax + r0) * dvl + col, dvl, alpha, hh * mpmax + r0, pd, pn if r0 == 0 else 0, pb,
                      nv, kind)
                 col += nv * vl
             if col < dv:
@@ -1679,29 +1709,34 @@ def _stream_item(q, k, v, key_lens, bt, sc, wl, wr, flags, kind, b, kv0, nh, i0,
     if wr >= 0:
         hi = min(hi, i1 - 1 + off + wr + 1)
 
-    # row tables of the current and the next chunk, alternately in
-    # tab[0:2*tkp] and tab[2*tkp:4*tkp] (K rows, then V rows)
+    # row tables: K rows in tab[0:2*tkp], V rows in tab[2*tkp:4*tkp], the
+    # current chunk's rows followed by the next chunk's (moved down when
+    # that chunk comes)
     tkp = s.shape[2]
-    ci = 0
+    kt = 0
+    vt = 2 * tkp
     ready = False
+    prev = 0
     for c0 in range(lo, hi, tk):
         n = min(tk, hi - c0)
         npad = (n + 3) & ~3
         # every row sees the whole chunk: no per-row ranges needed
         full = (wl < 0 or i1 - 1 + off - wl <= c0) and (wr < 0 or i0 + off + wr + 1 >= c0 + n)
-        kt = (ci & 1) * 2 * tkp
-        nkt = 2 * tkp - kt
-        ci += 1
         if full:                # K and V rows read where they are
-            if not ready:
+            if ready:
+                for c in range(npad):
+                    tab[kt + c] = tab[kt + prev + c]
+                    tab[vt + c] = tab[vt + prev + c]
+            else:
                 _row_table(k, bt, paged, b, c0, n, npad, tab, kt)
-                _row_table(v, bt, paged, b, c0, n, npad, tab, kt + tkp)
+                _row_table(v, bt, paged, b, c0, n, npad, tab, vt)
             nn = max(0, min(tk, hi - c0 - tk))
             if nn > 0:
-                _row_table(k, bt, paged, b, c0 + tk, nn, (nn + 3) & ~3, tab, nkt)
-                _row_table(v, bt, paged, b, c0 + tk, nn, (nn + 3) & ~3, tab, nkt + tkp)
+                _row_table(k, bt, paged, b, c0 + tk, nn, (nn + 3) & ~3, tab, kt + n)
+                _row_table(v, bt, paged, b, c0 + tk, nn, (nn + 3) & ~3, tab, vt + n)
             ready = nn > 0
-            _stream_chunk(qs, k, v, bt, paged, b, kv0, nh, c0, n, nn, tab, kt, kt + tkp, nkt, nkt + tkp,
+            prev = n
+            _stream_chunk(qs, k, v, bt, paged, b, kv0, nh, c0, n, nn, tab, kt, vt,
                           s, o, alpha, m, l, M, mp, nq, i0 + off, wl, wr, sc, kind)
         else:
             ready = False                   # rows see different keys: gathered, row by row
