@@ -393,7 +393,9 @@ def decode_table(threads, repeat, only=""):
             continue
         fns, nbytes = decode_contenders(dtypes=dtypes, threads=threads, **kw)
         fns["probe"] = lambda: _ckernels.read_sum(big, threads)
-        r = time_interleaved(fns, repeat)
+        # one timed call per turn: this machine's load swings within a
+        # second, and a slow block of several calls could take a median
+        r = time_interleaved(fns, repeat, rounds=repeat)
         bw = big.nbytes / r["probe"] / 1e9
         for dt_name, _ in dtypes:
             for kind in ("dense", "paged"):
