@@ -2,8 +2,9 @@
 kernel (decode, split-KV with the in-call merge, ragged ``key_lens``), paged
 KV caches (decode and prefill with a cache) and float16/bfloat16 storage.
 
-Splits and chunks are forced small through ``kernels.FORCE_SPLIT`` and
-``kernels.STREAM_KEYS`` (runtime arguments: no extra compiled signatures).
+Splits and chunks are forced small through ``kernels.FORCE_SPLIT``,
+``kernels.STREAM_KEYS`` and ``kernels.DECODE_STREAM_KEYS`` (runtime arguments:
+no extra compiled signatures).
 """
 
 import numpy as np
@@ -31,6 +32,7 @@ def forced(monkeypatch):
         monkeypatch.setattr(kernels, "FORCE_SPLIT", split)
         if keys is not None:
             monkeypatch.setattr(kernels, "STREAM_KEYS", keys)
+            monkeypatch.setattr(kernels, "DECODE_STREAM_KEYS", keys)
     return set_
 
 

@@ -104,6 +104,13 @@ MIN_WORK_PER_THREAD = 1 << 21
 # items per thread; FORCE_SPLIT > 0 forces the keys per split (tests).
 STREAM_MAX_LQ = 16
 STREAM_KEYS = 128
+# keys per chunk of a one-position decode (every row sees every key of its
+# range, so no chunk is ever gathered): each chunk costs a fixed overhead
+# (softmax and micro-kernel calls per head and row block).  Measured on an
+# Intel Ice Lake Xeon, B8 Hq32 Hkv8 Lk4096 and B1 Lk32768 D128, 2 threads,
+# in turns with the read probe: float32 78/73 % with 128 keys, 80/78 % with
+# 512, 79-81/76-77 % with 1024-2048; bfloat16 67/61 % -> 72/68 % -> 71-73/67-68 %
+DECODE_STREAM_KEYS = 512
 # keys per chunk when a work item holds every KV head of a token-major cache
 TOKEN_MAJOR_KEYS = 32
 SPLIT_MIN_KEYS = 512
@@ -2180,7 +2187,7 @@ def _run_stream(p, num_threads):
     g = p.Hq // p.Hkv
     tq = min(p.Lq, max(1, ROWS // g))
     nh = heads_per_item(p)
-    tk = STREAM_KEYS if nh == 1 else TOKEN_MAJOR_KEYS
+    tk = TOKEN_MAJOR_KEYS if nh > 1 else (DECODE_STREAM_KEYS if p.Lq == 1 else STREAM_KEYS)
     split = split_keys(p, num_threads, tq, tk, nh)
     nqt = -(-p.Lq // tq)
     # plain Python over the lengths: a small decode call is over in tens of
