@@ -21,10 +21,12 @@ AUTO_ORDER = ("c", "numba", "numpy")
 #    Hkv8 Lk4096 D128 float32 numba 9.3 ms vs c 14.6 ms; Lk 32k 20.2 vs
 #    31.0 ms; float16 B4 Lk4096 (~50 MB) 3.2 vs 3.7 ms.  Below the threshold c
 #    wins: float16 B2 Lk2048 (~12 MB) c 0.60 ms, numba 0.83 ms; Lk 512 float32
-#    c 0.032 ms, numba 0.077 ms.
+#    c 0.032 ms, numba 0.077 ms.  (Both decode kernels have changed since:
+#    their prefetch now runs 8 KiB ahead; not measured again on Zen 4.)
 #  - Intel Xeon (Ice Lake, AVX-512): c is faster on every decode case: B8
-#    Lk4096 c 14.6 ms vs numba 20.1 ms, B2 Lk32k 27.8 vs 32.8 ms, float16 B4
-#    Lk4096 4.3 vs 5.3 ms, bfloat16 4.2 vs 5.4 ms.
+#    Lk4096 c 11.8 ms vs numba 12.4 ms, B2 Lk32k 27.2 vs 27.5 ms, float16 B4
+#    Lk4096 3.9 vs 4.1 ms, bfloat16 4.0 vs 4.3 ms (before the prefetch
+#    rework: 14.6 vs 20.1, 27.8 vs 32.8, 4.3 vs 5.3, 4.2 vs 5.4 ms).
 DECODE_ORDER = ("numba", "c", "numpy")
 DECODE_ORDER_VENDORS = ("AuthenticAMD",)
 DECODE_MAX_LQ = 16
