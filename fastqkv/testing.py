@@ -124,6 +124,7 @@ def _cases_for(dtype, rng, quick):
     mk("gqa4-causal", 1, 8, 2, 33, 33, 64, causal=True)
     mk("gqa8-decode", 2, 8, 1, 1, 300, 128, causal=True)
     mk("mqa-chunk-causal", 1, 4, 1, 16, 129, 32, causal=True)
+    mk("mqa32-decode", 2, 32, 1, 1, 70, 24, key_lens=np.array([70, 3]))
     mk("Dv-ne-D", 1, 4, 2, 9, 21, 16, 24)
     mk("transposed-gqa4", 2, 4, 1, 17, 40, 16, strides="transposed", causal=True)
     mk("sliced", 1, 2, 2, 13, 29, 8, strides="sliced")
@@ -181,6 +182,9 @@ def _nan_cases(n, rng, dtype):
     c3.k[0, 0, 12:] = np.nan
     c3.v[0, 0, 12:] = np.nan
     out.append(c3)
+    c4 = make_case(f"{n}-nan-k-mqa-decode", rng, 1, 16, 1, 1, 40, 8, dtype=dtype)
+    c4.k[0, 0, 5, 2] = np.nan                                   # every query head sees it
+    out.append(c4)
     return out
 
 

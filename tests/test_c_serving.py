@@ -39,6 +39,11 @@ DECODE = [
     ("gqa4-spec-causal", (2, 8, 2, 5, 90, 24, 24), dict(causal=True, key_lens=np.array([90, 7]))),
     ("gqa4-q16-window", (1, 4, 1, 16, 120, 8, 8), dict(causal=True, window=(20, 0))),
     ("odd-dims", (1, 2, 1, 3, 67, 3, 5), dict(window=(10, 4))),
+    # rows in vector lanes (the transposed path): MQA, odd D and Dv, and a
+    # causal multi-token step whose last tile takes the row path
+    ("mqa32-decode-ragged", (2, 32, 1, 1, 150, 80, 72), dict(key_lens=np.array([150, 37]))),
+    ("gqa16-decode-odd", (1, 32, 2, 1, 100, 67, 33), {}),
+    ("gqa8-spec-causal", (2, 16, 2, 4, 90, 16, 16), dict(causal=True, key_lens=np.array([90, 50]))),
 ]
 
 
@@ -139,6 +144,8 @@ PAGED = [
     ("gqa8-decode", (1, 16, 2, 1, 129, 64), [129], dict(causal=True)),
     ("gqa4-chunk-prefill", (2, 8, 2, 20, 90, 16), [90, 41], dict(causal=True)),
     ("gqa4-window", (2, 4, 1, 3, 80, 8), [80, 5], dict(causal=True, window=(9, 0))),
+    ("mqa32-decode", (2, 32, 1, 1, 100, 32), [100, 61], {}),
+    ("gqa16-chunk-prefill", (1, 32, 2, 3, 70, 16), [70], dict(causal=True)),
 ]
 
 
