@@ -115,6 +115,9 @@ DECODE = [
     (1, 4, 2, 16, 200, 24, None, {"causal": True, "window": (50, -1)}),
     (2, 4, 1, 3, 250, 8, [250, 90], {"window": (20, 1)}),    # both sides, splits outside it
     (1, 2, 1, 2, 33, 5, [3], {"causal": True}),              # the first row sees 2 keys
+    # rows in vector lanes (the transposed path)
+    (2, 32, 1, 1, 300, 67, [300, 45], {}),                   # MQA 32, odd D
+    (1, 32, 2, 3, 200, 80, None, {"causal": True}),          # GQA 16, a causal 3-token step
 ]
 
 
@@ -190,15 +193,17 @@ def test_strided_kv_and_dv(forced):
 
 @pytest.mark.parametrize("dtype", ["float32", "float64"] + HALF)
 @pytest.mark.parametrize("D,Dv", [(136, 100), (40, 72), (8, 200)], ids=["D136Dv100", "D40Dv72", "D8Dv200"])
-def test_decode_head_dims(dtype, D, Dv, forced):
+@pytest.mark.parametrize("Hq", [8, 32], ids=["G4", "G16"])
+def test_decode_head_dims(dtype, D, Dv, Hq, forced):
     """Head dims past the streaming micro-kernels' vector blocks: QK on whole
     vectors plus a scalar rest of D, PV on 4, 3, 2 or 1 vectors plus a
     scalar rest of Dv; dense bhld, blhd (every KV head per item) and paged,
-    chunks whose key count is not a multiple of 4."""
+    chunks whose key count is not a multiple of 4; on the row path (G4) and
+    the transposed one (G16)."""
     forced(0, 12)
     dt = _dtype(dtype)
     rng = np.random.default_rng(D + Dv)
-    q, k, v = _qkv(rng, 2, 8, 2, 1, 75, D, dt, Dv=Dv)
+    q, k, v = _qkv(rng, 2, Hq, 2, 1, 75, D, dt, Dv=Dv)
     kl = np.array([75, 30])
     _check(q, k, v, key_lens=kl)
     _check(q.transpose(0, 2, 1, 3), k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3), layout="blhd",
@@ -266,8 +271,8 @@ def test_paged_with_options(kw, rng):
 
 def test_paged_gqa_ratios():
     rng = np.random.default_rng(22)
-    for g in (1, 4, 8):
-        q, k, v = _qkv(rng, 2, 8, 8 // g, 1, 100, 16)
+    for hq, g in ((8, 1), (8, 4), (8, 8), (32, 16), (32, 32)):
+        q, k, v = _qkv(rng, 2, hq, hq // g, 1, 100, 16)
         lens = np.array([100, 0])
         kc, vc, bt = _paginate(rng, k, v, lens, 7)
         _check_paged(q, kc, vc, bt, lens)

@@ -45,6 +45,9 @@ first use only.  Structure (the C backend has the same one):
   ``(batch, KV head, query tile, KV split)``, K and V rows read once, in
   order, in place through row tables by 4 x 4 QK blocks (transposed
   reductions) and 4-row PV register tiles, rows prefetched PF_BYTES ahead;
+  items of at least a vector of rows (MQA, large GQA groups, multi-token
+  steps) keep those rows in vector lanes instead (``_stream_chunk_t``:
+  broadcast K elements against Q^T, no reduction, softmax across rows);
   splits merged exactly through their max / sum in the same call.
   Anything else with a paged cache is gathered densely, and 16-bit inputs
   with those options are widened to float32, for the tiled kernel.
@@ -72,7 +75,7 @@ import numpy as np
 from llvmlite import ir
 from numba import njit, prange, types
 from numba.core import cgutils
-from numba.extending import intrinsic, overload
+from numba.extending import intrinsic, overload, register_jitable
 
 from .._validate import BFLOAT16, Problem, densify_pages
 
@@ -1241,13 +1244,16 @@ def _dec_impl(x, kind):
 SQ_ROWS = 4                   # query rows per QK / PV block (scratch rows are padded to 4)
 SQ_KEYS = 4                   # keys per QK block
 SPV_NV = 4                    # vectors per PV block row (64 float32 columns on AVX-512)
+# the transposed path (rows in vector lanes), as in the C streaming kernel:
+# keys per block of its score kernel (2 x SQT_KEYS vector accumulators)
+SQT_KEYS = 8 if _VBYTES == 64 else 4
 # software prefetch: PF_BYTES of K (V) rows ahead of the row being read,
 # into L1 (locality 3), as the C streaming kernel does (FQ_SPF_BYTES)
 PF_BYTES = 8192
 _PF_LOC = 3
 
 
-def _stream_ir(context, builder, signature, args):
+def _stream_ir(context, builder, signature, args, x=3):
     """Codegen vocabulary of the streaming micro-kernels (accumulation dtype
     of argument 0, storage dtype of argument 3): ``(vals, data, lt, size,
     vl, vt, load, fma, const, splat, xp, tp)`` - the arguments (integers as
@@ -1255,11 +1261,11 @@ def _stream_ir(context, builder, signature, args):
     its size, the lanes per vector and the vector type, ``load`` (see
     :func:`_loader`), ``llvm.fmuladd`` on vectors, an int64 constant and a
     broadcast (:func:`_vec_ir`), the byte pointer of the K/V array
-    (argument 3) and the row table (argument 4)."""
+    (argument ``x``) and the row table (argument ``x + 1``)."""
     vals, data, lt, size, vl, vt, fma, const, splat = _vec_ir(context, builder, signature, args)
     load = _loader(context, builder, lt, vl)
-    xp = builder.bitcast(data(3), ir.IntType(8).as_pointer())
-    return vals, data, lt, size, vl, vt, load, fma, const, splat, xp, data(4)
+    xp = builder.bitcast(data(x), ir.IntType(8).as_pointer())
+    return vals, data, lt, size, vl, vt, load, fma, const, splat, xp, data(x + 1)
 
 
 def _loader(context, builder, lt, vl):
@@ -1448,32 +1454,32 @@ def _stream_qk():
 
 
 def _stream_pv():
-    """Intrinsic ``f(p, poff, ldp, x, tab, t0, base, col, n, o, ooff, ldo, alpha, aoff, pd, pn, pb)``:
+    """Intrinsic ``f(p, poff, ldp, pcs, x, tab, t0, base, col, n, o, ooff, ldo, alpha, aoff, pd, pn, pb)``:
     for ``r < 4``, ``O[r, :w] = alpha[aoff + r] * O[r, :w] + sum_{c < n} P[r, c] V_c[col:col + w]``
-    with ``w = nv`` vectors (``1 <= nv <= SPV_NV``), ``P[r, c] = p.flat[poff + r*ldp + c]``,
+    with ``w = nv`` vectors (``1 <= nv <= SPV_NV``), ``P[r, c] = p.flat[poff + r*ldp + c*pcs]``,
     ``O[r, x] = o.flat[ooff + r*ldo + x]`` and ``V_c`` the row at byte
     offset ``tab[t0 + c] + base`` of ``x``.  With key ``c`` it prefetches
     the same columns of row ``tab[t0 + c + pd] + pb`` when ``c + pd < pn``."""
 
     @intrinsic
-    def pv(typingctx, p, poff, ldp, x, tab, t0, base, col, n, o, ooff, ldo, alpha, aoff, pd, pn, pb,
-           nv, kind):
+    def pv(typingctx, p, poff, ldp, pcs, x, tab, t0, base, col, n, o, ooff, ldo, alpha, aoff, pd, pn,
+           pb, nv, kind):
         if not all(isinstance(a, types.Array) for a in (p, x, tab, o, alpha)):
             return None
         if len({p.dtype, o.dtype, alpha.dtype}) != 1:
             return None
-        sig = types.void(p, poff, ldp, x, tab, t0, base, col, n, o, ooff, ldo, alpha, aoff, pd, pn, pb,
-                         nv, kind)
+        sig = types.void(p, poff, ldp, pcs, x, tab, t0, base, col, n, o, ooff, ldo, alpha, aoff, pd, pn,
+                         pb, nv, kind)
 
         def codegen(context, builder, signature, args):
             vals, data, _, size, vl, vt, load, fma, const, splat, xp, tp = _stream_ir(
-                context, builder, signature, args)
-            _, poff, ldp, _, _, t0, base, col, n, _, ooff, ldo, _, aoff, pd, pn, pb, nv, kind = vals
+                context, builder, signature, args, x=4)
+            _, poff, ldp, pcs, _, _, t0, base, col, n, _, ooff, ldo, _, aoff, pd, pn, pb, nv, kind = vals
 
             def emit(dec, nv):
                 pp = builder.gep(data(0), [poff])
-                op = builder.gep(data(9), [ooff])
-                ap = builder.gep(data(12), [aoff])
+                op = builder.gep(data(10), [ooff])
+                ap = builder.gep(data(13), [aoff])
                 orow = [builder.gep(op, [builder.mul(const(r), ldo)]) for r in range(SQ_ROWS)]
                 prow = [builder.gep(pp, [builder.mul(const(r), ldp)]) for r in range(SQ_ROWS)]
                 acc = {}
@@ -1496,7 +1502,7 @@ def _stream_pv():
                     vrow = builder.gep(xp, [builder.add(builder.load(builder.gep(tp, [builder.add(t0, cc)])), base)])
                     vb = [load(vrow, builder.add(col, const(k * vl)), dec) for k in range(nv)]
                     for r in range(SQ_ROWS):
-                        pv_ = splat(builder.load(builder.gep(prow[r], [cc])))
+                        pv_ = splat(builder.load(builder.gep(prow[r], [builder.mul(cc, pcs)])))
                         for k in range(nv):
                             a = acc[r, k]
                             builder.store(builder.call(fma, [pv_, vb[k], builder.load(a)]), a)
@@ -1506,7 +1512,7 @@ def _stream_pv():
                                       builder.bitcast(builder.gep(orow[r], [const(k * vl)]), vt.as_pointer()),
                                       align=size)
 
-            _variants(builder, signature.args[3].dtype, kind, nv, range(1, SPV_NV + 1), emit)
+            _variants(builder, signature.args[4].dtype, kind, nv, range(1, SPV_NV + 1), emit)
             return context.get_dummy_value()
 
         return sig, codegen
@@ -1514,8 +1520,115 @@ def _stream_pv():
     return pv
 
 
+def _stream_qkt():
+    """Intrinsic ``f(qt, qoff, ldt, x, tab, t0, c, n, base, d, s, soff, pd, pn, pb, nv, kind)``:
+    the transposed scores ``S[j, :w] = sum_{t < d} K_j[t] QT[t, :w]`` for
+    ``j < SQT_KEYS`` (overwritten) and ``w = nv`` vectors of rows (1 or 2),
+    ``QT[t, x] = qt.flat[qoff + t*ldt + x]``, ``S[j, x] = s.flat[soff +
+    j*ldt + x]``, ``K_j`` the row at byte offset ``tab[t0 + min(c + j, n -
+    1)] + base`` of ``x``.  One broadcast K element per FMA of a vector of
+    rows, two columns per step (bfloat16: both from one 32-bit load); at
+    each line of the K rows it prefetches the same line of row ``tab[t0 + e
+    + pd] + pb`` when ``e + pd < pn``."""
+
+    @intrinsic
+    def qkt(typingctx, qt, qoff, ldt, x, tab, t0, c, n, base, d, s, soff, pd, pn, pb, nv, kind):
+        if not all(isinstance(a, types.Array) for a in (qt, x, tab, s)) or qt.dtype != s.dtype:
+            return None
+        sig = types.void(qt, qoff, ldt, x, tab, t0, c, n, base, d, s, soff, pd, pn, pb, nv, kind)
+
+        def codegen(context, builder, signature, args):
+            vals, data, lt, size, vl, vt, load, fma, const, splat, xp, tp = _stream_ir(
+                context, builder, signature, args)
+            _, qoff, ldt, _, _, t0, c, n, base, d, _, soff, pd, pn, pb, nv, kind = vals
+            i32 = ir.IntType(32)
+
+            def element(row, t, dec):
+                """element t of a stored row, in the accumulation type, broadcast"""
+                if dec is None:
+                    return splat(builder.load(builder.gep(builder.bitcast(row, lt.as_pointer()), [t])))
+                h = builder.load(builder.gep(builder.bitcast(row, ir.IntType(16).as_pointer()), [t]), align=2)
+                if dec == "f16":
+                    return splat(builder.fpext(builder.bitcast(h, ir.HalfType()), lt))
+                w = builder.shl(builder.zext(h, i32), ir.Constant(i32, 16))
+                return splat(builder.bitcast(w, lt))
+
+            def pair(row, t, dec):
+                """elements t and t+1, broadcast (bfloat16: one 32-bit load, the
+                low half is element t)"""
+                if dec != "bf16":
+                    return element(row, t, dec), element(row, builder.add(t, const(1)), dec)
+                ivt = ir.VectorType(i32, vl)
+                w = builder.load(builder.bitcast(builder.gep(row, [builder.mul(t, const(2))]), i32.as_pointer()),
+                                 align=2)
+                e = builder.insert_element(ir.Constant(ivt, ir.Undefined), w, ir.Constant(i32, 0))
+                wv = builder.shuffle_vector(e, ir.Constant(ivt, ir.Undefined),
+                                            ir.Constant(ir.VectorType(i32, vl), [0] * vl))
+                lo = builder.shl(wv, ir.Constant(ivt, [16] * vl))
+                hi = builder.and_(wv, ir.Constant(ivt, [-0x10000] * vl))
+                return builder.bitcast(lo, vt), builder.bitcast(hi, vt)
+
+            def emit(dec, nv):
+                qp = builder.gep(data(0), [qoff])
+                sp = builder.gep(data(10), [soff])
+                ste = 2 if dec else size
+                krow = []
+                pk = []
+                for j in range(SQT_KEYS):
+                    cj = builder.add(c, const(j))
+                    e = builder.add(t0, builder.select(builder.icmp_signed("<", cj, n), cj,
+                                                       builder.sub(n, const(1))))
+                    row = builder.gep(xp, [builder.add(builder.load(builder.gep(tp, [e])), base)])
+                    krow.append(row)
+                    pk.append(_pf_row(builder, xp, tp, e, pd, builder.add(pn, t0), pb, row))
+                acc = [[cgutils.alloca_once(builder, vt) for _ in range(nv)] for _ in range(SQT_KEYS)]
+                for a in acc:
+                    for ai in a:
+                        builder.store(ir.Constant(vt, None), ai)
+
+                def qrow(t):
+                    return [builder.load(builder.bitcast(builder.gep(qp, [builder.add(builder.mul(t, ldt),
+                                                                                      const(i * vl))]),
+                                                         vt.as_pointer()), align=size) for i in range(nv)]
+
+                with cgutils.for_range(builder, builder.udiv(d, const(2))) as loop:
+                    t = builder.mul(loop.index, const(2))
+                    tb = builder.mul(t, const(ste))
+                    with builder.if_then(builder.icmp_signed("==", builder.and_(tb, const(63)), const(0))):
+                        for j in range(SQT_KEYS):
+                            _prefetch(builder, builder.gep(pk[j], [tb]))
+                    q0 = qrow(t)
+                    q1 = qrow(builder.add(t, const(1)))
+                    for j in range(SQT_KEYS):
+                        x0, x1 = pair(krow[j], t, dec)
+                        for i in range(nv):
+                            a = acc[j][i]
+                            builder.store(builder.call(fma, [x1, q1[i], builder.call(
+                                fma, [x0, q0[i], builder.load(a)])]), a)
+                with builder.if_then(builder.icmp_signed("==", builder.and_(d, const(1)), const(1))):
+                    t = builder.sub(d, const(1))
+                    q0 = qrow(t)
+                    for j in range(SQT_KEYS):
+                        x0 = element(krow[j], t, dec)
+                        for i in range(nv):
+                            a = acc[j][i]
+                            builder.store(builder.call(fma, [x0, q0[i], builder.load(a)]), a)
+                for j in range(SQT_KEYS):
+                    for i in range(nv):
+                        dst = builder.gep(sp, [builder.add(builder.mul(const(j), ldt), const(i * vl))])
+                        builder.store(builder.load(acc[j][i]), builder.bitcast(dst, vt.as_pointer()), align=size)
+
+            _variants(builder, signature.args[3].dtype, kind, nv, (1, 2), emit)
+            return context.get_dummy_value()
+
+        return sig, codegen
+
+    return qkt
+
+
 _sqk = _stream_qk()
 _spv = _stream_pv()
+_sqkt = _stream_qkt()
 
 
 @njit(nogil=True, cache=True, fastmath=FASTMATH)
@@ -1559,9 +1672,10 @@ def _qk_direct(qs, x, bt, paged, b, kv0, nh, c0, n, s, mp, d, dlo, kind):
 
 
 @njit(nogil=True, cache=True, fastmath=FASTMATH)
-def _pv_tail(p, x, bt, paged, b, kvh, c0, n, o, alpha, r0, col, dv, kind):
+def _pv_tail(p, poff, ldp, pcs, x, bt, paged, b, kvh, c0, n, o, alpha, r0, col, dv, kind):
     """Columns ``col:dv`` (past the vector blocks) of ``O = alpha O + P V``
-    for rows ``r0 .. r0+3``, V rows read where they are."""
+    for rows ``r0 .. r0+3``, ``P[r, c] = p[poff + r*ldp + c*pcs]``, V rows
+    read where they are."""
     x = _borrow(x)
     bs = x.shape[1]
     for r in range(r0, r0 + SQ_ROWS):
@@ -1572,7 +1686,7 @@ def _pv_tail(p, x, bt, paged, b, kvh, c0, n, o, alpha, r0, col, dv, kind):
     for jj in range(n):
         vj = _kv_row(x, paged, b, kvh, c0 + jj, blk, slot)
         for r in range(r0, r0 + SQ_ROWS):
-            pr = p[r, jj]
+            pr = p[poff + r * ldp + jj * pcs]
             for c in range(col, dv):
                 o[r, c] += pr * _dec(vj[c], kind)
         cl, slot, blk = _step(bt, paged, b, cl, slot, blk, bs)
@@ -1630,17 +1744,10 @@ def _stream_chunk(qs, k, v, bt, paged, b, kv0, nh, c0, n, nn, tab, kt, vt, s, o,
     d = qs.shape[2]
     mpmax = qs.shape[1]
     tkp = s.shape[2]
-    dvl = o.shape[2]
     npad = (n + 3) & ~3
     vl = _VBYTES // s.itemsize
     dw = d - d % vl
-    ke = k.itemsize
-    ve = v.itemsize
-    ks1 = k.strides[2] if paged else k.strides[1]
-    vs1 = v.strides[2] if paged else v.strides[1]
-    dv = v.shape[3]
-    kpd = max(1, PF_BYTES // max(1, d * ke))
-    vpd = max(1, PF_BYTES // max(1, dv * ve))
+    ks1, vs1, kpd, vpd = _kv_steps(k, v, paged)
     for hh in range(nh):
         kb = (kv0 + hh) * ks1
         pd, pn, pb = _pf_next(nh, hh, n, nn, kpd, kv0, ks1)
@@ -1652,33 +1759,130 @@ def _stream_chunk(qs, k, v, bt, paged, b, kv0, nh, c0, n, nn, tab, kt, vt, s, o,
         _qk_direct(qs, k, bt, paged, b, kv0, nh, c0, n, s, mp, d, dw, kind)
     for hh in range(nh):
         _softmax_tile(s[hh], M, n, npad, nq, ip0, c0, wl, wr, sc, False, m[hh], l[hh], alpha[hh])
+    sf = s.reshape(-1)
     for hh in range(nh):
-        vb = (kv0 + hh) * vs1
-        pd, pn, pb = _pf_next(nh, hh, n, nn, vpd, kv0, vs1)
-        for r0 in range(0, mp, SQ_ROWS):
-            col = 0
-            while col < dv - dv % vl:
-                nv = min(SPV_NV, (dv - col) // vl)
-                _spv(s, (hh * mpmax + r0) * tkp, tkp, v, tab, vt, vb, col, n, o,
-                     (hh * mpmax + r0) * dvl + col, dvl, alpha, hh * mpmax + r0, pd, pn if r0 == 0 else 0, pb,
-                     nv, kind)
-                col += nv * vl
-            if col < dv:
-                _pv_tail(s[hh], v, bt, paged, b, kv0 + hh, c0, n, o[hh], alpha[hh], r0, col, dv, kind)
+        _pv_head(sf, hh * mpmax * tkp, tkp, 1, v, bt, paged, b, kv0, nh, hh, c0, n, nn, tab, vt, vs1, vpd,
+                 o, alpha, mp, kind)
+
+
+@register_jitable
+def _kv_steps(k, v, paged):
+    """``(ks1, vs1, kpd, vpd)``: the byte step between KV heads of K and V,
+    and the prefetch distances in rows (PF_BYTES of rows)."""
+    ks1 = k.strides[2] if paged else k.strides[1]
+    vs1 = v.strides[2] if paged else v.strides[1]
+    kpd = max(1, PF_BYTES // max(1, k.shape[3] * k.itemsize))
+    vpd = max(1, PF_BYTES // max(1, v.shape[3] * v.itemsize))
+    return ks1, vs1, kpd, vpd
+
+
+@njit(nogil=True, cache=True)
+def _pv_head(p, poff, ldp, pcs, v, bt, paged, b, kv0, nh, hh, c0, n, nn, tab, vt, vs1, vpd, o, alpha,
+             mp, kind):
+    """``O = alpha O + P V`` of KV head ``kv0 + hh`` over a chunk, rows
+    ``0:mp`` in blocks of 4, ``P[r, c] = p[poff + r*ldp + c*pcs]``; V rows
+    read in place through ``tab[vt:]``, prefetched as :func:`_pf_next` says."""
+    mpmax = o.shape[1]
+    dvl = o.shape[2]
+    dv = v.shape[3]
+    vl = _VBYTES // p.itemsize
+    vb = (kv0 + hh) * vs1
+    pd, pn, pb = _pf_next(nh, hh, n, nn, vpd, kv0, vs1)
+    for r0 in range(0, mp, SQ_ROWS):
+        col = 0
+        while col < dv - dv % vl:
+            nv = min(SPV_NV, (dv - col) // vl)
+            _spv(p, poff + r0 * ldp, ldp, pcs, v, tab, vt, vb, col, n, o, (hh * mpmax + r0) * dvl + col, dvl,
+                 alpha, hh * mpmax + r0, pd, pn if r0 == 0 else 0, pb, nv, kind)
+            col += nv * vl
+        if col < dv:
+            _pv_tail(p, poff, ldp, pcs, v, bt, paged, b, kv0 + hh, c0, n, o[hh], alpha[hh], r0, col, dv, kind)
+
+
+@njit(nogil=True, cache=True, fastmath=FASTMATH)
+def _softmax_t(st, ldt, n, rows, sc, m, l, alpha, mx):
+    """:func:`_softmax_tile` on a transposed tile (``st[c*ldt + r]``: key
+    ``c``, row ``r``) that rows ``0:rows`` see whole, lane-wise across rows;
+    ``mx``: scratch of ``rows``."""
+    T = st.dtype.type
+    ninf = T(-np.inf)
+    zero = T(0)
+    for r in range(rows):
+        mx[r] = ninf
+    for c in range(n):
+        sr = st[c * ldt:c * ldt + rows]
+        for r in range(rows):
+            x = sr[r] * sc
+            sr[r] = x
+            mx[r] = _maximum(mx[r], x)
+    for r in range(rows):
+        mo = m[r]
+        mn = _maximum(mo, mx[r])
+        ms = zero if mn == ninf else mn
+        al = _exp(mo - ms)
+        l[r] = l[r] * al
+        alpha[r] = al
+        m[r] = mn
+        mx[r] = ms
+    for c in range(n):
+        sr = st[c * ldt:c * ldt + rows]
+        for r in range(rows):
+            x = _exp(sr[r] - mx[r])
+            sr[r] = x
+            l[r] += x
+
+
+@njit(nogil=True, cache=True)
+def _stream_chunk_t(qt, k, v, bt, paged, b, kv0, nh, c0, n, nn, tab, kt, vt, s, o, alpha,
+                    m, l, mx, M, mp, ldt, sc, kind):
+    """:func:`_stream_chunk` on the transposed path (items of at least
+    :func:`_qkt_rows` rows): the rows of KV head ``hh`` sit in vector lanes
+    (``qt[hh, t*ldt + r]``), its scores are summed with one broadcast K
+    element per FMA of a vector of rows (no reduction; each K row read once
+    per chunk), the softmax runs across rows and P.V reads ``P^T`` through
+    a column stride."""
+    d = k.shape[3]
+    tkp = s.shape[2]
+    mpmax = s.shape[1]
+    vl = _VBYTES // s.itemsize
+    ks1, vs1, kpd, vpd = _kv_steps(k, v, paged)
+    sf = s.reshape(-1)
+    for hh in range(nh):
+        kb = (kv0 + hh) * ks1
+        pd, pn, pb = _pf_next(nh, hh, n, nn, kpd, kv0, ks1)
+        so = hh * mpmax * tkp
+        for c in range(0, n, SQT_KEYS):
+            for v0 in range(0, ldt, 2 * vl):
+                _sqkt(qt, hh * qt.shape[1] + v0, ldt, k, tab, kt, c, n, kb, d, sf, so + c * ldt + v0,
+                      pd, pn if v0 == 0 else 0, pb, min(2, (ldt - v0) // vl), kind)
+        _softmax_t(sf[so:so + n * ldt], ldt, n, M, sc, m[hh], l[hh], alpha[hh], mx)
+        _pv_head(sf, so, 1, ldt, v, bt, paged, b, kv0, nh, hh, c0, n, nn, tab, vt, vs1, vpd, o, alpha, mp, kind)
+
+
+@njit(nogil=True, cache=True)
+def _qkt_rows(vl, kind):
+    """Rows from which an item takes the transposed path: a vector of rows
+    (two 16-byte vectors); never for float16, whose elements have no cheap
+    broadcast."""
+    if kind == KIND_F16:
+        return 1 << 62
+    return vl if _VBYTES >= 32 else 2 * vl
 
 
 @njit(nogil=True, cache=True)
 def _stream_item(q, k, v, key_lens, bt, sc, wl, wr, flags, kind, b, kv0, nh, i0, i1, sidx, split,
-                 nsmax, tk, qs, ks, vs, s, o, m, l, alpha, po, pm, pl, tab):
+                 nsmax, tk, qs, qt, ks, vs, s, o, m, l, alpha, mx, po, pm, pl, tab):
     """Unnormalised attention of query rows ``i0:i1`` of every head of KV
     heads ``kv0 .. kv0+nh-1`` over keys ``[sidx * split, (sidx + 1) *
     split)`` of batch ``b``, written as a partial ``(po, pm, pl)`` in slot
     ``sidx``.  Per KV head ``hh`` the scratch ``qs[hh]``, ``s[hh]``,
     ``o[hh]``, ... holds its group's rows (row r: head ``r // nq``, query
-    ``i0 + r % nq``)."""
+    ``i0 + r % nq``); ``qt[hh]`` the same rows transposed, for the chunks
+    that take the transposed path."""
     q, k, v, key_lens, bt = _borrow(q), _borrow(k), _borrow(v), _borrow(key_lens), _borrow(bt)
-    qs, ks, vs, s, o = _borrow(qs), _borrow(ks), _borrow(vs), _borrow(s), _borrow(o)
+    qs, qt, ks, vs, s, o = _borrow(qs), _borrow(qt), _borrow(ks), _borrow(vs), _borrow(s), _borrow(o)
     m, l, alpha, po, pm, pl = _borrow(m), _borrow(l), _borrow(alpha), _borrow(po), _borrow(pm), _borrow(pl)
+    mx = _borrow(mx)
     tab = _borrow(tab)
     T = s.dtype.type
     ninf = T(-np.inf)
@@ -1708,6 +1912,17 @@ def _stream_item(q, k, v, key_lens, bt, sc, wl, wr, flags, kind, b, kv0, nh, i0,
             l[hh, r] = 0
             alpha[hh, r] = 1
             _fill(o[hh, r, :dv], T(0))
+    # the transposed path: rows in lanes, ldt of them (a multiple of the
+    # vector, at least mp)
+    vl = _VBYTES // s.itemsize
+    trans = M >= _qkt_rows(vl, kind)
+    w = max(vl, SQ_ROWS)
+    ldt = (M + w - 1) // w * w
+    if trans:
+        for hh in range(nh):
+            for t in range(d):
+                for r in range(ldt):
+                    qt[hh, t * ldt + r] = qs[hh, r, t] if r < M else T(0)
 
     lo = sidx * split
     hi = min(lkb, lo + split)
@@ -1743,8 +1958,12 @@ def _stream_item(q, k, v, key_lens, bt, sc, wl, wr, flags, kind, b, kv0, nh, i0,
                 _row_table(v, bt, paged, b, c0 + tk, nn, (nn + 3) & ~3, tab, vt + n)
             ready = nn > 0
             prev = n
-            _stream_chunk(qs, k, v, bt, paged, b, kv0, nh, c0, n, nn, tab, kt, vt,
-                          s, o, alpha, m, l, M, mp, nq, i0 + off, wl, wr, sc, kind)
+            if trans:
+                _stream_chunk_t(qt, k, v, bt, paged, b, kv0, nh, c0, n, nn, tab, kt, vt, s, o, alpha,
+                                m, l, mx, M, mp, ldt, sc, kind)
+            else:
+                _stream_chunk(qs, k, v, bt, paged, b, kv0, nh, c0, n, nn, tab, kt, vt,
+                              s, o, alpha, m, l, M, mp, nq, i0 + off, wl, wr, sc, kind)
         else:
             ready = False                   # rows see different keys: gathered, row by row
             _gather(k, bt, paged, b, kv0, nh, c0, n, ks, kind)
@@ -1803,12 +2022,28 @@ def _merge_row(po, pm, pl, R0, ns, dst, kind, has_lse, lse, b, h, i):
 def _stream_layout(B, Hq, Lq, g, d, dv, tq, tk, nh, nsmax):
     """Workspace of a streaming call: ``(partial rows, per-thread scratch)``
     sizes in elements."""
-    mpmax = (g * min(tq, Lq) + 3) & ~3
-    tkp = (tk + 3) & ~3
+    mpmax = _scratch_rows(g * min(tq, Lq))
+    tkp = _chunk_room(tk)
     dvp = (dv + 3) & ~3
     npart = B * Hq * Lq * nsmax
-    per = nh * (mpmax * d + tkp * d + tkp * dv + mpmax * tkp + mpmax * dvp + 3 * mpmax)
+    per = nh * (2 * mpmax * d + tkp * d + tkp * dv + mpmax * tkp + mpmax * dvp + 3 * mpmax) + mpmax
     return npart * (dv + 2), per
+
+
+@register_jitable
+def _chunk_room(tk):
+    """Room of a score row (and of a row table) for a chunk of ``tk`` keys:
+    a multiple of ``SQT_KEYS``, the keys per block of the transposed score
+    kernel (and of 4, those of the row path's)."""
+    return (tk + SQT_KEYS - 1) // SQT_KEYS * SQT_KEYS
+
+
+@register_jitable
+def _scratch_rows(M):
+    """Scratch rows of an item of ``M`` query rows: a multiple of 4, and of
+    16 from 8 rows on (the transposed path, which such items may take,
+    keeps a vector of rows per key in a score row's room)."""
+    return (M + 15) & ~15 if M >= 8 else (M + 3) & ~3
 
 
 def _stream_py(q, k, v, out, lse, key_lens, bt, sc, wl, wr, flags, kind, tq, tk, nh, split,
@@ -1845,8 +2080,8 @@ def _stream_py(q, k, v, out, lse, key_lens, bt, sc, wl, wr, flags, kind, tq, tk,
     po = ws[:npart * dv].reshape((npart, dv))
     pm = ws[npart * dv:npart * dv + npart]
     pl = ws[npart * dv + npart:npart * dv + 2 * npart]
-    mpmax = (g * min(tq, Lq) + 3) & ~3
-    tkp = (tk + 3) & ~3
+    mpmax = _scratch_rows(g * min(tq, Lq))
+    tkp = _chunk_room(tk)
     dvp = (dv + 3) & ~3
     nt = max(1, min(nthreads, n_items))
     for t in prange(nt):
@@ -1854,6 +2089,8 @@ def _stream_py(q, k, v, out, lse, key_lens, bt, sc, wl, wr, flags, kind, tq, tk,
         at = 0
         x, at = _carve(mine, at, nh * mpmax * d)
         qs = x.reshape((nh, mpmax, d))
+        x, at = _carve(mine, at, nh * mpmax * d)
+        qtr = x.reshape((nh, mpmax * d))
         x, at = _carve(mine, at, nh * tkp * d)
         ks = x.reshape((nh, tkp, d))
         x, at = _carve(mine, at, nh * tkp * dv)
@@ -1868,6 +2105,7 @@ def _stream_py(q, k, v, out, lse, key_lens, bt, sc, wl, wr, flags, kind, tq, tk,
         l = x.reshape((nh, mpmax))
         x, at = _carve(mine, at, nh * mpmax)
         alpha = x.reshape((nh, mpmax))
+        mx, at = _carve(mine, at, mpmax)
         tab = queue[4 + B + t * 4 * tkp:4 + B + (t + 1) * 4 * tkp]
         while True:
             it = _fetch_add(queue, 1)
@@ -1885,8 +2123,8 @@ def _stream_py(q, k, v, out, lse, key_lens, bt, sc, wl, wr, flags, kind, tq, tk,
             kv0 = (rest // nqt) * nh
             i0 = qt * tq
             _stream_item(q, k, v, key_lens, bt, sc, wl, wr, flags, kind, b, kv0, nh, i0,
-                         min(i0 + tq, Lq), sidx, split, nsmax, tk, qs, ks, vs, s, o, m, l,
-                         alpha, po, pm, pl, tab)
+                         min(i0 + tq, Lq), sidx, split, nsmax, tk, qs, qtr, ks, vs, s, o, m, l,
+                         alpha, mx, po, pm, pl, tab)
     has_lse = (flags & HAS_LSE) != 0
     rows = B * Hq * Lq
     for t in prange(nt):
@@ -2216,7 +2454,7 @@ def _run_stream(p, num_threads):
     work = p.Hq * p.Lq * sum(lens) * (p.D + p.Dv)
     n = _threads_for(num_threads, items, work)
     part, per = _stream_layout.py_func(p.B, p.Hq, p.Lq, g, p.D, p.Dv, tq, tk, nh, max(ns))
-    ws, _, queue = _workspace(acc, part + n * per, 0, 4 + p.B + n * 4 * ((tk + 3) & ~3))
+    ws, _, queue = _workspace(acc, part + n * per, 0, 4 + p.B + n * 4 * _chunk_room(tk))
     _call_threads(n, fn, q, k, v, out, lse, key_lens, bt, acc.type(p.scale), int(p.window_left),
                   int(p.window_right), flags, kind, tq, tk, nh, split, n, ws, queue)
     if tmp is not None:
