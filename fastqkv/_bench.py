@@ -596,6 +596,8 @@ class _Timer:
         return med * 1e3, 50.0 * (q3 - q1) / med
 
 
+# pause before each runner's block of samples (see run_case)
+_SETTLE_S = {"full": 0.3, "quick": 0.1, "tiny": 0.0}
 _PLAN = {  # repeats, seconds of samples per runner, target seconds per sample, cap per runner
     "full": (7, 1.0, 0.02, 6.0),
     "quick": (3, 0.15, 0.01, 1.0),
@@ -702,10 +704,15 @@ def run_case(case, names, threads, size, progress, repeats=None):
     # Each runner is timed in a block of consecutive calls (interleaving single
     # calls would let one runtime's spinning thread pool slow the next); two
     # blocks per runner spread load changes of a shared machine over all.
+    # Before a block the previous runner's worker threads are given _SETTLE_S
+    # to stop spinning (OpenBLAS under the numpy oracle spins about 0.1 s
+    # after a call, OpenMP pools up to its block time), so that they do not
+    # take a core from the runner being timed.
     blocks = 1 if size == "tiny" else 2
     for b in range(blocks):
         for t in timers:
             progress.stage(f"{case.name}: timing {t.name} ({b + 1}/{blocks})")
+            time.sleep(_SETTLE_S[size])
             time_runner(t, size, repeats, (b + 1) / blocks)
     for t in timers:
         ms, spread = t.stats()
