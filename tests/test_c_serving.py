@@ -36,6 +36,7 @@ DECODE = [
     ("mha-decode", (2, 3, 3, 1, 150, 16, 16), {}),
     ("gqa4-decode-ragged", (3, 8, 2, 1, 200, 32, 32), dict(key_lens=np.array([200, 0, 77]))),
     ("gqa8-decode-causal", (2, 16, 2, 1, 130, 64, 48), dict(causal=True, key_lens=np.array([1, 130]))),
+    ("gqa8-decode-odd", (2, 16, 2, 1, 77, 67, 40), {}),
     ("gqa4-spec-causal", (2, 8, 2, 5, 90, 24, 24), dict(causal=True, key_lens=np.array([90, 7]))),
     ("gqa4-q16-window", (1, 4, 1, 16, 120, 8, 8), dict(causal=True, window=(20, 0))),
     ("odd-dims", (1, 2, 1, 3, 67, 3, 5), dict(window=(10, 4))),
