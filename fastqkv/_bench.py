@@ -735,6 +735,7 @@ def _confirm(a, b, size, progress, rounds=4, per_block=3):
     ta, tb = _Timer(a.name, a.call, a.inner), _Timer(b.name, b.call, b.inner)
     for _ in range(rounds):
         for t in (ta, tb):
+            time.sleep(_SETTLE_S[size])
             for _ in range(per_block):
                 t.sample()
     ma, mb = ta.stats()[0], tb.stats()[0]

@@ -1862,11 +1862,11 @@ def _stream_chunk_t(qt, k, v, bt, paged, b, kv0, nh, c0, n, nn, tab, kt, vt, s, 
 @njit(nogil=True, cache=True)
 def _qkt_rows(vl, kind):
     """Rows from which an item takes the transposed path: a vector of rows
-    (two 16-byte vectors); never for float16, whose elements have no cheap
-    broadcast."""
+    and at least 8 (as in the C kernel); never for float16, whose elements
+    have no cheap broadcast."""
     if kind == KIND_F16:
         return 1 << 62
-    return vl if _VBYTES >= 32 else 2 * vl
+    return max(vl, 8)
 
 
 @njit(nogil=True, cache=True)
