@@ -23,6 +23,7 @@ import time
 import numpy as np
 
 import fastqkv
+from fastqkv._bench import torch_sdpa
 
 
 CLOCK = time.perf_counter
@@ -153,10 +154,7 @@ def bench_decode(args, ours, torch, bw):
                     return torch.from_numpy(x)
                 tq, tk, tv = tt(q), tt(k), tt(v)
 
-                def run_torch():
-                    with torch.no_grad():
-                        torch.nn.functional.scaled_dot_product_attention(tq, tk, tv, enable_gqa=True)
-                results["torch"] = median_ms(run_torch, args.repeat)
+                results["torch"] = median_ms(torch_sdpa(torch, tq, tk, tv), args.repeat)
                 base[(key, dtn)] = results["torch"]
         tref = base.get((key, dtn))
         for impl, ms in results.items():
@@ -229,14 +227,10 @@ def main():
         if torch is not None:
             tq, tk, tv = (torch.from_numpy(x) for x in (q, k, v))
             tm = None if tmask is None else torch.from_numpy(tmask)
-            gqa = Hq != Hkv
             # torch's causal is top-left aligned: equal to ours only when Lq == Lk
             tc = causal and Lq == Lk
 
-            def run_torch():
-                with torch.no_grad():
-                    torch.nn.functional.scaled_dot_product_attention(
-                        tq, tk, tv, attn_mask=tm, is_causal=tc, enable_gqa=gqa)
+            run_torch = torch_sdpa(torch, tq, tk, tv, attn_mask=tm, is_causal=tc)
             if not causal or tc:
                 results["torch"] = median_ms(run_torch, args.repeat)
         ref = results.get("torch")
