@@ -385,7 +385,39 @@ def _prepare_ort(inp, threads):
     B, Hq, Hkv, Lq, Lk, D = case.B, case.Hq, case.Hkv, case.Lq, case.Lk, case.D
     scale = float(1.0 / math.sqrt(D))
     note = ""
-    if case.causal:
+    G = Hq // Hkv
+    fold = Lq == 1 and dt == "float32"
+
+    def fetch(o):
+        if fold:
+            return o.reshape(B, G, Hkv, D).transpose(0, 2, 1, 3).reshape(B, Hq, 1, D)
+        return o.reshape(B, Lq, Hq, D).transpose(0, 2, 1, 3)
+
+    if fold or not case.causal:
+        if fold:
+            # one query position (bottom-right causal hides nothing): each KV
+            # head's query group as the query rows of one head, K/V read in
+            # place as (B, Hkv, Lk, D).  ORT 1.32, B8 Hq32 Hkv8 Lk4096 D128,
+            # 2 threads: 31 ms, GroupQueryAttention 106 ms (it copies the past)
+            qf = np.ascontiguousarray(inp.q.reshape(B, Hkv, G, D).transpose(0, 2, 1, 3))
+            feeds = {"q": qf.reshape(B, G, Hkv * D), "k": np.ascontiguousarray(inp.k),
+                     "v": np.ascontiguousarray(inp.v)}
+            rows, heads, kshape = G, Hkv, (B, Hkv, Lk, D)
+            note = "MultiHeadAttention, query groups folded into the query axis"
+        else:
+            if Hq != Hkv or dt != "float32":
+                raise Skip("MultiHeadAttention runs float32 with Hq == Hkv only")
+            feeds = {"q": _bsh(inp.q), "k": _bsh(inp.k), "v": _bsh(inp.v)}
+            rows, heads, kshape = Lq, Hq, (B, Lk, Hq * D)
+            note = "MultiHeadAttention"
+        ins = [("q", dt, (B, rows, heads * D)), ("k", dt, kshape), ("v", dt, kshape)]
+        if case.ragged is not None:
+            feeds["kpm"] = (np.arange(Lk)[None, :] < np.array(case.lengths())[:, None]).astype(np.int32)
+            ins += [("", dt, ()), ("kpm", "int32", (B, Lk))]
+            note += " with key_padding_mask"
+        outs = [("o", dt, (B, rows, heads * D))]
+        model = onnx_model("MultiHeadAttention", ins, outs, {"num_heads": heads, "scale": scale})
+    else:
         # GroupQueryAttention: always causal, bottom-right against the past.
         # The first keys are the past cache, the last Lq (per sequence) are new.
         if case.ragged == "padding":
@@ -412,19 +444,6 @@ def _prepare_ort(inp, threads):
         outs = [("o", dt, (B, Lq, Hq * D)), ("pko", dt, (B, Hkv, Lk, D)), ("pvo", dt, (B, Hkv, Lk, D))]
         model = onnx_model("GroupQueryAttention", ins, outs,
                            {"num_heads": Hq, "kv_num_heads": Hkv, "scale": scale})
-    else:
-        if Hq != Hkv or dt != "float32":
-            raise Skip("MultiHeadAttention runs float32 with Hq == Hkv only")
-        feeds = {"q": _bsh(inp.q), "k": _bsh(inp.k), "v": _bsh(inp.v)}
-        ins = [("q", dt, (B, Lq, Hq * D)), ("k", dt, (B, Lk, Hq * D)), ("v", dt, (B, Lk, Hq * D))]
-        note = "MultiHeadAttention"
-        if case.ragged is not None:
-            lens = np.array(case.lengths())
-            feeds["kpm"] = (np.arange(Lk)[None, :] < lens[:, None]).astype(np.int32)
-            ins += [("", dt, ()), ("kpm", "int32", (B, Lk))]
-            note += " with key_padding_mask"
-        outs = [("o", dt, (B, Lq, Hq * D))]
-        model = onnx_model("MultiHeadAttention", ins, outs, {"num_heads": Hq, "scale": scale})
     so = ort.SessionOptions()
     so.intra_op_num_threads = threads
     so.inter_op_num_threads = 1
@@ -436,9 +455,6 @@ def _prepare_ort(inp, threads):
 
     def call():
         return sess.run(["o"], feeds)[0]
-
-    def fetch(o):
-        return o.reshape(B, Lq, Hq, D).transpose(0, 2, 1, 3)
 
     return call, fetch, note
 
