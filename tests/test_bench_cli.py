@@ -142,10 +142,13 @@ def test_peers_agree_with_the_oracle(peer, case):
     pytest.importorskip({"torch": "torch", "ort": "onnxruntime"}[peer])
     inp = _bench.make_inputs(case)
     try:
-        call, fetch, _ = _bench.prepare(peer, inp, 1)
+        call, fetch, note = _bench.prepare(peer, inp, 1)
     except _bench.Skip as exc:
         pytest.skip(str(exc))
     assert _bench.check(inp, fetch(call())) is None
+    # one-position decode: each peer's fastest form (query groups folded, no K/V copy)
+    folds = case.Lq == 1 and (case.Hq != case.Hkv if peer == "torch" else case.dtype == "float32")
+    assert ("query groups folded into the query axis" in note) == folds
 
 
 def test_check_flags_a_wrong_output():
