@@ -25,7 +25,6 @@ from __future__ import annotations
 import argparse
 import os
 import statistics
-import struct
 import subprocess
 import sys
 import time
@@ -34,7 +33,7 @@ import numpy as np
 
 import fastqkv
 from fastqkv import _c, _validate
-from fastqkv._bench import torch_sdpa
+from fastqkv._bench import onnx_model, torch_sdpa
 
 try:
     import torch
@@ -144,63 +143,9 @@ def sgemm_gflops(threads):
 
 
 # ---------------------------------------------------------------------------
-# minimal protobuf encoding of an ONNX model with one contrib node
+# one-node com.microsoft ONNX models (encoded by fastqkv._bench.onnx_model)
 
-def _varint(n):
-    out = bytearray()
-    n &= (1 << 64) - 1
-    while True:
-        b = n & 0x7F
-        n >>= 7
-        if n:
-            out.append(b | 0x80)
-        else:
-            out.append(b)
-            return bytes(out)
-
-
-def _field(num, wire, payload):
-    return _varint(num << 3 | wire) + payload
-
-
-def _int(num, v):
-    return _field(num, 0, _varint(v))
-
-
-def _bytes(num, b):
-    if isinstance(b, str):
-        b = b.encode()
-    return _field(num, 2, _varint(len(b)) + b)
-
-
-def _attr(name, v):
-    if isinstance(v, float):
-        return _bytes(5, _bytes(1, name) + _field(2, 5, struct.pack("<f", v)) + _int(20, 1))
-    return _bytes(5, _bytes(1, name) + _int(3, v) + _int(20, 2))
-
-
-def _value_info(name, elem, shape):
-    dims = b"".join(_bytes(1, _int(1, d)) for d in shape)
-    ttype = _bytes(1, _int(1, elem) + _bytes(2, dims))
-    return _bytes(1, name) + _bytes(2, ttype)
-
-
-def onnx_model(op, inputs, outputs, attrs):
-    """inputs/outputs: [(name, elem_type, shape)], '' names = omitted optional inputs."""
-    node = b"".join(_bytes(1, n) for n, _, _ in inputs)
-    node += b"".join(_bytes(2, n) for n, _, _ in outputs)
-    node += _bytes(3, "n0") + _bytes(4, op)
-    node += b"".join(_attr(k, v) for k, v in attrs.items())
-    node += _bytes(7, "com.microsoft")
-    graph = _bytes(1, node) + _bytes(2, "g")
-    graph += b"".join(_bytes(11, _value_info(n, e, s)) for n, e, s in inputs if n)
-    graph += b"".join(_bytes(12, _value_info(n, e, s)) for n, e, s in outputs)
-    model = _int(1, 8) + _bytes(7, graph)
-    model += _bytes(8, _bytes(1, "") + _int(2, 17)) + _bytes(8, _bytes(1, "com.microsoft") + _int(2, 1))
-    return model
-
-
-F32, I32 = 1, 6
+F32, I32 = "float32", "int32"
 
 
 def ort_session(model, threads):
