@@ -32,7 +32,7 @@ import time
 import numpy as np
 
 import fastqkv
-from fastqkv import _c, _validate
+from fastqkv import _c, _problem
 from fastqkv._bench import onnx_model, torch_sdpa
 
 try:
@@ -381,11 +381,11 @@ def overhead(repeat=2000):
     out = np.empty_like(q)
     fastqkv.set_num_threads(2)
     full = timeit(lambda: fastqkv.attention(q, k, v, out=out, backend="c"), repeat, warmup=100)
-    p = _validate.plan_attention(q, k, v, out=out)
+    p = _problem.plan_attention(q, k, v, out=out)
     run = timeit(lambda: _c.run(p, 2), repeat, warmup=100)
     from fastqkv import _ckernels
     raw = timeit(lambda: _ckernels.attention(q, k, v, out, None, None, None, None, None, 0.125, 0.0,
-                                             -1, -1, 2), repeat, warmup=100)
+                                             -1, -1, 2, 1, None, 0), repeat, warmup=100)
     return full, run, raw
 
 

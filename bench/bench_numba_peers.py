@@ -110,9 +110,9 @@ def _paged(rng, k, v, bs):
 
 def _mod_supports(backend, q, k, v):
     """Whether ``backend`` takes this dtype (the C backend may refuse 16-bit)."""
-    from fastqkv import _dispatch, _validate
+    from fastqkv import _dispatch, _problem
     mod = _dispatch._modules.get(backend)
-    return mod is not None and mod.supports(_validate.plan_attention(q[:, :, :1], k[:, :, :1], v[:, :, :1])) is None
+    return mod is not None and mod.supports(_problem.plan_attention(q[:, :, :1], k[:, :, :1], v[:, :, :1])) is None
 
 
 def bench_decode(args, ours, torch, bw):

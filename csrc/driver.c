@@ -15,12 +15,12 @@
 #include <string.h>
 
 #define FQ_MAX_THREADS 256
-/* below this many multiply-adds the calling thread does everything (tuned on
- * AMD EPYC Zen 4: waking a worker costs ~10-20 us) */
+/* below this many multiply-adds the calling thread does everything: waking
+ * a worker costs more (docs/tuning.md) */
 #define FQ_SERIAL_FLOPS (1 << 21)
 /* a thread that waits (a worker for the next job, the caller for the
- * workers) first spins this many pause instructions (~50 us) before sleeping
- * on a condition variable: back-to-back calls skip the futex wake-up */
+ * workers) first spins this many pause instructions before sleeping on a
+ * condition variable: back-to-back calls skip the futex wake-up */
 #define FQ_SPIN 2000
 #define FQ_PACK_PANELS 16        /* panels per item of the packing pass */
 /* the packing pass keeps a K^T copy of up to this many bytes (kept between
@@ -55,11 +55,11 @@ static struct {
     fq_scratch part;             /* split-KV partials of pool calls */
     unsigned long start_gen[FQ_MAX_THREADS];
     int tile_rows, tile_kt;      /* overrides for tuning, 0 = ISA default */
-    int stream_mode, stream_splits;   /* test hooks, 0 = automatic */
+    int stream_splits;           /* test hook, 0 = automatic */
 } pool = {
     PTHREAD_MUTEX_INITIALIZER, PTHREAD_MUTEX_INITIALIZER,
     PTHREAD_COND_INITIALIZER, PTHREAD_COND_INITIALIZER,
-    0, 0, 0, 0, NULL, {{0, 0}}, {0, 0}, {0, 0}, {0, 0}, {0}, 0, 0, 0, 0,
+    0, 0, 0, 0, NULL, {{0, 0}}, {0, 0}, {0, 0}, {0, 0}, {0}, 0, 0, 0,
 };
 
 static void run_items(fq_job *job, int tid)
@@ -243,17 +243,15 @@ int fq_set_tiles(int rows, int kt)
     return 0;
 }
 
-int fq_set_decode(int stream, int splits)
+int fq_set_splits(int splits)
 {
-    pool.stream_mode = stream > 0 && stream <= 2 ? stream : 0;
     pool.stream_splits = splits > 0 ? splits : 0;
     return 0;
 }
 
-/* rows per streaming item: every query position of a decode step (Lq <= 16)
- * in one item, so each K/V byte is read once per group */
+/* rows per streaming item beyond a decode step (whose query positions all go
+ * in one item, so each K/V byte is read once per group) */
 #define FQ_STREAM_ROWS 64
-#define FQ_STREAM_MAXQ 16
 /* a split covers at least this many keys (the merge and the item's set-up
  * stay negligible) */
 #define FQ_MIN_CHUNK 512
@@ -273,7 +271,7 @@ static size_t rup64(size_t x) { return (x + 63) & ~(size_t)63; }
 
 static int run_stream(fq_problem *p, const fq_kfuncs *kf, int nthreads)
 {
-    int64_t qt = p->Lq <= FQ_STREAM_MAXQ ? p->Lq : FQ_STREAM_ROWS / p->G;
+    int64_t qt = p->Lq <= p->stream_maxq ? p->Lq : FQ_STREAM_ROWS / p->G;
     if (qt < 1)
         qt = 1;
     if (qt > p->Lq)
@@ -367,14 +365,12 @@ int fq_run(const fq_problem *p0, const fq_isa *isa, int nthreads)
         nthreads = 1;
     if (nthreads > FQ_MAX_THREADS)
         nthreads = FQ_MAX_THREADS;
-    /* the streaming kernel: decode steps, paged caches, half storage (no
-     * mask, bias, softcap or ALiBi there: the wrapper sends those elsewhere) */
-    const int opts = p.mask || p.bias || p.softcap != 0 || p.alibi;
-    const int must = p.block_table || p.dtype == FQ_F16 || p.dtype == FQ_BF16;
-    if (must && (opts || !kf->sitem))
+    /* the route was chosen by the planner and checked against the problem
+     * by module.c */
+    if (p.route == FQ_ROUTE_STREAM)
+        return kf->sitem ? run_stream(&p, kf, nthreads) : FQ_EINVAL;
+    if (!kf->item)
         return FQ_EINVAL;
-    if (must || (!opts && pool.stream_mode != 1 && (p.Lq <= FQ_STREAM_MAXQ || pool.stream_mode == 2)))
-        return run_stream(&p, kf, nthreads);
 
     /* tiles: rows = G*qt near the tuned target, kt a multiple of NR */
     int64_t rows = pool.tile_rows ? pool.tile_rows : isa->rows;
@@ -451,9 +447,8 @@ int fq_run(const fq_problem *p0, const fq_isa *isa, int nthreads)
  * The read bandwidth: nthreads threads each sum a contiguous part of n
  * floats with 4 independent vector accumulators (memory bound on any x86-64
  * with SSE2), the way a decode step streams its K/V cache, and prefetch
- * FQ_PROBE_PF floats ahead as the decode kernels do.  Without the prefetch
- * an Intel Ice Lake Xeon read 18.7 GB/s on 2 threads where it reads 23.3
- * (and a decode kernel read 20.7): the probe would not be the limit. */
+ * FQ_PROBE_PF floats ahead as the decode kernels do: without it the probe
+ * reads less than a decode kernel and is not the limit (docs/tuning.md). */
 #define FQ_PROBE_PF 2048
 typedef float fq_v4 __attribute__((vector_size(16)));
 typedef float fq_v4u __attribute__((vector_size(16), aligned(4), may_alias));

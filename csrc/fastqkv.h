@@ -1,6 +1,7 @@
 /* fastqkv C backend: the problem description shared by module.c, driver.c
- * and the per-ISA kernels.  The Python wrapper validates every argument;
- * module.c re-checks only what protects memory; the kernels trust it. */
+ * and the per-ISA kernels.  The Python wrapper validates every argument and
+ * chooses the kernel (the route); module.c re-checks only what protects
+ * memory; the driver and the kernels trust it. */
 #ifndef FASTQKV_H
 #define FASTQKV_H
 
@@ -8,6 +9,11 @@
 #include <stdint.h>
 
 enum { FQ_F32 = 0, FQ_F64 = 1, FQ_F16 = 2, FQ_BF16 = 3 };
+
+/* the kernel that runs a call, chosen by the Python planner (Problem.route):
+ * the tiled kernel (float32/float64, dense, every score option) or the
+ * streaming kernel (any storage dtype, dense or paged, no score options) */
+enum { FQ_ROUTE_TILE = 0, FQ_ROUTE_STREAM = 1 };
 
 /* status codes returned by fq_run (never printed, never exit()) */
 enum { FQ_OK = 0, FQ_ENOMEM = 1, FQ_EISA = 2, FQ_EINVAL = 3 };
@@ -17,7 +23,12 @@ enum { FQ_OK = 0, FQ_ENOMEM = 1, FQ_EISA = 2, FQ_EINVAL = 3 };
 #define FQ_MAX_SPLITS 256
 
 typedef struct fq_problem {
-    int dtype;                       /* FQ_F32 or FQ_F64 (storage = accumulation) */
+    int dtype;                       /* FQ_F32, FQ_F64 (storage = accumulation), FQ_F16
+                                      * or FQ_BF16 (accumulated in float32) */
+    int route;                       /* FQ_ROUTE_TILE or FQ_ROUTE_STREAM */
+    int64_t stream_maxq;             /* a streaming call of at most this many query
+                                      * positions takes them all in one item
+                                      * (fastqkv._config.STREAM_MAX_LQ) */
     int64_t B, Hq, Hkv, G, Lq, Lk, D, Dv;
     const char *q, *k, *v;           /* (B,H,L,D) views, byte strides, unit last stride */
     char *out;
@@ -96,9 +107,8 @@ int fq_cpu_has_avx512(void);
 /* driver.c */
 int fq_run(const fq_problem *p, const fq_isa *isa, int nthreads);
 int fq_set_tiles(int rows, int kt);   /* 0 = the ISA's tuned default */
-/* test hook: stream 0 = automatic, 1 = never (dense problems), 2 = whenever
- * the options allow; splits 0 = automatic, n > 0 = that many key splits */
-int fq_set_decode(int stream, int splits);
+/* test hook: key splits of streaming calls, 0 = automatic, n > 0 = n */
+int fq_set_splits(int splits);
 
 /* the benchmarks' read bandwidth probe: the sum of n floats on nthreads threads */
 double fq_read_sum(const float *p, size_t n, int nthreads);

@@ -1,7 +1,9 @@
 /* CPython glue of fastqkv._ckernels: argument checks that protect memory
- * (types, dims, dtypes, shapes, strides, key_lens range), then the whole
- * computation with the GIL released; status codes become exceptions.
- * The ISA variant is chosen once at import (cpuid + xgetbv, or $FASTQKV_ISA). */
+ * (types, dims, dtypes, shapes, strides, key_lens range, a route the
+ * problem can take), then the whole computation with the GIL released;
+ * status codes become exceptions.  The route (which kernel runs the call) is
+ * the Python planner's; this file does not choose it.  The ISA variant is
+ * chosen once at import (cpuid + xgetbv, or $FASTQKV_ISA). */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
 #define NPY_NO_DEPRECATED_API NPY_1_7_API_VERSION
@@ -26,6 +28,8 @@ static const char *const known_isas[] = {"generic", "avx2", "avx512"};
 
 static const fq_isa *current_isa = NULL;
 static char isa_error[512];
+/* fastqkv._config.STREAM_MAX_LQ, read at import */
+static int64_t stream_maxq;
 
 static int cpu_supports(const char *name)
 {
@@ -165,13 +169,13 @@ static int64_t last_stride(PyArrayObject *a)
 }
 
 /* attention(q, k, v, out, lse, mask, bias, key_lens, alibi,
- *           scale, softcap, window_left, window_right, num_threads
+ *           scale, softcap, window_left, window_right, num_threads, route
  *           [, block_table, block_size]) */
 static PyObject *py_attention(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
 {
     (void)self;
-    if (nargs != 14 && nargs != 16) {
-        PyErr_SetString(PyExc_TypeError, "attention() takes 14 or 16 positional arguments");
+    if (nargs != 15 && nargs != 17) {
+        PyErr_SetString(PyExc_TypeError, "attention() takes 15 or 17 positional arguments");
         return NULL;
     }
     if (!current_isa) {
@@ -197,14 +201,19 @@ static PyObject *py_attention(PyObject *self, PyObject *const *args, Py_ssize_t 
     long long wl = PyLong_AsLongLong(args[11]);
     long long wr = PyLong_AsLongLong(args[12]);
     long nthreads = PyLong_AsLong(args[13]);
+    long route = PyLong_AsLong(args[14]);
     long long bsize = 0;
-    if (nargs == 16 && args[14] != Py_None) {
-        if (!(bt = as_arr(args[14], "block_table")))
+    if (nargs == 17 && args[15] != Py_None) {
+        if (!(bt = as_arr(args[15], "block_table")))
             return NULL;
-        bsize = PyLong_AsLongLong(args[15]);
+        bsize = PyLong_AsLongLong(args[16]);
     }
     if (PyErr_Occurred())
         return NULL;
+    if (route != FQ_ROUTE_TILE && route != FQ_ROUTE_STREAM) {
+        PyErr_SetString(PyExc_ValueError, "route must be 0 (tiled) or 1 (streaming)");
+        return NULL;
+    }
 
     int tn = PyArray_TYPE(q);
     int dt = storage_dtype(q);
@@ -254,9 +263,6 @@ static PyObject *py_attention(PyObject *self, PyObject *const *args, Py_ssize_t 
         if (!kl) {
             PyErr_SetString(PyExc_ValueError, "a paged call needs key_lens (the sequence lengths)");
             return NULL;
-        }
-        if (nblocks == 0 && Lk > 0) {
-            /* no block to read: every length must be 0 (checked below) */
         }
     } else {
         Hkv = PyArray_DIM(k, 1);
@@ -324,6 +330,8 @@ static PyObject *py_attention(PyObject *self, PyObject *const *args, Py_ssize_t 
     fq_problem p;
     memset(&p, 0, sizeof p);
     p.dtype = dt;
+    p.route = (int)route;
+    p.stream_maxq = stream_maxq;
     p.B = B; p.Hq = Hq; p.Hkv = Hkv; p.G = Hq / Hkv; p.Lq = Lq; p.Lk = Lk; p.D = D; p.Dv = Dv;
     p.q = PyArray_BYTES(q); p.k = PyArray_BYTES(k); p.v = PyArray_BYTES(v); p.out = PyArray_BYTES(out);
     for (int d = 0; d < 3; d++) {
@@ -361,12 +369,14 @@ static PyObject *py_attention(PyObject *self, PyObject *const *args, Py_ssize_t 
         PyErr_SetString(PyExc_ValueError, "Lk must be > 0 (the wrapper handles Lk == 0)");
         return NULL;
     }
-    if (dt >= FQ_F16 && (mask || bias || alibi || softcap != 0)) {
-        PyErr_SetString(PyExc_ValueError, "float16/bfloat16 calls take no mask, bias, softcap or ALiBi here");
+    /* the tiled kernel reads dense float32/float64 only; the streaming
+     * kernel reads no mask or bias and applies no softcap or ALiBi */
+    if (route == FQ_ROUTE_TILE && (dt >= FQ_F16 || bt)) {
+        PyErr_SetString(PyExc_ValueError, "the tiled route takes no float16/bfloat16 storage or paged cache");
         return NULL;
     }
-    if (bt && (mask || bias || alibi || softcap != 0)) {
-        PyErr_SetString(PyExc_ValueError, "paged calls take no mask, bias, softcap or ALiBi here");
+    if (route == FQ_ROUTE_STREAM && (mask || bias || alibi || softcap != 0)) {
+        PyErr_SetString(PyExc_ValueError, "the streaming route takes no mask, bias, softcap or ALiBi");
         return NULL;
     }
     const fq_isa *isa = current_isa;
@@ -504,17 +514,13 @@ static PyObject *py_set_tiles(PyObject *self, PyObject *const *args, Py_ssize_t 
     Py_RETURN_NONE;
 }
 
-static PyObject *py_set_decode(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
+static PyObject *py_set_splits(PyObject *self, PyObject *arg)
 {
     (void)self;
-    if (nargs != 2) {
-        PyErr_SetString(PyExc_TypeError, "set_decode(stream, splits)");
+    long splits = PyLong_AsLong(arg);
+    if (splits == -1 && PyErr_Occurred())
         return NULL;
-    }
-    long stream = PyLong_AsLong(args[0]), splits = PyLong_AsLong(args[1]);
-    if (PyErr_Occurred())
-        return NULL;
-    fq_set_decode((int)stream, (int)splits);
+    fq_set_splits((int)(splits > INT_MAX ? INT_MAX : splits));
     Py_RETURN_NONE;
 }
 
@@ -546,12 +552,12 @@ static PyObject *py_read_sum(PyObject *self, PyObject *const *args, Py_ssize_t n
 }
 
 static PyMethodDef methods[] = {
-    {"set_decode", (PyCFunction)(void (*)(void))py_set_decode, METH_FASTCALL,
-     "set_decode(stream, splits): test hook; stream 0 = auto, 1 = never, 2 = whenever "
-     "the options allow; splits 0 = auto, n = that many key splits"},
+    {"set_splits", py_set_splits, METH_O,
+     "set_splits(n): test hook; key splits of streaming calls, 0 = automatic"},
     {"attention", (PyCFunction)(void (*)(void))py_attention, METH_FASTCALL,
      "attention(q, k, v, out, lse, mask, bias, key_lens, alibi, scale, softcap, "
-     "window_left, window_right, num_threads): fill out (and lse) of a validated problem"},
+     "window_left, window_right, num_threads, route[, block_table, block_size]): fill out "
+     "(and lse) of a validated problem on route 0 (tiled) or 1 (streaming)"},
     {"isa", py_isa, METH_NOARGS, "the ISA variant in use (None if $FASTQKV_ISA is unusable)"},
     {"isa_error", py_isa_error, METH_NOARGS, "why no ISA variant is usable, or None"},
     {"isa_compiled", py_isa_compiled, METH_NOARGS, "ISA variants compiled into this build"},
@@ -571,9 +577,29 @@ static struct PyModuleDef moddef = {
     NULL, NULL, NULL, NULL,
 };
 
+/* the decode-step threshold has its one home in fastqkv._config */
+static int read_stream_maxq(void)
+{
+    PyObject *cfg = PyImport_ImportModule("fastqkv._config");
+    if (!cfg)
+        return -1;
+    PyObject *n = PyObject_GetAttrString(cfg, "STREAM_MAX_LQ");
+    Py_DECREF(cfg);
+    if (!n)
+        return -1;
+    long long v = PyLong_AsLongLong(n);
+    Py_DECREF(n);
+    if (v == -1 && PyErr_Occurred())
+        return -1;
+    stream_maxq = v;
+    return 0;
+}
+
 PyMODINIT_FUNC PyInit__ckernels(void)
 {
     import_array();
+    if (read_stream_maxq())
+        return NULL;
     select_isa();
     return PyModule_Create(&moddef);
 }

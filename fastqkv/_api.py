@@ -1,4 +1,9 @@
-"""Public functions: validate -> plan -> dispatch."""
+"""Public functions: plan (which checks) -> dispatch -> the result.
+
+Every function here checks its arguments through :mod:`fastqkv._problem`'s
+planners before any work, runs the kernels through :mod:`fastqkv._dispatch`
+and uses the oracle (:mod:`fastqkv.reference`) only through its public
+functions."""
 
 from __future__ import annotations
 
@@ -7,7 +12,7 @@ from typing import Optional, Sequence, Tuple, Union
 import numpy as np
 from numpy.typing import ArrayLike, NDArray
 
-from . import _dispatch, _validate, reference
+from . import _dispatch, _problem, _validate, reference
 
 Window = Optional[Tuple[int, int]]
 Result = Union[NDArray, Tuple[NDArray, NDArray]]
@@ -19,15 +24,13 @@ __all__ = ["attention", "attention_varlen", "paged_attention", "merge_attention"
 def _run(p, backend):
     """Dispatch a validated Problem and return the public result."""
     mod, _ = _dispatch.resolve(backend, p)
-    if p.block_table is not None and "paged" not in getattr(mod, "FEATURES", ()):
-        _validate.densify_pages(p)
     if not p.empty:
         if p.Lk == 0:
             p.out[...] = 0
             if p.lse is not None:
                 p.lse[...] = -np.inf
         else:
-            mod.run(p, _dispatch.get_num_threads())
+            mod.run(_problem.prepare(p, getattr(mod, "FEATURES", ())), _dispatch.get_num_threads())
     return p.result()
 
 
@@ -46,13 +49,13 @@ def attention(q: ArrayLike, k: ArrayLike, v: ArrayLike, *, causal: bool = False,
     """
     if (mask is None and bias is None and key_lens is None and window is None and softcap is None
             and alibi_slopes is None and layout == "bhld" and type(backend) is str):
-        p = _validate.plan_simple(q, k, v, causal, scale, return_lse, out)
+        p = _problem.plan_simple(q, k, v, causal, scale, return_lse, out)
         if p is not None:
             mod, _ = _dispatch.resolve(backend, p)
             mod.run(p, _dispatch.get_num_threads())
             return (p.out, p.lse) if return_lse else p.out
     _dispatch._check_name(backend, "backend")
-    p = _validate.plan_attention(
+    p = _problem.plan_attention(
         q, k, v, causal=causal, mask=mask, bias=bias, key_lens=key_lens, scale=scale,
         window=window, softcap=softcap, alibi_slopes=alibi_slopes, layout=layout,
         return_lse=return_lse, out=out)
@@ -68,22 +71,40 @@ def attention_weights(q: ArrayLike, k: ArrayLike, *, causal: bool = False,
     """Softmax probabilities ``(B, Hq, Lq, Lk)`` for inspection; see
     :func:`fastqkv.reference.attention_weights`.  The normaliser comes from
     the dispatched fused pass's lse; scores are recomputed with NumPy."""
-    v = reference._dummy_v(q, k, layout)
+    v = _validate.stand_in_v(k)
     _, lse = attention(q, k, v, causal=causal, mask=mask, bias=bias, key_lens=key_lens,
                        scale=scale, window=window, softcap=softcap, alibi_slopes=alibi_slopes,
                        layout=layout, return_lse=True, backend=backend)
-    p = _validate.plan_attention(
+    p = _problem.plan_attention(
         q, k, v, causal=causal, mask=mask, bias=bias, key_lens=key_lens, scale=scale,
         window=window, softcap=softcap, alibi_slopes=alibi_slopes, layout=layout)
     acc = p.acc_dtype.type
     w = np.zeros((p.B, p.Hq, p.Lq, p.Lk), dtype=p.acc_dtype)
     lse4 = np.asarray(lse).reshape(p.B, p.Hq, p.Lq)
     for b in range(0 if p.empty else p.B):
-        s, _ = reference.scores(p, b, dtype=acc)
+        s = _scores(p, b, acc)
         with np.errstate(all="ignore"):
             e = np.exp(s - lse4[b][..., None])
         w[b, :, :, : s.shape[-1]] = np.where(np.isneginf(lse4[b])[..., None], 0, e)
-    return reference.weights_user_shape(w, p.ndim)
+    return w[(0,) * (4 - p.ndim)]
+
+
+def _scores(p, b, dtype):
+    """Scores ``(Hq, Lq, Lk_b)`` of batch ``b`` of Problem ``p`` in ``dtype``
+    (the accumulation type), score options applied, invisible keys -inf."""
+    lkb = p.Lk if p.key_lens is None else int(p.key_lens[b])
+    kb = p.k[b, :, :lkb].astype(dtype)[np.arange(p.Hq) // p.group]
+    with np.errstate(all="ignore"):
+        s = np.matmul(p.q[b].astype(dtype), kb.transpose(0, 2, 1)) * dtype(p.scale)
+        if p.softcap:
+            c = dtype(p.softcap)
+            s = c * np.tanh(s / c)
+        if p.bias is not None:
+            s = s + p.bias[b, :, :, :lkb].astype(dtype)
+        if p.alibi is not None:
+            dist = np.abs(np.arange(p.Lq)[:, None] + (lkb - p.Lq) - np.arange(lkb)[None, :])
+            s = s - p.alibi[b].astype(dtype)[:, None, None] * dist.astype(dtype)
+    return np.where(p.visible_keys(b), s, -np.inf)
 
 
 def merge_attention(outs: Sequence[ArrayLike], lses: Sequence[ArrayLike], *,
@@ -103,13 +124,20 @@ def attention_varlen(q: ArrayLike, k: ArrayLike, v: ArrayLike, cu_seqlens_q: Arr
     """Attention over a packed ragged batch; see
     :func:`fastqkv.reference.attention_varlen`."""
     _dispatch._check_name(backend, "backend")
-    plan = _validate.plan_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, mask=mask, bias=bias,
-                                 key_lens=key_lens, alibi_slopes=alibi_slopes,
-                                 return_lse=return_lse, out=out, causal=causal, scale=scale,
-                                 window=window, softcap=softcap)
-    return reference._varlen_loop(plan, attention, dict(causal=causal, scale=scale,
-                                                        window=window, softcap=softcap,
-                                                        backend=backend))
+    q, k, v, cq, ck, alibi, out, lse, return_lse = _problem.plan_varlen(
+        q, k, v, cu_seqlens_q, cu_seqlens_k, mask=mask, bias=bias, key_lens=key_lens,
+        alibi_slopes=alibi_slopes, return_lse=return_lse, out=out, causal=causal, scale=scale,
+        window=window, softcap=softcap)
+    for b in range(len(cq) - 1):
+        qs, ks = slice(cq[b], cq[b + 1]), slice(ck[b], ck[b + 1])
+        if qs.stop == qs.start:
+            continue
+        _, l = attention(q[qs], k[ks], v[ks], causal=causal, scale=scale, window=window,
+                         softcap=softcap, alibi_slopes=None if alibi is None else alibi[b],
+                         layout="blhd", return_lse=True, out=out[qs], backend=backend)
+        if lse is not None:
+            lse[:, qs] = l
+    return (out, lse) if return_lse else out
 
 
 def paged_attention(q: ArrayLike, k_cache: ArrayLike, v_cache: ArrayLike,
@@ -123,14 +151,11 @@ def paged_attention(q: ArrayLike, k_cache: ArrayLike, v_cache: ArrayLike,
     """Attention against a paged KV cache; see
     :func:`fastqkv.reference.paged_attention`."""
     _dispatch._check_name(backend, "backend")
-    plan = _validate.plan_paged(q, k_cache, v_cache, block_table, seq_lens, layout=layout,
-                                key_lens=key_lens)
-    kd, vd = _validate.paged_placeholders(plan, layout)
-    p = _validate.plan_attention(
-        q, kd, vd, causal=causal, mask=mask, bias=bias, key_lens=plan.seq_lens, scale=scale,
-        window=window, softcap=softcap, alibi_slopes=alibi_slopes, layout=layout,
-        return_lse=return_lse, out=out)
-    return _run(_validate.attach_pages(p, plan), backend)
+    p = _problem.plan_paged(
+        q, k_cache, v_cache, block_table, seq_lens, causal=causal, mask=mask, bias=bias,
+        scale=scale, window=window, softcap=softcap, alibi_slopes=alibi_slopes, layout=layout,
+        return_lse=return_lse, out=out, key_lens=key_lens)
+    return _run(p, backend)
 
 
 def self_attention(x: ArrayLike, w_q: ArrayLike, w_k: ArrayLike, w_v: ArrayLike,
@@ -144,7 +169,7 @@ def self_attention(x: ArrayLike, w_q: ArrayLike, w_k: ArrayLike, w_v: ArrayLike,
     Projections use NumPy matmul (float32 for half-width inputs); attention
     is the dispatched fused kernel."""
     _dispatch._check_name(backend, "backend")
-    x3, dtype, Hq, Hkv, D, Dv, squeeze = _validate.plan_self_attention(
+    x3, dtype, Hq, Hkv, D, Dv, squeeze = _validate.check_self_attention(
         x, w_q, w_k, w_v, w_o, num_heads, num_kv_heads)
     mm = dtype if dtype in (np.float32, np.float64) else np.dtype(np.float32)
     xm = x3.astype(mm, copy=False)

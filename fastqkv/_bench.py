@@ -29,7 +29,7 @@ from dataclasses import asdict, dataclass, field
 
 import numpy as np
 
-from . import _dispatch, _validate, reference, testing
+from . import _dispatch, _problem, _validate, reference, testing
 
 __all__ = ["BenchCase", "shape_classes", "make_inputs", "prepare", "check", "Skip",
            "measure_machine", "add_arguments", "main", "PEERS"]
@@ -214,7 +214,7 @@ def _prepare_fastqkv(name, inp, threads):
         info = _dispatch.backends()[name]
         if not info.available:
             raise Skip(f"not available ({info.reason})")
-    p = _validate.plan_attention(inp.q, inp.k, inp.v, **inp.kwargs)
+    p = _problem.plan_attention(inp.q, inp.k, inp.v, **inp.kwargs)
     try:
         _, chosen = _dispatch.resolve(name, p)
     except (ValueError, RuntimeError) as exc:
@@ -786,7 +786,7 @@ def _confirm(a, b, size, progress, rounds=4, per_block=3):
 
 
 def _auto_verdict(inp, res, timers, size, progress):
-    p = _validate.plan_attention(inp.q, inp.k, inp.v, **inp.kwargs)
+    p = _problem.plan_attention(inp.q, inp.k, inp.v, **inp.kwargs)
     try:
         _, choice = _dispatch.resolve("auto", p)
     except (ValueError, RuntimeError) as exc:

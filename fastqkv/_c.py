@@ -22,18 +22,17 @@ except ImportError as exc:  # the extension was not built (no compiler, failed b
     _ckernels = None
     _IMPORT_ERROR = exc
 
-_DTYPES = (np.dtype(np.float32), np.dtype(np.float64))
-# stored half width, accumulated in float32 (the streaming kernel)
-_HALF = tuple(_validate.half_dtypes()) if hasattr(_validate, "half_dtypes") else tuple(
-    d for d in (np.dtype(np.float16), _validate.BFLOAT16) if d is not None)
+# float32/float64 on both routes; float16/bfloat16 stored at half width on
+# the streaming route (the planner widens them for the tiled one)
+_DTYPES = tuple(d for d in (np.dtype(np.float32), np.dtype(np.float64), np.dtype(np.float16),
+                            _validate.BFLOAT16) if d is not None)
 
 # paged problems (Problem.block_table) are read through the block table by
-# the streaming kernel; with mask/bias/softcap/ALiBi they are densified here
+# the streaming kernel
 FEATURES = frozenset({"paged"})
 
-
-def _has_score_options(p):
-    return p.mask is not None or p.bias is not None or p.alibi is not None or bool(p.softcap)
+# Problem.route -> the route argument of _ckernels.attention (FQ_ROUTE_*)
+_ROUTE = {"tile": 0, "stream": 1}
 
 
 def probe():
@@ -54,34 +53,14 @@ def probe():
 def supports(problem):
     if problem.dtype in _DTYPES:
         return None
-    if problem.dtype in _HALF:
-        return None
     return f"dtype {problem.dtype} is not supported by the c backend"
 
 
-def run(problem, num_threads):
-    p = problem
-    if p.block_table is not None and _has_score_options(p):
-        _validate.densify_pages(p)
-    if p.dtype in _HALF and _has_score_options(p):
-        # the streaming kernel reads half storage but applies no score
-        # options: widen to float32, run the tiled kernel, round the output
-        f32 = np.float32
-        out32 = np.empty(p.out.shape, f32)
-        # C order: astype's default order "K" can leave a broadcast (zero
-        # stride) axis innermost
-        q, k, v = (np.ascontiguousarray(x, dtype=f32) for x in (p.q, p.k, p.v))
-        _ckernels.attention(q, k, v, out32, p.lse,
-                            p.mask, p.bias, p.key_lens, p.alibi, p.scale, p.softcap,
-                            p.window_left, p.window_right, num_threads)
-        p.out[...] = out32.astype(p.dtype)
-    elif p.block_table is None:
-        _ckernels.attention(p.q, p.k, p.v, p.out, p.lse, p.mask, p.bias, p.key_lens, p.alibi,
-                            p.scale, p.softcap, p.window_left, p.window_right, num_threads)
-    else:
-        _ckernels.attention(p.q, p.k, p.v, p.out, p.lse, None, None, p.key_lens, None,
-                            p.scale, 0.0, p.window_left, p.window_right, num_threads,
-                            p.block_table, p.block_size)
+def run(p, num_threads):
+    """Fill ``p.out`` (and ``p.lse``) of a prepared Problem on its route."""
+    _ckernels.attention(p.q, p.k, p.v, p.out, p.lse, p.mask, p.bias, p.key_lens, p.alibi,
+                        p.scale, p.softcap, p.window_left, p.window_right, num_threads,
+                        _ROUTE[p.route], p.block_table, p.block_size)
 
 
 def isa():
@@ -95,6 +74,12 @@ def isa_variants():
         return []
     sup = set(_ckernels.isa_supported())
     return [name for name in _ckernels.isa_compiled() if name in sup]
+
+
+def set_splits(n):
+    """Split the key axis of streaming calls into ``n`` parts (0: the
+    driver's own choice); process-wide, for tests."""
+    _ckernels.set_splits(n)
 
 
 @contextlib.contextmanager

@@ -8,7 +8,12 @@ A backend is a module exposing
   supported (``auto`` then tries the next backend);
 * ``run(problem, num_threads) -> None`` - fills ``problem.out`` (and
   ``problem.lse`` when it is not None) for a non-empty problem with
-  ``Lk > 0``.
+  ``Lk > 0``, prepared by :func:`fastqkv._problem.prepare`, with the kernel
+  ``problem.route`` names where the backend has two;
+* optionally ``FEATURES`` - a set naming what :func:`fastqkv._problem.prepare`
+  need not convert for it: ``"paged"`` (paged caches read in place on the
+  streaming route), ``"half_options"`` (score options applied to
+  float16/bfloat16 storage without float32 copies).
 
 ``backend="auto"`` resolves, in order: :func:`use_backend` (per context),
 :func:`set_backend` (process-wide), ``$FASTQKV_BACKEND``, then the first
@@ -157,8 +162,7 @@ def decode_order():
 
 def _streaming_decode(p):
     """Whether ``p`` is a memory-bound decode call (see decode_order())."""
-    if p.Lq > _config.DECODE_MAX_LQ or p.mask is not None or p.bias is not None or p.softcap \
-            or p.alibi is not None:
+    if not p.decode_step:
         return False
     keys = p.B * p.Lk if p.key_lens is None else int(p.key_lens.sum())
     return keys * p.Hkv * (p.D + p.Dv) * p.dtype.itemsize >= _config.DECODE_MIN_KV_BYTES

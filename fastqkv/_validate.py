@@ -1,13 +1,12 @@
 """Every input check and every error message of fastqkv, in one place.
 
-The public functions call into this module first; it turns user arguments into
-a normalised :class:`Problem` (4-D ``(B, H, L, D)`` views, broadcast masks,
-resolved defaults) that every backend trusts.  Nothing here copies an input
-unless a kernel could not walk it (non-unit last stride, unaligned data, a
-stride that is not a whole number of elements).
-
-Bad input raises ``TypeError`` (wrong kind or dtype) or ``ValueError`` (shape,
-range) naming the argument and what was expected.
+Contract: a ``check_*`` function raises ``TypeError`` (wrong kind or dtype) or
+``ValueError`` (shape, range) naming the argument and what was expected, and
+otherwise returns the checked arguments as NumPy arrays and Python scalars in
+the caller's own shapes and layout.  Nothing here decides how a call is run
+or normalises it for a kernel (that is :mod:`fastqkv._problem`), so the
+planner and the oracle share these checks and their messages but not their
+arithmetic.  No input is copied here, except to native byte order.
 """
 
 from __future__ import annotations
@@ -15,13 +14,11 @@ from __future__ import annotations
 import math
 import numbers
 import operator
+from typing import NamedTuple, Optional, Tuple
 
 import numpy as np
 
 from . import _config
-
-__all__ = ["Problem", "plan_attention", "plan_simple"]
-
 
 def _bfloat16():
     try:
@@ -77,32 +74,8 @@ def _float_array(x, name):
     return a
 
 
-def _walkable(a):
-    """Return ``a`` or a copy that a kernel can walk: aligned, unit last stride,
-    every stride a whole number of elements."""
-    flags = a.flags
-    if flags.c_contiguous and flags.aligned:
-        return a
-    item = a.itemsize
-    ok = flags.aligned
-    if ok:
-        for n, s in zip(a.shape, a.strides):
-            if n > 1 and s % item:
-                ok = False
-                break
-        if ok and a.ndim and a.shape[-1] > 1 and a.strides[-1] != item:
-            ok = False
-    return a if ok else _aligned_copy(a)
-
-
-def _aligned_copy(a):
-    """A C-contiguous copy in fresh (aligned) memory; ascontiguousarray would
-    return an unaligned contiguous array unchanged."""
-    return np.array(a, order="C", copy=True)
-
-
-def _to_bhld(a, layout):
-    """4-D (B, H, L, D) view of a 4-D/3-D/2-D input in `layout`."""
+def bhld(a, layout):
+    """The 4-D (B, H, L, D) view of a 4-D/3-D/2-D array in ``layout``."""
     if a.ndim == 4:
         return a if layout == "bhld" else a.transpose(0, 2, 1, 3)
     if a.ndim == 3:
@@ -110,13 +83,19 @@ def _to_bhld(a, layout):
     return a[None, None]
 
 
-def _user_shape(B, H, L, D, ndim, layout):
+def user_shape(B, H, L, D, ndim, layout):
     """Shape of an output (B, H, L, D) in the caller's ndim and layout."""
     if ndim == 4:
         return (B, H, L, D) if layout == "bhld" else (B, L, H, D)
     if ndim == 3:
         return (H, L, D) if layout == "bhld" else (L, H, D)
     return (L, D)
+
+
+def lse_shape(B, H, L, ndim):
+    """Shape of the lse for outputs of rank ``ndim`` (any layout): (B, H, L),
+    (H, L) or (L,)."""
+    return (B, H, L)[4 - ndim:]
 
 
 def check_layout(layout):
@@ -208,89 +187,39 @@ def check_out(out, shape, dtype, others, name="out"):
     return out
 
 
-class Problem:
-    """A validated attention call, normalised for the kernels.
-
-    Arrays are 4-D ``(B, H, L, D)`` views (no copies unless needed to walk
-    them); the last axis of q/k/v/out has unit stride.  ``mask`` and ``bias``
-    are broadcast views of shape ``(B, Hq, Lq, Lk)`` (zero strides where the
-    caller broadcast); ``bias`` and ``alibi`` are in the accumulation dtype.
-    ``window_right`` already includes ``causal`` (causal means right = 0).
-    ``key_lens`` is an int64 ``(B,)`` array or None (all ``Lk``).
-    ``alibi`` is a contiguous ``(B, Hq)`` array or None.
-
-    Paged KV (``block_table`` not None): ``k`` and ``v`` are the caches
-    ``(num_blocks, block_size, Hkv, D)``; key ``j`` of batch ``b`` and KV
-    head ``g`` is ``k[block_table[b, j // block_size], j % block_size, g]``;
-    ``Lk = max_blocks * block_size`` and ``key_lens`` holds the sequence
-    lengths (table entries past a sequence's last block are not read).
-    A backend that lists ``"paged"`` in its ``FEATURES`` receives such
-    problems; others get a dense gathered copy.
-    """
-
-    __slots__ = (
-        "q", "k", "v", "out", "lse", "mask", "bias", "key_lens", "alibi",
-        "scale", "softcap", "causal", "window_left", "window_right",
-        "B", "Hq", "Hkv", "Lq", "Lk", "D", "Dv", "dtype", "acc_dtype",
-        "out_user", "lse_user", "copy_to", "return_lse", "layout", "ndim",
-        "block_table", "block_size",
-    )
-
-    def __init__(self, **kw):
-        for name in self.__slots__:
-            setattr(self, name, kw.get(name))
-
-    @classmethod
-    def _fast(cls, q, k, v, out, lse, mask, bias, key_lens, alibi, scale, softcap, causal,
-              window_left, window_right, B, Hq, Hkv, Lq, Lk, D, Dv, dtype, acc_dtype, out_user,
-              lse_user, copy_to, return_lse, layout, ndim):
-        p = cls.__new__(cls)
-        p.q = q; p.k = k; p.v = v; p.out = out; p.lse = lse; p.mask = mask  # noqa: E702
-        p.bias = bias; p.key_lens = key_lens; p.alibi = alibi; p.scale = scale  # noqa: E702
-        p.softcap = softcap; p.causal = causal; p.window_left = window_left  # noqa: E702
-        p.window_right = window_right; p.B = B; p.Hq = Hq; p.Hkv = Hkv; p.Lq = Lq  # noqa: E702
-        p.Lk = Lk; p.D = D; p.Dv = Dv; p.dtype = dtype; p.acc_dtype = acc_dtype  # noqa: E702
-        p.out_user = out_user; p.lse_user = lse_user; p.copy_to = copy_to  # noqa: E702
-        p.return_lse = return_lse; p.layout = layout; p.ndim = ndim  # noqa: E702
-        p.block_table = None; p.block_size = None  # noqa: E702
-        return p
-
-    @property
-    def group(self):
-        """Query heads per KV head."""
-        return self.Hq // self.Hkv
-
-    @property
-    def empty(self):
-        return self.B == 0 or self.Hq == 0 or self.Lq == 0
-
-    def result(self):
-        """What the public function returns, after the kernel filled out/lse."""
-        if self.copy_to is not None:
-            self.copy_to[...] = self.out_user
-            self.out_user = self.copy_to
-        if self.return_lse:
-            return self.out_user, self.lse_user
-        return self.out_user
-
-    def __repr__(self):
-        opts = []
-        for name in ("causal", "window_left", "window_right", "softcap"):
-            opts.append(f"{name}={getattr(self, name)}")
-        for name in ("mask", "bias", "key_lens", "alibi"):
-            if getattr(self, name) is not None:
-                opts.append(name)
-        return (
-            f"Problem(B={self.B}, Hq={self.Hq}, Hkv={self.Hkv}, Lq={self.Lq}, Lk={self.Lk}, "
-            f"D={self.D}, Dv={self.Dv}, dtype={self.dtype}, scale={self.scale:.6g}, {', '.join(opts)})"
-        )
+def check_broadcast(a, shape, name):
+    """``a`` must broadcast to ``(B, Hq, Lq, Lk) = shape``."""
+    if a.ndim > 4:
+        raise ValueError(f"{name} must be broadcastable to (B, Hq, Lq, Lk) = {shape}, got {a.ndim}-D shape {a.shape}")
+    # numpy.broadcast_to's rule, on the shapes alone
+    for n, want in zip(a.shape[::-1], shape[::-1]):
+        if n != want and n != 1:
+            raise ValueError(f"{name} must be broadcastable to (B, Hq, Lq, Lk) = {shape}, got shape {a.shape}")
 
 
-def plan_attention(q, k, v, *, causal=False, mask=None, bias=None, key_lens=None, scale=None,
-                   window=None, softcap=None, alibi_slopes=None, layout="bhld",
-                   return_lse=False, out=None):
-    """Validate the arguments of :func:`fastqkv.attention`; return a Problem
-    whose ``out`` (and ``lse``) are allocated and ready for a kernel."""
+class Checked(NamedTuple):
+    """The checked arguments of an attention call, in the caller's shapes."""
+
+    q: np.ndarray                   # float arrays of one dtype, native byte order
+    k: np.ndarray
+    v: np.ndarray
+    ndim: int                       # 2, 3 or 4
+    dims: Tuple[int, ...]           # (B, Hq, Hkv, Lq, Lk, D, Dv)
+    causal: bool
+    return_lse: bool
+    scale: Optional[float]          # None: the default 1/sqrt(D)
+    softcap: Optional[float]        # None: off
+    window: Tuple[int, int]         # (left, right), -1 = unbounded; causal not folded in
+    mask: Optional[np.ndarray]      # bool, broadcastable to (B, Hq, Lq, Lk)
+    bias: Optional[np.ndarray]      # float (any float dtype), broadcastable likewise
+    key_lens: Optional[np.ndarray]  # int64 (B,) within [0, Lk]
+    alibi: Optional[np.ndarray]     # float (Hq,) or (B, Hq), finite in the accumulation dtype
+
+
+def check_attention(q, k, v, causal, mask, bias, key_lens, scale, window, softcap, alibi_slopes,
+                    layout, return_lse, out):
+    """Check the arguments of :func:`fastqkv.attention` (in its order);
+    return :class:`Checked`."""
     check_layout(layout)
     q = _float_array(q, "q")
     k = _float_array(k, "k")
@@ -306,16 +235,15 @@ def plan_attention(q, k, v, *, causal=False, mask=None, bias=None, key_lens=None
         raise ValueError(
             f"q, k and v must have the same number of dimensions, got {q.ndim}, {k.ndim}, {v.ndim}"
         )
-    q4, k4, v4 = _to_bhld(q, layout), _to_bhld(k, layout), _to_bhld(v, layout)
-    B, Hq, Lq, D = q4.shape
-    _, Hkv, Lk, Dk = k4.shape
-    Dv = v4.shape[3]
-    if k4.shape[0] != B or v4.shape[0] != B:
-        raise ValueError(f"q, k and v must have the same batch size, got {B}, {k4.shape[0]}, {v4.shape[0]}")
-    if v4.shape[1] != Hkv:
-        raise ValueError(f"k and v must have the same number of heads, got {Hkv} and {v4.shape[1]}")
-    if v4.shape[2] != Lk:
-        raise ValueError(f"k and v must have the same sequence length, got {Lk} and {v4.shape[2]}")
+    B, Hq, Lq, D = bhld(q, layout).shape
+    Bk, Hkv, Lk, Dk = bhld(k, layout).shape
+    Bv, Hv, Lv, Dv = bhld(v, layout).shape
+    if Bk != B or Bv != B:
+        raise ValueError(f"q, k and v must have the same batch size, got {B}, {Bk}, {Bv}")
+    if Hv != Hkv:
+        raise ValueError(f"k and v must have the same number of heads, got {Hkv} and {Hv}")
+    if Lv != Lk:
+        raise ValueError(f"k and v must have the same sequence length, got {Lk} and {Lv}")
     if Dk != D:
         raise ValueError(f"q and k must have the same head dim, got {D} and {Dk}")
     if D == 0:
@@ -326,22 +254,15 @@ def plan_attention(q, k, v, *, causal=False, mask=None, bias=None, key_lens=None
         raise ValueError(
             f"the number of query heads ({Hq}) must be a multiple of the number of key/value heads ({Hkv})"
         )
-    dtype = q.dtype
-    acc = acc_dtype(dtype)
+    acc = acc_dtype(q.dtype)
 
     causal = check_bool(causal, "causal")
     return_lse = check_bool(return_lse, "return_lse")
-    if scale is None:
-        scale = 1.0 / math.sqrt(D)
-    else:
+    if scale is not None:
         scale = check_real(scale, "scale")
     if softcap is not None:
         softcap = check_real(softcap, "softcap", positive=True)
-    else:
-        softcap = 0.0
-    wl, wr = check_window(window)
-    if causal:
-        wr = 0
+    window = check_window(window)
 
     full = (B, Hq, Lq, Lk)
     if mask is not None:
@@ -351,12 +272,10 @@ def plan_attention(q, k, v, *, causal=False, mask=None, bias=None, key_lens=None
                 f"mask must be a boolean array (True = attend), got dtype {mask.dtype}; "
                 "pass additive float masks as bias="
             )
-        mask = _broadcast(mask, full, "mask")
+        check_broadcast(mask, full, "mask")
     if bias is not None:
         bias = _float_array(bias, "bias")
-        if bias.dtype != acc:
-            bias = bias.astype(acc)
-        bias = _broadcast(_walkable_any(bias), full, "bias")
+        check_broadcast(bias, full, "bias")
     if key_lens is not None:
         kl = as_array(key_lens, "key_lens")
         if kl.ndim == 0 and B == 1:
@@ -364,116 +283,43 @@ def plan_attention(q, k, v, *, causal=False, mask=None, bias=None, key_lens=None
         key_lens = int_array(kl, "key_lens", (B,))
         if B and (key_lens.min() < 0 or key_lens.max() > Lk):
             raise ValueError(f"key_lens must lie in [0, Lk={Lk}], got values in [{key_lens.min()}, {key_lens.max()}]")
-    alibi = None
-    if alibi_slopes is not None:
-        a = _float_array(alibi_slopes, "alibi_slopes")
-        if a.shape not in ((Hq,), (B, Hq)):
-            raise ValueError(f"alibi_slopes must have shape ({Hq},) or ({B}, {Hq}), got {a.shape}")
-        a = a.astype(acc)
-        if not np.isfinite(a).all():
-            raise ValueError("alibi_slopes must be finite")
-        alibi = np.ascontiguousarray(np.broadcast_to(a, (B, Hq)))
+    alibi = None if alibi_slopes is None else check_alibi(alibi_slopes, B, Hq, acc)
 
-    out_shape = _user_shape(B, Hq, Lq, Dv, ndim, layout)
-    inputs = (("q", q), ("k", k), ("v", v), ("mask", mask), ("bias", bias))
-    copy_to = None
     if out is not None:
-        check_out(out, out_shape, dtype, inputs)
-        out_user = out
-        if Dv > 1 and (out.strides[-1] != out.itemsize or not out.flags.aligned):
-            copy_to = out
-            out_user = np.empty(out_shape, dtype)
-    else:
-        out_user = np.empty(out_shape, dtype)
-    lse_user = None
-    lse4 = None
-    if return_lse:
-        lse_user = np.empty(lse_shape(B, Hq, Lq, ndim), acc)
-        lse4 = lse_user.reshape(B, Hq, Lq)
-
-    return Problem._fast(
-        _walkable(q4), _walkable(k4), _walkable(v4), _to_bhld(out_user, layout), lse4, mask,
-        bias, key_lens, alibi, scale, softcap, causal, wl, wr, B, Hq, Hkv, Lq, Lk, D, Dv,
-        dtype, acc, out_user, lse_user, copy_to, return_lse, layout, ndim)
+        # a bias of another dtype is read through a converted copy: no overlap
+        bias_read = bias if bias is not None and bias.dtype == acc and bias.flags.aligned else None
+        check_out(out, user_shape(B, Hq, Lq, Dv, ndim, layout), q.dtype,
+                  (("q", q), ("k", k), ("v", v), ("mask", mask), ("bias", bias_read)))
+    return Checked(q, k, v, ndim, (B, Hq, Hkv, Lq, Lk, D, Dv), causal, return_lse, scale, softcap,
+                   window, mask, bias, key_lens, alibi)
 
 
-def plan_simple(q, k, v, causal, scale, return_lse, out=None):
-    """The per-call fast path of plan_attention for its commonest call:
-    C-contiguous aligned 4-D ``bhld`` ndarrays of one dtype (float32 or
-    float64), no mask/bias/key_lens/window/softcap/ALiBi, non-empty work, and
-    either no ``out`` or a C-contiguous aligned writeable ``out`` of the right
-    shape and dtype whose memory bounds are disjoint from q, k and v.
-
-    Returns a ready Problem, or None whenever anything differs; the caller
-    then runs :func:`plan_attention`, which does every check and raises."""
-    nd = np.ndarray
-    if type(q) is not nd or type(k) is not nd or type(v) is not nd:
-        return None
-    dt = q.dtype
-    if k.dtype != dt or v.dtype != dt or (dt is not _F32 and dt is not _F64):
-        return None
-    if q.ndim != 4 or k.ndim != 4 or v.ndim != 4:
-        return None
-    B, Hq, Lq, D = q.shape
-    Bk, Hkv, Lk, Dk = k.shape
-    Bv, Hv, Lv, Dv = v.shape
-    if (Bk != B or Bv != B or Hv != Hkv or Lv != Lk or Dk != D or not (B and Hq and Lq and Lk and D and Dv)
-            or not Hkv or Hq % Hkv):
-        return None
-    if (causal is not True and causal is not False) or (return_lse is not True and return_lse is not False):
-        return None
-    if scale is None:
-        scale = 1.0 / math.sqrt(D)
-    elif type(scale) is not float or not math.isfinite(scale):
-        return None
-    fq, fk, fv = q.flags, k.flags, v.flags
-    if not (fq.c_contiguous and fk.c_contiguous and fv.c_contiguous and fq.aligned and fk.aligned
-            and fv.aligned):
-        return None
-    acc = _F64 if dt is _F64 else _F32
-    if out is None:
-        out = np.empty((B, Hq, Lq, Dv), dt)
-    else:
-        if type(out) is not nd or out.dtype != dt or out.shape != (B, Hq, Lq, Dv):
-            return None
-        fo = out.flags
-        if not (fo.c_contiguous and fo.aligned and fo.writeable):
-            return None
-        # bounds only: disjoint extents cannot overlap (anything else takes
-        # the full check of plan_attention)
-        may_share = np.may_share_memory
-        if may_share(out, q) or may_share(out, k) or may_share(out, v):
-            return None
-    lse = np.empty((B, Hq, Lq), acc) if return_lse else None
-    return Problem._fast(q, k, v, out, lse, None, None, None, None, scale, 0.0, causal, -1,
-                         0 if causal else -1, B, Hq, Hkv, Lq, Lk, D, Dv, dt, acc, out, lse, None,
-                         return_lse, "bhld", 4)
+def check_alibi(alibi_slopes, B, Hq, acc):
+    a = _float_array(alibi_slopes, "alibi_slopes")
+    if a.shape not in ((Hq,), (B, Hq)):
+        raise ValueError(f"alibi_slopes must have shape ({Hq},) or ({B}, {Hq}), got {a.shape}")
+    if not np.isfinite(a.astype(acc)).all():
+        raise ValueError("alibi_slopes must be finite")
+    return a
 
 
-def lse_shape(B, H, L, ndim):
-    """Shape of the lse for outputs of rank ``ndim`` (any layout): (B, H, L),
-    (H, L) or (L,)."""
-    return (B, H, L)[4 - ndim:]
-
-
-def _walkable_any(a):
-    return a if a.flags.aligned else _aligned_copy(a)
-
-
-def _broadcast(a, shape, name):
-    if a.ndim > 4:
-        raise ValueError(f"{name} must be broadcastable to (B, Hq, Lq, Lk) = {shape}, got {a.ndim}-D shape {a.shape}")
-    try:
-        return np.broadcast_to(a, shape)
-    except ValueError:
-        raise ValueError(f"{name} must be broadcastable to (B, Hq, Lq, Lk) = {shape}, got shape {a.shape}") from None
+def stand_in_v(k):
+    """A zero-stride V of head dim 1 matching ``k``, so that the checks of an
+    attention call can check ``(q, k)`` alone (attention_weights)."""
+    k = as_array(k, "k")
+    if not is_float_dtype(k.dtype):
+        return k
+    shape = list(k.shape)
+    if shape:
+        shape[-1] = 1
+    return np.broadcast_to(np.zeros((), k.dtype), tuple(shape))
 
 
 # ---------------------------------------------------------------------------
 # merge_attention
 
-def plan_merge(outs, lses, layout):
-    """Validate partial results; return 4-D bhld float views and output meta."""
+def check_merge(outs, lses, layout):
+    """Check partial results; return ``(outs, lses)`` as lists of float arrays."""
     check_layout(layout)
     if isinstance(outs, np.ndarray) or isinstance(lses, np.ndarray):
         raise TypeError("outs and lses must be sequences (list or tuple) of arrays, one per partial")
@@ -496,31 +342,22 @@ def plan_merge(outs, lses, layout):
             raise ValueError(f"outs[{i}] must have shape {o0.shape} like outs[0], got {o.shape}")
         if o.dtype != o0.dtype:
             raise TypeError(f"outs[{i}] must have dtype {o0.dtype} like outs[0], got {o.dtype}")
-    o4 = [_to_bhld(o, layout) for o in outs]
-    B, H, L, _ = o4[0].shape
+    B, H, L, _ = bhld(o0, layout).shape
     want = lse_shape(B, H, L, o0.ndim)
     for i, x in enumerate(lses):
         if x.shape != want:
             raise ValueError(f"lses[{i}] must have shape {want}, got {x.shape}")
         if x.dtype != l0.dtype:
             raise TypeError(f"lses[{i}] must have dtype {l0.dtype} like lses[0], got {x.dtype}")
-    l3 = [x.reshape(B, H, L) for x in lses]
-    return o4, l3, (o0.dtype, l0.dtype, o0.shape, want)
-
-
-def merge_result(out4, lse3, out_dtype, lse_dtype, out_shape, lse_user_shape, layout):
-    """Arrange merged (B, H, L, Dv) / (B, H, L) results in the caller's shapes."""
-    out = np.empty(out_shape, out_dtype)
-    _to_bhld(out, layout)[...] = out4
-    return out, lse3.astype(lse_dtype).reshape(lse_user_shape)
+    return outs, lses
 
 
 # ---------------------------------------------------------------------------
 # attention_varlen
 
 def check_options(causal, scale, window, softcap):
-    """Check the scalar options of an attention call (plan_attention checks
-    them per call; this is for callers where no per-call plan may run, e.g. a
+    """Check the scalar options of an attention call (check_attention checks
+    them per call; this is for callers where no per-call check may run, e.g. a
     varlen batch without query rows)."""
     check_bool(causal, "causal")
     if scale is not None:
@@ -530,10 +367,11 @@ def check_options(causal, scale, window, softcap):
     check_window(window)
 
 
-def plan_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, *, mask, bias, key_lens, alibi_slopes,
-                return_lse, out, causal=False, scale=None, window=None, softcap=None):
-    """Validate a packed ragged batch.  Returns
-    ``(q, k, v, cu_q, cu_k, alibi (B, Hq) or None, out, lse or None, return_lse)``."""
+def check_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, *, mask, bias, key_lens, alibi_slopes,
+                 return_lse, out, causal=False, scale=None, window=None, softcap=None):
+    """Check a packed ragged batch.  Returns ``(q, k, v, cu_q, cu_k, alibi or
+    None, return_lse)`` with ``cu_q``/``cu_k`` lists of ints and ``alibi`` the
+    caller's ``(Hq,)`` or ``(B, Hq)`` slopes."""
     for name, val in (("mask", mask), ("bias", bias), ("key_lens", key_lens)):
         if val is not None:
             raise ValueError(
@@ -563,25 +401,12 @@ def plan_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, *, mask, bias, key_lens, al
     if len(cq) != len(ck):
         raise ValueError(f"cu_seqlens_q and cu_seqlens_k must have the same length (B + 1), got {len(cq)} and {len(ck)}")
     B = len(cq) - 1
-    acc = acc_dtype(q.dtype)
-    alibi = None
-    if alibi_slopes is not None:
-        a = _float_array(alibi_slopes, "alibi_slopes")
-        if a.shape not in ((Hq,), (B, Hq)):
-            raise ValueError(f"alibi_slopes must have shape ({Hq},) or ({B}, {Hq}), got {a.shape}")
-        if not np.isfinite(a).all():
-            raise ValueError("alibi_slopes must be finite")
-        alibi = np.ascontiguousarray(np.broadcast_to(a.astype(acc), (B, Hq)))
+    alibi = None if alibi_slopes is None else check_alibi(alibi_slopes, B, Hq, acc_dtype(q.dtype))
     return_lse = check_bool(return_lse, "return_lse")
     check_options(causal, scale, window, softcap)
-    shape = (Tq, Hq, v.shape[2])
-    if out is None:
-        out = np.empty(shape, q.dtype)
-    else:
-        check_out(out, shape, q.dtype, (("q", q), ("k", k), ("v", v)))
-    out[...] = 0  # rows of empty-key sequences; rows of empty query spans do not exist
-    lse = np.full((Hq, Tq), -np.inf, acc) if return_lse else None
-    return q, k, v, cq, ck, alibi, out, lse, return_lse
+    if out is not None:
+        check_out(out, (Tq, Hq, v.shape[2]), q.dtype, (("q", q), ("k", k), ("v", v)))
+    return q, k, v, cq, ck, alibi, return_lse
 
 
 def _cu_seqlens(x, name, total):
@@ -603,56 +428,18 @@ def _cu_seqlens(x, name, total):
 # ---------------------------------------------------------------------------
 # paged_attention
 
-class PagedPlan:
-    __slots__ = ("k_cache", "v_cache", "block_table", "seq_lens", "block_size", "layout")
+class CheckedPages(NamedTuple):
+    """The checked cache arguments of :func:`fastqkv.paged_attention`."""
 
-    def __init__(self, **kw):
-        for name in self.__slots__:
-            setattr(self, name, kw[name])
-
-
-def attach_pages(p, plan):
-    """Turn a Problem validated against dense placeholders of the gathered
-    cache into a paged Problem (see Problem)."""
-    check_out_overlap(p.out_user, (("k_cache", plan.k_cache), ("v_cache", plan.v_cache)))
-    p.k = _walkable(plan.k_cache)
-    p.v = _walkable(plan.v_cache)
-    p.block_table = plan.block_table
-    p.block_size = plan.block_size
-    return p
+    k_cache: np.ndarray        # (num_blocks, block_size, Hkv, D)
+    v_cache: np.ndarray        # (num_blocks, block_size, Hkv, Dv)
+    block_table: np.ndarray    # C-contiguous int64 (B, max_blocks)
+    seq_lens: np.ndarray       # int64 (B,) within [0, max_blocks * block_size]
+    block_size: int
 
 
-def paged_placeholders(plan, q_ndim_layout):
-    """Zero-stride stand-ins with the shape of the gathered dense K/V."""
-    B, nb = plan.block_table.shape
-    Lk = nb * plan.block_size
-    Hkv = plan.k_cache.shape[2]
-    shapes = [(B, Lk, Hkv, c.shape[3]) for c in (plan.k_cache, plan.v_cache)]
-    if q_ndim_layout == "bhld":
-        shapes = [(b, h, L, d) for b, L, h, d in shapes]
-    # one real row of zeros per array, so the placeholders are walkable as they are
-    return [np.broadcast_to(np.zeros(s[3], plan.k_cache.dtype), s) for s in shapes]
-
-
-def densify_pages(p):
-    """Replace a paged Problem's caches by dense gathered (B, Hkv, Lk, D) copies."""
-    bs = p.block_size
-    kc, vc = p.k, p.v
-    k = np.zeros((p.B, p.Hkv, p.Lk, kc.shape[3]), kc.dtype)
-    v = np.zeros((p.B, p.Hkv, p.Lk, vc.shape[3]), vc.dtype)
-    for b in range(p.B):
-        n = int(p.key_lens[b])
-        blocks = p.block_table[b, : -(-n // bs)]
-        if n:
-            k[b, :, :n] = kc[blocks].reshape(-1, p.Hkv, kc.shape[3])[:n].transpose(1, 0, 2)
-            v[b, :, :n] = vc[blocks].reshape(-1, p.Hkv, vc.shape[3])[:n].transpose(1, 0, 2)
-    p.k, p.v = k, v
-    p.block_table = p.block_size = None
-    return p
-
-
-def plan_paged(q, k_cache, v_cache, block_table, seq_lens, *, layout, key_lens):
-    """Validate the paged cache arguments (q itself is checked by plan_attention)."""
+def check_paged(q, k_cache, v_cache, block_table, seq_lens, *, layout, key_lens):
+    """Check the paged cache arguments (q itself is checked by check_attention)."""
     check_layout(layout)
     if key_lens is not None:
         raise ValueError("key_lens is not accepted by paged_attention: seq_lens gives each sequence's length")
@@ -691,13 +478,13 @@ def plan_paged(q, k_cache, v_cache, block_table, seq_lens, *, layout, key_lens):
                 f"block_table[{b}] must name blocks in [0, {nblocks}) for its first "
                 f"{used.size} entries, got values in [{used.min()}, {used.max()}]"
             )
-    return PagedPlan(k_cache=kc, v_cache=vc, block_table=bt, seq_lens=sl, block_size=bs, layout=layout)
+    return CheckedPages(kc, vc, bt, sl, bs)
 
 
 # ---------------------------------------------------------------------------
 # self_attention
 
-def plan_self_attention(x, w_q, w_k, w_v, w_o, num_heads, num_kv_heads):
+def check_self_attention(x, w_q, w_k, w_v, w_o, num_heads, num_kv_heads):
     """Returns ``(x3, dtype, Hq, Hkv, D, Dv, squeeze)``."""
     x = _float_array(x, "x")
     if x.ndim not in (2, 3):
@@ -728,3 +515,12 @@ def plan_self_attention(x, w_q, w_k, w_v, w_o, num_heads, num_kv_heads):
     if ws["w_o"].shape[0] != Hq * Dv:
         raise ValueError(f"w_o must have shape ({Hq * Dv}, d_out), got {ws['w_o'].shape}")
     return x3, x.dtype, Hq, Hkv, D, Dv, squeeze
+
+
+def __getattr__(name):
+    # fastqkv._numba.kernels imports Problem and densify_pages from here
+    # until its launcher takes them from fastqkv._problem
+    if name in ("Problem", "densify_pages"):
+        from . import _problem
+        return getattr(_problem, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

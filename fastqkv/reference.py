@@ -2,7 +2,11 @@
 
 Every backend of fastqkv is checked against this module, and its docstrings
 are the normative semantics.  It is deliberately boring: no tiling, no online
-softmax, no threads.
+softmax, no threads.  It shares the argument checks (and their messages) of
+:mod:`fastqkv._validate` but none of the planner's normalisation: it puts the
+arrays in ``(B, H, L, D)`` order, broadcasts masks and resolves ``key_lens``,
+window and causal alignment itself, so a planner bug cannot reach the
+oracle and the kernels alike.
 
 Semantics of ``attention(q, k, v, ...)``
 ----------------------------------------
@@ -44,8 +48,10 @@ For batch ``b``, query head ``h``, query row ``i`` and key ``j``:
   where this oracle gives inf; either way the row is not finite.
 * dtypes: float32 and float64 compute in their own precision in the fast
   backends; float16 and bfloat16 are stored at half width and accumulated in
-  float32.  This oracle computes everything in float64 and rounds the output
-  to the input dtype; ``lse`` is float64 for float64 inputs, else float32.
+  float32.  ``bias`` and ``alibi_slopes`` are taken in that accumulation
+  dtype (float64 for float64 inputs, else float32).  This oracle computes
+  everything in float64 and rounds the output to the input dtype; ``lse`` is
+  float64 for float64 inputs, else float32.
 * Empty work: ``B``, ``Hq`` or ``Lq`` of 0 gives an empty output.  Head dim 0
   is an error.
 * ``out=`` receives the result (it may be strided; it must not overlap an
@@ -58,7 +64,10 @@ Other functions
 defined below; each reduces to the dense semantics above.
 """
 
+
 from __future__ import annotations
+
+import math
 
 import numpy as np
 
@@ -71,82 +80,112 @@ __all__ = [
 
 
 # ---------------------------------------------------------------------------
-# core: one validated Problem, computed densely in float64
+# layout: the caller's 2-D/3-D/4-D arrays <-> (B, H, L, D)
 
-def visible_keys(p, b):
-    """Boolean ``(Hq, Lq, Lk_b)`` visibility of batch ``b`` (mask, causal,
-    window; keys past ``Lk_b`` are already cut off)."""
-    lkb = p.Lk if p.key_lens is None else int(p.key_lens[b])
-    i = np.arange(p.Lq)[:, None] + (lkb - p.Lq)
-    j = np.arange(lkb)[None, :]
-    vis = np.ones((p.Lq, lkb), dtype=bool)
-    if p.window_left >= 0:
-        vis &= j >= i - p.window_left
-    if p.window_right >= 0:
-        vis &= j <= i + p.window_right
-    vis = np.broadcast_to(vis, (p.Hq, p.Lq, lkb))
-    if p.mask is not None:
-        vis = vis & p.mask[b, :, :, :lkb]
-    return vis
+def _to4(a, layout):
+    """``a`` (2-D ``(L, D)``, 3-D, or 4-D, in ``layout``) as ``(B, H, L, D)``."""
+    if layout == "blhd" and a.ndim >= 3:
+        a = np.swapaxes(a, -2, -3)
+    return a[(None,) * (4 - a.ndim)]
 
 
-def scores(p, b, dtype=np.float64):
-    """Scores ``(Hq, Lq, Lk_b)`` of batch ``b`` in ``dtype`` with softcap,
-    bias and ALiBi applied and invisible keys set to ``-inf``."""
-    lkb = p.Lk if p.key_lens is None else int(p.key_lens[b])
-    g = p.group
-    qb = p.q[b].astype(dtype)
-    kv_of = np.arange(p.Hq) // g
-    kb = p.k[b, :, :lkb].astype(dtype)[kv_of]
-    vis = visible_keys(p, b)
-    with np.errstate(all="ignore"):
-        s = np.matmul(qb, kb.transpose(0, 2, 1)) * dtype(p.scale)
-        if p.softcap:
-            c = dtype(p.softcap)
-            s = c * np.tanh(s / c)
-        if p.bias is not None:
-            s = s + p.bias[b, :, :, :lkb].astype(dtype)
-        if p.alibi is not None:
-            i = np.arange(p.Lq)[:, None] + (lkb - p.Lq)
-            dist = np.abs(i - np.arange(lkb)[None, :]).astype(dtype)
-            s = s - p.alibi[b].astype(dtype)[:, None, None] * dist
-    return np.where(vis, s, -np.inf), vis
+def _from4(a, layout, ndim):
+    """Inverse of :func:`_to4` for an array of rank ``ndim``; an lse
+    ``(B, H, L)`` drops its leading axes the same way."""
+    a = a[(0,) * (4 - ndim)]
+    if layout == "blhd" and ndim >= 3 and a.ndim == ndim:
+        a = np.swapaxes(a, -2, -3)
+    return a
 
 
-def _attention_problem(p):
-    """Fill ``p.out`` and ``p.lse`` of a validated Problem, densely in float64."""
-    if p.empty:
-        return
-    g = p.group
-    kv_of = np.arange(p.Hq) // g
-    for b in range(p.B):
-        lkb = p.Lk if p.key_lens is None else int(p.key_lens[b])
-        if lkb == 0:
-            p.out[b] = 0
-            if p.lse is not None:
-                p.lse[b] = -np.inf
-            continue
-        s, vis = scores(p, b)
-        vb = p.v[b, :, :lkb].astype(np.float64)[kv_of]            # (Hq, Lk_b, Dv)
+# ---------------------------------------------------------------------------
+# the dense computation, float64, batch by batch
+
+class _Dense:
+    """The arrays of one checked attention call in (B, H, L, D) order."""
+
+    def __init__(self, c, layout):
+        self.q, self.k, self.v = (_to4(x, layout) for x in (c.q, c.k, c.v))
+        self.B, self.Hq, self.Lq, D = self.q.shape
+        self.Hkv, self.Lk = self.k.shape[1], self.k.shape[2]
+        self.Dv = self.v.shape[3]
+        self.acc = np.float64 if c.q.dtype == np.float64 else np.float32
+        self.scale = 1.0 / math.sqrt(D) if c.scale is None else c.scale
+        full = (self.B, self.Hq, self.Lq, self.Lk)
+        self.mask = None if c.mask is None else np.broadcast_to(c.mask, full)
+        self.bias = None if c.bias is None else np.broadcast_to(c.bias.astype(self.acc), full)
+        self.alibi = None
+        if c.alibi is not None:
+            self.alibi = np.broadcast_to(c.alibi.astype(self.acc), (self.B, self.Hq))
+        self.c = c
+
+    def key_len(self, b):
+        return self.Lk if self.c.key_lens is None else int(self.c.key_lens[b])
+
+    def visible(self, b):
+        """Boolean ``(Hq, Lq, Lk_b)``: mask, causal and window."""
+        n = self.key_len(b)
+        pos = np.arange(self.Lq)[:, None] + (n - self.Lq)     # aligned query position i'
+        j = np.arange(n)[None, :]
+        left, right = self.c.window
+        vis = np.ones((self.Lq, n), dtype=bool)
+        if self.c.causal:
+            vis = vis & (j <= pos)
+        if left != -1:
+            vis = vis & (j >= pos - left)
+        if right != -1:
+            vis = vis & (j <= pos + right)
+        vis = np.repeat(vis[None], self.Hq, axis=0)
+        if self.mask is not None:
+            vis = vis & self.mask[b, :, :, :n]
+        return vis
+
+    def scores(self, b):
+        """Float64 scores ``(Hq, Lq, Lk_b)``, -inf where invisible, and the visibility."""
+        n = self.key_len(b)
+        heads = np.arange(self.Hq) // (self.Hq // self.Hkv)
+        qb = self.q[b].astype(np.float64)
+        kb = self.k[b, :, :n].astype(np.float64)[heads]
+        vis = self.visible(b)
         with np.errstate(all="ignore"):
-            m = np.max(s, axis=-1, keepdims=True)                  # NaN propagates
-            m_safe = np.where(np.isneginf(m), 0.0, m)
-            e = np.exp(s - m_safe)                                 # 0 where invisible
-            l = np.sum(e, axis=-1, keepdims=True)
-            if np.isfinite(vb).all():
-                o = np.matmul(e, vb)
-            else:  # keep invisible keys out of the sum even when v holds NaN/inf
-                o = np.zeros((p.Hq, p.Lq, p.Dv))
-                for h in range(p.Hq):
-                    for i in range(p.Lq):
-                        cols = vis[h, i]
-                        o[h, i] = e[h, i, cols] @ vb[h, cols]
-            empty_row = l == 0
-            o = np.where(empty_row, 0.0, o / np.where(empty_row, 1.0, l))
-            lse = (m_safe + np.log(l))[..., 0]
-        p.out[b] = o.astype(p.dtype)
-        if p.lse is not None:
-            p.lse[b] = lse
+            s = np.matmul(qb, kb.transpose(0, 2, 1)) * self.scale
+            if self.c.softcap is not None:
+                s = self.c.softcap * np.tanh(s / self.c.softcap)
+            if self.bias is not None:
+                s = s + self.bias[b, :, :, :n].astype(np.float64)
+            if self.alibi is not None:
+                pos = np.arange(self.Lq)[:, None] + (n - self.Lq)
+                dist = np.abs(pos - np.arange(n)[None, :]).astype(np.float64)
+                s = s - self.alibi[b].astype(np.float64)[:, None, None] * dist
+        return np.where(vis, s, -np.inf), vis
+
+    def run(self):
+        """``(out (B, Hq, Lq, Dv), lse (B, Hq, Lq))`` in float64."""
+        out = np.zeros((self.B, self.Hq, self.Lq, self.Dv))
+        lse = np.full((self.B, self.Hq, self.Lq), -np.inf)
+        heads = np.arange(self.Hq) // (self.Hq // max(self.Hkv, 1))
+        for b in range(self.B if self.Hq and self.Lq else 0):
+            n = self.key_len(b)
+            if n == 0:
+                continue
+            s, vis = self.scores(b)
+            vb = self.v[b, :, :n].astype(np.float64)[heads]            # (Hq, Lk_b, Dv)
+            with np.errstate(all="ignore"):
+                m = np.max(s, axis=-1, keepdims=True)                  # NaN propagates
+                m0 = np.where(np.isneginf(m), 0.0, m)
+                e = np.exp(s - m0)                                     # 0 where invisible
+                total = np.sum(e, axis=-1, keepdims=True)
+                if np.isfinite(vb).all():
+                    o = np.matmul(e, vb)
+                else:  # keep invisible keys out of the sum even when v holds NaN/inf
+                    o = np.zeros((self.Hq, self.Lq, self.Dv))
+                    for h in range(self.Hq):
+                        for i in range(self.Lq):
+                            o[h, i] = e[h, i, vis[h, i]] @ vb[h, vis[h, i]]
+                none = total == 0
+                out[b] = np.where(none, 0.0, o / np.where(none, 1.0, total))
+                lse[b] = (m0 + np.log(total))[..., 0]
+        return out, lse
 
 
 # ---------------------------------------------------------------------------
@@ -160,17 +199,17 @@ def attention(q, k, v, *, causal=False, mask=None, bias=None, key_lens=None, sca
     ``backend`` is accepted for signature parity and ignored: this *is* the
     oracle.  Returns ``out`` or ``(out, lse)`` when ``return_lse``.
     """
-    p = _validate.plan_attention(
-        q, k, v, causal=causal, mask=mask, bias=bias, key_lens=key_lens, scale=scale,
-        window=window, softcap=softcap, alibi_slopes=alibi_slopes, layout=layout,
-        return_lse=return_lse, out=out)
-    if not p.empty and p.Lk == 0:
-        p.out[...] = 0
-        if p.lse is not None:
-            p.lse[...] = -np.inf
-    else:
-        _attention_problem(p)
-    return p.result()
+    c = _validate.check_attention(q, k, v, causal, mask, bias, key_lens, scale, window, softcap,
+                                  alibi_slopes, layout, return_lse, out)
+    dense = _Dense(c, layout)
+    o, lse = dense.run()
+    result = _from4(o, layout, c.ndim).astype(c.q.dtype, order="C")
+    if out is not None:
+        out[...] = result
+        result = out
+    if c.return_lse:
+        return result, _from4(lse, layout, c.ndim).astype(dense.acc)
+    return result
 
 
 def attention_weights(q, k, *, causal=False, mask=None, bias=None, key_lens=None, scale=None,
@@ -182,41 +221,20 @@ def attention_weights(q, k, *, causal=False, mask=None, bias=None, key_lens=None
     past ``key_lens``) have probability 0 and a fully masked row is all 0.
     The dtype is float64 for float64 inputs, else float32.
     """
-    v = _dummy_v(q, k, layout)
-    p = _validate.plan_attention(
-        q, k, v, causal=causal, mask=mask, bias=bias, key_lens=key_lens, scale=scale,
-        window=window, softcap=softcap, alibi_slopes=alibi_slopes, layout=layout)
-    w = np.zeros((p.B, p.Hq, p.Lq, p.Lk), dtype=p.acc_dtype)
-    for b in range(0 if p.empty else p.B):
-        s, _ = scores(p, b)
+    c = _validate.check_attention(q, k, _validate.stand_in_v(k), causal, mask, bias, key_lens,
+                                  scale, window, softcap, alibi_slopes, layout, False, None)
+    dense = _Dense(c, layout)
+    w = np.zeros((dense.B, dense.Hq, dense.Lq, dense.Lk), dtype=dense.acc)
+    for b in range(dense.B if dense.Hq and dense.Lq else 0):
+        s, _ = dense.scores(b)
         if s.shape[-1] == 0:
             continue
         with np.errstate(all="ignore"):
             m = np.max(s, axis=-1, keepdims=True)
-            m_safe = np.where(np.isneginf(m), 0.0, m)
-            e = np.exp(s - m_safe)
-            l = np.sum(e, axis=-1, keepdims=True)
-            w[b, :, :, : s.shape[-1]] = np.where(l == 0, 0.0, e / np.where(l == 0, 1.0, l))
-    return weights_user_shape(w, p.ndim)
-
-
-def _dummy_v(q, k, layout):
-    """A zero-stride V of head dim 1 matching k, for validating (q, k) only."""
-    k = _validate.as_array(k, "k")
-    if not _validate.is_float_dtype(k.dtype):
-        return k
-    shape = list(k.shape)
-    if shape:
-        shape[-1] = 1
-    return np.broadcast_to(np.zeros((), k.dtype), tuple(shape))
-
-
-def weights_user_shape(w, ndim):
-    if ndim == 4:
-        return w
-    if ndim == 3:
-        return w[0]
-    return w[0, 0]
+            e = np.exp(s - np.where(np.isneginf(m), 0.0, m))
+            total = np.sum(e, axis=-1, keepdims=True)
+            w[b, :, :, : s.shape[-1]] = np.where(total == 0, 0.0, e / np.where(total == 0, 1.0, total))
+    return w[(0,) * (4 - c.ndim)]
 
 
 def merge_attention(outs, lses, *, layout="bhld"):
@@ -231,21 +249,22 @@ def merge_attention(outs, lses, *, layout="bhld"):
     ``-inf`` the merged row is 0 with ``lse = -inf``.  NaN in any partial's
     lse makes the merged row NaN.  Output dtypes are those of the inputs.
     """
-    outs4, lses3, meta = _validate.plan_merge(outs, lses, layout)
-    out_dtype, lse_dtype, out_shape, lse_shape = meta
-    L = np.stack([x.astype(np.float64) for x in lses3])           # (n, B, H, Lq)
+    outs, lses = _validate.check_merge(outs, lses, layout)
+    ndim = outs[0].ndim
+    outs4 = [_to4(o, layout) for o in outs]
+    L = np.stack([x.astype(np.float64).reshape(outs4[0].shape[:3]) for x in lses])  # (n, B, H, Lq)
     with np.errstate(all="ignore"):
         m = np.max(L, axis=0)
-        m_safe = np.where(np.isneginf(m), 0.0, m)
-        w = np.exp(L - m_safe)                                      # 0 for -inf partials
+        m0 = np.where(np.isneginf(m), 0.0, m)
+        w = np.exp(L - m0)                                          # 0 for -inf partials
         tot = np.sum(w, axis=0)
-        lse = m_safe + np.log(tot)
+        lse = m0 + np.log(tot)
         acc = np.zeros(outs4[0].shape, np.float64)
         for wi, oi in zip(w, outs4):
-            contrib = wi[..., None] * oi.astype(np.float64)
-            acc += np.where(wi[..., None] == 0, 0.0, contrib)
+            acc += np.where(wi[..., None] == 0, 0.0, wi[..., None] * oi.astype(np.float64))
         out = np.where(tot[..., None] == 0, 0.0, acc / np.where(tot == 0, 1.0, tot)[..., None])
-    return _validate.merge_result(out, lse, out_dtype, lse_dtype, out_shape, lse_shape, layout)
+    return (_from4(out, layout, ndim).astype(outs[0].dtype, order="C"),
+            lse.astype(lses[0].dtype).reshape(lses[0].shape))
 
 
 def attention_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, *, causal=False, scale=None,
@@ -262,27 +281,25 @@ def attention_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, *, causal=False, scale
     ``mask``, ``bias`` and ``key_lens`` are not supported here (ragged shapes
     have no dense mask) and raise ``ValueError``.
     """
-    plan = _validate.plan_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, mask=mask, bias=bias,
-                                 key_lens=key_lens, alibi_slopes=alibi_slopes,
-                                 return_lse=return_lse, out=out, causal=causal, scale=scale,
-                                 window=window, softcap=softcap)
-    return _varlen_loop(plan, attention, dict(causal=causal, scale=scale, window=window,
-                                              softcap=softcap))
-
-
-def _varlen_loop(plan, attn, opts):
-    """Run ``attn`` per sequence of a validated varlen plan."""
-    q, k, v, cq, ck, alibi, out, lse, return_lse = plan
+    q, k, v, cq, ck, slopes, return_lse = _validate.check_varlen(
+        q, k, v, cu_seqlens_q, cu_seqlens_k, mask=mask, bias=bias, key_lens=key_lens,
+        alibi_slopes=alibi_slopes, return_lse=return_lse, out=out, causal=causal, scale=scale,
+        window=window, softcap=softcap)
+    res = np.zeros((q.shape[0], q.shape[1], v.shape[2]), q.dtype)
+    lse = np.full((q.shape[1], q.shape[0]), -np.inf,
+                  np.float64 if q.dtype == np.float64 else np.float32)
     for b in range(len(cq) - 1):
-        qs, ks = slice(cq[b], cq[b + 1]), slice(ck[b], ck[b + 1])
-        if qs.stop == qs.start:
-            continue
-        slopes = None if alibi is None else alibi[b]
-        o, l = attn(q[qs], k[ks], v[ks], layout="blhd", alibi_slopes=slopes,
-                    return_lse=True, out=out[qs], **opts)
-        if lse is not None:
-            lse[:, qs] = l
-    return (out, lse) if return_lse else out
+        if cq[b + 1] > cq[b]:
+            seq_slopes = None if slopes is None else (slopes if slopes.ndim == 1 else slopes[b])
+            o, l = attention(q[cq[b]:cq[b + 1]], k[ck[b]:ck[b + 1]], v[ck[b]:ck[b + 1]],
+                             causal=causal, scale=scale, window=window, softcap=softcap,
+                             alibi_slopes=seq_slopes, layout="blhd", return_lse=True)
+            res[cq[b]:cq[b + 1]] = o
+            lse[:, cq[b]:cq[b + 1]] = l
+    if out is not None:
+        out[...] = res
+        res = out
+    return (res, lse) if return_lse else res
 
 
 def paged_attention(q, k_cache, v_cache, block_table, seq_lens, *, causal=False, mask=None,
@@ -301,27 +318,27 @@ def paged_attention(q, k_cache, v_cache, block_table, seq_lens, *, causal=False,
     window, and ``mask``/``bias`` are indexed ``(B, Hq, Lq, Lk)``.
     ``key_lens`` is not accepted (``seq_lens`` is it).
     """
-    plan = _validate.plan_paged(q, k_cache, v_cache, block_table, seq_lens, layout=layout,
-                                key_lens=key_lens)
-    k, v = gather_pages(plan)
-    return attention(q, k, v, causal=causal, mask=mask, bias=bias, key_lens=plan.seq_lens,
+    pages = _validate.check_paged(q, k_cache, v_cache, block_table, seq_lens, layout=layout,
+                                  key_lens=key_lens)
+    k, v = gather_pages(pages, layout)
+    return attention(q, k, v, causal=causal, mask=mask, bias=bias, key_lens=pages.seq_lens,
                      scale=scale, window=window, softcap=softcap, alibi_slopes=alibi_slopes,
                      layout=layout, return_lse=return_lse, out=out)
 
 
-def gather_pages(plan):
-    """Dense ``(B, Lk, Hkv, D)`` copies of a paged cache; unused slots are 0."""
-    B, nb = plan.block_table.shape
-    bs = plan.block_size
-    k = np.zeros((B, nb * bs) + plan.k_cache.shape[2:], plan.k_cache.dtype)
-    v = np.zeros((B, nb * bs) + plan.v_cache.shape[2:], plan.v_cache.dtype)
+def gather_pages(pages, layout):
+    """Dense copies ``(B, Lk, Hkv, D)`` (layout "blhd"; "bhld": ``(B, Hkv,
+    Lk, D)``) of a checked paged cache; unused slots are 0."""
+    B, nb = pages.block_table.shape
+    bs = pages.block_size
+    k = np.zeros((B, nb * bs) + pages.k_cache.shape[2:], pages.k_cache.dtype)
+    v = np.zeros((B, nb * bs) + pages.v_cache.shape[2:], pages.v_cache.dtype)
     for b in range(B):
-        used = -(-int(plan.seq_lens[b]) // bs)
-        for t in range(used):
-            blk = int(plan.block_table[b, t])
-            k[b, t * bs:(t + 1) * bs] = plan.k_cache[blk]
-            v[b, t * bs:(t + 1) * bs] = plan.v_cache[blk]
-    if plan.layout == "bhld":
+        for t in range(-(-int(pages.seq_lens[b]) // bs)):
+            blk = int(pages.block_table[b, t])
+            k[b, t * bs:(t + 1) * bs] = pages.k_cache[blk]
+            v[b, t * bs:(t + 1) * bs] = pages.v_cache[blk]
+    if layout == "bhld":
         return k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)
     return k, v
 
@@ -339,7 +356,7 @@ def self_attention(x, w_q, w_k, w_v, w_o, *, num_heads, num_kv_heads=None, causa
     ``"blhd"`` layout; masking options as in :func:`attention`.
     Returns ``(B, L, d_model)`` (or ``(L, d_model)``) in x's dtype.
     """
-    plan = _validate.plan_self_attention(x, w_q, w_k, w_v, w_o, num_heads, num_kv_heads)
+    plan = _validate.check_self_attention(x, w_q, w_k, w_v, w_o, num_heads, num_kv_heads)
     x3, dtype, Hq, Hkv, D, Dv, squeeze = plan
     f = np.float64
     xf = x3.astype(f)

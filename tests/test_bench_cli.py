@@ -9,7 +9,7 @@ import sys
 import numpy as np
 import pytest
 
-from fastqkv import _bench, _validate, cli, reference
+from fastqkv import _bench, _numpy_backend, _problem, cli, reference
 
 TINY = ["bench", "--tiny", "--no-progress", "--backend", "numpy"]
 
@@ -104,7 +104,7 @@ def test_a_wrong_backend_result_is_marked(capsys, monkeypatch):
     from fastqkv import _numpy_backend
 
     def broken(p, n):
-        reference._attention_problem(p)
+        _numpy_backend.compute(p)
         p.out[..., 0] += 1.0
 
     monkeypatch.setattr(_numpy_backend, "run", broken)
@@ -130,8 +130,8 @@ def test_shape_classes_cover_the_design(size):
 @pytest.mark.parametrize("case", _bench.shape_classes("tiny"), ids=lambda c: c.name)
 def test_flops_count_visible_pairs(case):
     inp = _bench.make_inputs(case)
-    p = _validate.plan_attention(inp.q, inp.k, inp.v, **inp.kwargs)
-    pairs = sum(int(reference.visible_keys(p, b)[0].sum()) for b in range(p.B))
+    p = _problem.plan_attention(inp.q, inp.k, inp.v, **inp.kwargs)
+    pairs = sum(int(p.visible_keys(b)[0].sum()) for b in range(p.B))
     assert case.visible_pairs() == pairs
     assert case.flops() == 4.0 * case.Hq * pairs * case.D
 

@@ -142,11 +142,11 @@ def test_env_isa_unknown_makes_backend_unavailable_with_reason():
 
 def test_supports_half_storage():
     """float16/bfloat16 are computed (tests in tests/test_c_serving.py)."""
-    from fastqkv import _validate
+    from fastqkv import _problem
 
     for dt in testing.half_dtypes():
         q = np.zeros((1, 1, 2, 8), dt)
-        assert _c.supports(_validate.plan_attention(q, q, q)) is None
+        assert _c.supports(_problem.plan_attention(q, q, q)) is None
 
 
 def test_threads_agree_and_inputs_read_in_place():

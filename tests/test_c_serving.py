@@ -2,6 +2,8 @@
 (decode), split-KV with the LSE merge (forced through the test hook), paged
 KV caches and float16/bfloat16 storage; at 1 and 2 threads, every ISA."""
 
+import contextlib
+
 import numpy as np
 import pytest
 
@@ -22,13 +24,20 @@ def isa(request):
 
 @pytest.fixture
 def decode_hook():
-    """set(stream, splits): stream 0 auto / 1 never / 2 always; splits 0 auto / n forced."""
-    from fastqkv import _ckernels
+    """set(stream, splits): stream 0 auto / 1 the tiled / 2 the streaming kernel
+    wherever the call allows it; splits 0 auto / n forced."""
+    from fastqkv import _problem
 
-    try:
-        yield _ckernels.set_decode
-    finally:
-        _ckernels.set_decode(0, 0)
+    routes = {0: None, 1: "tile", 2: "stream"}
+    with contextlib.ExitStack() as stack:
+        def set_hooks(stream, splits):
+            stack.enter_context(_problem.force_route(routes[stream]))
+            _c.set_splits(splits)
+
+        try:
+            yield set_hooks
+        finally:
+            _c.set_splits(0)
 
 
 # (name, (B, Hq, Hkv, Lq, Lk, D, Dv), kwargs)
@@ -217,10 +226,10 @@ def test_module_checks_block_table():
                 np.zeros((1, 4), np.int64)[:, ::2]):
         with pytest.raises(ValueError, match="block_table"):
             _ckernels.attention(q, kc, kc, out, None, None, None, lens, None, 1.0, 0.0, -1, -1, 1,
-                                bad, 4)
+                                1, bad, 4)
     with pytest.raises(ValueError, match="key_lens"):
         _ckernels.attention(q, kc, kc, out, None, None, None, np.array([9]), None, 1.0, 0.0, -1, -1,
-                            1, np.zeros((1, 2), np.int64), 4)
+                            1, 1, np.zeros((1, 2), np.int64), 4)
 
 
 # ---------------------------------------------------------------------------

@@ -26,10 +26,10 @@ def test_check_rejects_unknown_backend(capsys):
 
 
 def test_check_reports_a_mismatch(monkeypatch, capsys):
-    from fastqkv import _numpy_backend, reference
+    from fastqkv import _numpy_backend
 
     def broken(p, n):
-        reference._attention_problem(p)
+        _numpy_backend.compute(p)
         p.out[..., 0] += 1.0
 
     monkeypatch.setattr(_numpy_backend, "run", broken)

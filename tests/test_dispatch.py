@@ -22,7 +22,7 @@ def test_backends_report_every_backend():
 
 def test_auto_picks_first_available_in_order():
     q = np.zeros((1, 1, 2, 4), np.float32)
-    p = fastqkv._validate.plan_attention(q, q, q)
+    p = fastqkv._problem.plan_attention(q, q, q)
     _, name = _dispatch.resolve("auto", p)
     avail = [n for n in fastqkv._config.AUTO_ORDER
              if fastqkv.backends()[n].available and _dispatch._modules[n].supports(p) is None]
@@ -31,7 +31,7 @@ def test_auto_picks_first_available_in_order():
 
 def test_use_backend_and_set_backend():
     q = np.zeros((1, 1, 2, 4), np.float32)
-    p = fastqkv._validate.plan_attention(q, q, q)
+    p = fastqkv._problem.plan_attention(q, q, q)
     with fastqkv.use_backend("numpy"):
         assert _dispatch.resolve("auto", p)[1] == "numpy"
         assert fastqkv.get_backend() == "numpy"
@@ -62,7 +62,7 @@ def _run(code, **env):
 
 def test_env_backend_override():
     r = _run("import fastqkv, numpy as np;"
-             "p = fastqkv._validate.plan_attention(np.zeros((2, 4)), np.zeros((2, 4)), np.zeros((2, 4)));"
+             "p = fastqkv._problem.plan_attention(np.zeros((2, 4)), np.zeros((2, 4)), np.zeros((2, 4)));"
              "print(fastqkv._dispatch.resolve('auto', p)[1])", FASTQKV_BACKEND="numpy")
     assert r.returncode == 0, r.stderr
     assert r.stdout.strip() == "numpy"
@@ -97,9 +97,9 @@ def test_auto_prefers_the_streaming_order_for_large_decode():
     from fastqkv import _config
     small = np.zeros((1, 4, 1, 64), np.float32)
     big_kv = np.zeros((1, 1, _config.DECODE_MIN_KV_BYTES // (2 * 64 * 4), 64), np.float32)
-    p_small = fastqkv._validate.plan_attention(small, small[:, :1], small[:, :1])
-    p_big = fastqkv._validate.plan_attention(small, big_kv, big_kv)
-    p_masked = fastqkv._validate.plan_attention(small, big_kv, big_kv, mask=np.ones(big_kv.shape[2], bool))
+    p_small = fastqkv._problem.plan_attention(small, small[:, :1], small[:, :1])
+    p_big = fastqkv._problem.plan_attention(small, big_kv, big_kv)
+    p_masked = fastqkv._problem.plan_attention(small, big_kv, big_kv, mask=np.ones(big_kv.shape[2], bool))
     assert not _dispatch._streaming_decode(p_small)
     assert _dispatch._streaming_decode(p_big)
     assert not _dispatch._streaming_decode(p_masked)

@@ -151,11 +151,11 @@ def test_thread_count_is_restored():
 def test_interface():
     ok, reason, details = _numba.probe()
     assert ok and reason and "numba" in details
-    p = fastqkv._validate.plan_attention(np.zeros((1, 2, 3), np.float16), np.zeros((1, 2, 3), np.float16),
+    p = fastqkv._problem.plan_attention(np.zeros((1, 2, 3), np.float16), np.zeros((1, 2, 3), np.float16),
                                          np.zeros((1, 2, 3), np.float16))
     assert _numba.supports(p) is None               # float16 / bfloat16: the streaming kernel
     assert "paged" in _numba.FEATURES
-    p32 = fastqkv._validate.plan_attention(np.zeros((1, 2, 3), np.float32), np.zeros((1, 2, 3), np.float32),
+    p32 = fastqkv._problem.plan_attention(np.zeros((1, 2, 3), np.float32), np.zeros((1, 2, 3), np.float32),
                                            np.zeros((1, 2, 3), np.float32))
     assert _numba.supports(p32) is None
     status = _numba.warmup()

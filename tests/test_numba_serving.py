@@ -134,7 +134,7 @@ def test_decode_vs_oracle(shape, split, keys, forced):
         for b, n in enumerate(kl):             # beyond the length: never read
             k[b, :, n:] = np.nan
             v[b, :, n:] = np.inf
-    assert kernels.uses_stream(fastqkv._validate.plan_attention(q, k, v, **kw))
+    assert kernels.uses_stream(fastqkv._problem.plan_attention(q, k, v, **kw))
     _check(q, k, v, **kw)
 
 
@@ -372,4 +372,4 @@ def test_supports_and_features():
     assert "paged" in _numba.FEATURES
     for dt in HALF:
         z = np.zeros((1, 2, 3), _dtype(dt))
-        assert _numba.supports(fastqkv._validate.plan_attention(z, z, z)) is None
+        assert _numba.supports(fastqkv._problem.plan_attention(z, z, z)) is None
