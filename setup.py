@@ -1,6 +1,9 @@
 """Build of the C extension ``fastqkv._ckernels`` (metadata lives in pyproject.toml).
 
-The attention kernel body (csrc/kernels/attn_tile.inc) is compiled once per ISA:
+The kernel bodies (csrc/kernels/attn_tile.inc, the tiled kernel, and
+attn_stream.inc, the streaming kernel, included by attn_tile.inc and for
+float16/bfloat16 storage by attn_half.inc; all instantiated by attn_isa.inc)
+are compiled once per ISA:
 ``attn_generic.c`` with the baseline flags, ``attn_avx2.c`` with AVX2+FMA+F16C and
 ``attn_avx512.c`` with AVX-512 F/DQ/BW/VL (x86-64 only, each kept only if the
 compiler accepts its flags).  The variant is chosen at import from cpuid/xgetbv.
