@@ -15,6 +15,9 @@ OUT="$(mktemp -d "${TMPDIR:-/tmp}/fastqkv-callgrind.XXXXXX")"
 trap 'rm -rf "$OUT"' EXIT
 command -v valgrind >/dev/null || { echo "valgrind not found (apt-get install -y valgrind)" >&2; exit 1; }
 
+# this checkout's fastqkv, not an installed copy
+export PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}"
+echo "fastqkv from $("$PY" -c 'import os, fastqkv; print(os.path.dirname(fastqkv.__file__))')"
 printf '%-8s %-12s %16s\n' isa case Ir
 for isa in $ISAS; do
   for c in $CASES; do
