@@ -85,6 +85,16 @@ def test_missing_peers_are_one_line_each(capsys, monkeypatch):
     assert "Traceback" not in out + err
 
 
+def test_missing_onnx_skips_the_ort_peer_in_one_line(capsys, monkeypatch):
+    pytest.importorskip("onnxruntime")
+    monkeypatch.setitem(sys.modules, "onnx", None)
+    code, out, err = run(capsys, "--backend", "ort", "--case", "prefill-mha")
+    assert code == 0
+    assert [ln for ln in out.splitlines() if "not installed" in ln] == \
+        ["peer ort skipped: onnx is not installed (pip install onnx)"]
+    assert "Traceback" not in out + err
+
+
 def test_missing_rich_is_one_line(capsys, monkeypatch):
     monkeypatch.setitem(sys.modules, "rich", None)
     monkeypatch.setitem(sys.modules, "rich.progress", None)
