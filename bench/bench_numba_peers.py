@@ -2,11 +2,13 @@
 
     python bench/bench_numba_peers.py [--threads 2] [--repeat 15] [--quick] [--decode-only]
 
-Prints one line per (shape, implementation): median ms, GFLOP/s
-(4 * B * Hq * visible pairs * D) or, for decode, GB/s of K/V read, and the
-ratio to PyTorch measured in the same run.  The machine's read bandwidth
-(a Numba parallel sum over 512 MiB of float32, best of the repeats) is
-measured in the same run; kernel times are medians.
+The shapes are the ``numba-peers`` selection of the package's one list
+(``fastqkv._bench.cases``), timed by its one timer.  Prints one line per
+(shape, implementation): median ms, GFLOP/s (4 * B * Hq * visible pairs * D)
+or, for decode, GB/s of K/V read, and the ratio to PyTorch measured in the
+same run.  The machine's read bandwidth (the C probe of `fastqkv bench`, a
+float32 sum over 512 MiB on every thread, best of the repeats) is measured
+in the same run; kernel times are medians.
 A decode table follows: dense and paged (block size 16, shuffled blocks)
 KV caches in float32, bfloat16 and float16, with GB/s, % of the read
 bandwidth, the ratio to PyTorch SDPA (dense, same dtype), the 16-bit vs
@@ -17,144 +19,99 @@ Peers that are not installed (torch, the C backend) are skipped.
 from __future__ import annotations
 
 import argparse
-import statistics
 import time
+from dataclasses import replace
 
 import numpy as np
 
 import fastqkv
-from fastqkv._bench import torch_sdpa
-
+from fastqkv._bench import Skip, make_inputs, prepare, shape_classes
+from fastqkv._bench.inputs import paged_copy
+from fastqkv._bench.machine import read_bandwidth as _read_bandwidth
+from fastqkv._bench.peers import torch_sdpa, torch_tensor
+from fastqkv._bench.timing import median_seconds
 
 CLOCK = time.perf_counter
+PAGE = 16
 
 
-def median_ms(fn, repeat, min_time=0.2):
-    fn()
-    fn()
-    times = []
-    t_end = time.perf_counter() + min_time
-    while len(times) < repeat or time.perf_counter() < t_end:
-        t = CLOCK()
-        fn()
-        times.append(CLOCK() - t)
-        if len(times) >= 10 * repeat:
-            break
-    return 1e3 * statistics.median(times)
+def median_ms(fn, repeat):
+    return 1e3 * median_seconds(fn, repeat, min_time=0.2, most=10 * repeat, clock=CLOCK)
 
 
 def read_bandwidth(threads, repeat):
     """(best, median) GB/s of a parallel read over 512 MiB (the decode
     roofline): the probe of `fastqkv bench`."""
-    from fastqkv._bench import _bandwidth
-
-    best, med, _how = _bandwidth(512 << 20, threads, max(5, repeat))
+    best, med, _how = _read_bandwidth(512 << 20, threads, max(5, repeat))
     return best, med
 
 
-def visible_pairs(Lq, Lk, causal, key_lens=None, B=1):
-    """Visible (i, j) pairs per (batch, head), summed over the batch."""
-    total = 0
-    for b in range(B):
-        lk = Lk if key_lens is None else int(key_lens[b])
-        if causal:
-            i = np.arange(Lq) + (lk - Lq)
-            total += int(np.clip(i + 1, 0, lk).sum())
-        else:
-            total += Lq * lk
-    return total
-
-
 def shapes(quick):
-    rows = [
-        # name, B, Hq, Hkv, Lq, Lk, D, causal, extra
-        ("prefill-gqa L1024", 1, 32, 8, 1024, 1024, 128, True, None),
-        ("prefill-gqa L2048", 1, 32, 8, 2048, 2048, 128, True, None),
-        ("prefill-mha L1024", 1, 16, 16, 1024, 1024, 128, True, None),
-        ("encoder L128", 8, 12, 12, 128, 128, 64, False, None),
-        ("encoder L512 pad", 8, 12, 12, 512, 512, 64, False, "pad"),
-        ("decode Lk4096", 8, 32, 8, 1, 4096, 128, False, None),
-        ("decode Lk32768 B1", 1, 32, 8, 1, 32768, 128, False, None),
-        ("float64 L512", 1, 8, 8, 512, 512, 64, True, "f64"),
-    ]
-    if quick:
-        rows = [r for r in rows if "2048" not in r[0] and "32768" not in r[0]]
-    return rows
+    """The prefill, encoder and decode cases of the first table."""
+    cases = [c for c in shape_classes("numba-peers") if c.dtype == "float32" or c.kind != "decode"]
+    return [c for c in cases if not quick or (c.Lq < 2048 and c.Lk <= 4096)]
 
 
 def decode_shapes(quick):
-    """(name, B, Hq, Hkv, Lk, D, dtype name, page size or None)."""
+    """(case, page size or None): each decode case in float32, bfloat16 and
+    float16, dense and paged."""
     rows = []
-    for B, Lk in ((8, 4096), (1, 32768)):
-        if quick and Lk > 4096:
+    for case in shape_classes("numba-peers"):
+        if case.kind != "decode" or (quick and case.Lk > 4096):
             continue
         for dt in ("float32", "bfloat16", "float16"):
-            for bs in (None, 16):
-                short = {"float32": "f32", "bfloat16": "bf16", "float16": "f16"}[dt]
-                name = f"decode B{B} Lk{Lk} {short}{' paged16' if bs else ''}"
-                rows.append((name, B, 32, 8, Lk, 128, dt, bs))
+            for bs in (None, PAGE):
+                rows.append((replace(case, dtype=dt), bs))
     return rows
 
 
-def _paged(rng, k, v, bs):
-    """A shuffled paged cache (num_blocks, bs, Hkv, D) holding dense k/v, and its block table."""
-    B, Hkv, Lk, D = k.shape
-    nb = Lk // bs
-    perm = rng.permutation(B * nb)
-    kc = np.empty((B * nb, bs, Hkv, D), k.dtype)
-    vc = np.empty((B * nb, bs, Hkv, v.shape[3]), v.dtype)
-    kc[perm] = k.transpose(0, 2, 1, 3).reshape(B * nb, bs, Hkv, D)
-    vc[perm] = v.transpose(0, 2, 1, 3).reshape(B * nb, bs, Hkv, v.shape[3])
-    return kc, vc, perm.reshape(B, nb).astype(np.int64)
+def _short(case, bs):
+    dt = {"float32": "f32", "bfloat16": "bf16", "float16": "f16"}[case.dtype]
+    return f"decode B{case.B} Lk{case.Lk} {dt}{' paged16' if bs else ''}"
 
 
-def _mod_supports(backend, q, k, v):
-    """Whether ``backend`` takes this dtype (the C backend may refuse 16-bit)."""
-    from fastqkv import _dispatch, _problem
-    mod = _dispatch._modules.get(backend)
-    return mod is not None and mod.supports(_problem.plan_attention(q[:, :, :1], k[:, :, :1], v[:, :, :1])) is None
+def _runnable(backend, inp, threads):
+    """The prepared call of ``backend``, or None where it cannot run ``inp``."""
+    try:
+        return prepare(backend, inp, threads)[0]
+    except Skip:
+        return None
 
 
 def bench_decode(args, ours, torch, bw):
     """Decode (Lq 1, GQA) dense and paged, float32 and 16-bit KV: GB/s of K/V
     read, % of the read bandwidth measured in this run, ratio to PyTorch SDPA
     (dense, same dtype), 16-bit vs float32 and paged vs dense speed."""
-    from fastqkv import _validate
     print(f"\n{'decode':28s} {'impl':7s} {'ms':>9s} {'GB/s':>7s} {'% bw':>6s} {'vs torch':>8s} {'vs f32':>7s} {'vs dense':>8s}")
     rng = np.random.default_rng(1)
     base = {}
     dense = {}
-    for name, B, Hq, Hkv, Lk, D, dtn, bs in decode_shapes(args.quick):
-        dt = _validate.BFLOAT16 if dtn == "bfloat16" else np.dtype(dtn)
-        if dt is None:
+    for case, bs in decode_shapes(args.quick):
+        try:
+            inp = make_inputs(case, seed=1)
+        except Skip as exc:
+            print(f"{_short(case, bs):28s} skipped: {exc}")
             continue
-        key = (B, Lk)
-        q = rng.standard_normal((B, Hq, 1, D)).astype(np.float32).astype(dt)
-        k = rng.standard_normal((B, Hkv, Lk, D)).astype(np.float32).astype(dt)
-        v = rng.standard_normal((B, Hkv, Lk, D)).astype(np.float32).astype(dt)
-        out = np.empty((B, Hq, 1, D), dt)
+        key, dtn = (case.B, case.Lk), case.dtype
+        q, k, v = inp.q, inp.k, inp.v
+        out = np.empty_like(q)
         kv_bytes = k.nbytes + v.nbytes
         results = {}
-        be_ok = [be for be in ours if _mod_supports(be, q, k, v)]
+        calls = {be: _runnable(be, inp, args.threads) for be in ours}
         if bs:
-            kc, vc, bt = _paged(rng, k, v, bs)
-            sl = np.full(B, Lk, np.int64)
-            del k, v
-            for be in be_ok:
-                results[be] = median_ms(lambda be=be: fastqkv.paged_attention(
-                    q, kc, vc, bt, sl, out=out, backend=be), args.repeat)
+            kc, vc, bt = paged_copy(k, v, bs, rng)
+            sl = np.full(case.B, case.Lk, np.int64)
+            for be in ours:
+                if calls[be] is not None:
+                    results[be] = median_ms(lambda be=be: fastqkv.paged_attention(
+                        q, kc, vc, bt, sl, out=out, backend=be), args.repeat)
         else:
-            for be in be_ok:
-                results[be] = median_ms(lambda be=be: fastqkv.attention(q, k, v, out=out, backend=be),
-                                        args.repeat)
+            for be in ours:
+                if calls[be] is not None:
+                    results[be] = median_ms(calls[be], args.repeat)
             if torch is not None:
-                def tt(x):
-                    if dtn == "bfloat16":
-                        return torch.from_numpy(x.view(np.int16)).view(torch.bfloat16)
-                    return torch.from_numpy(x)
-                tq, tk, tv = tt(q), tt(k), tt(v)
-
-                results["torch"] = median_ms(torch_sdpa(torch, tq, tk, tv), args.repeat)
+                results["torch"] = median_ms(torch_sdpa(torch, *(torch_tensor(torch, x) for x in (q, k, v))),
+                                             args.repeat)
                 base[(key, dtn)] = results["torch"]
         tref = base.get((key, dtn))
         for impl, ms in results.items():
@@ -164,7 +121,7 @@ def bench_decode(args, ours, torch, bw):
             vs_f32 = f"{f32 / ms:6.2f}x" if f32 else "      -"
             d = dense.get((key, dtn, impl)) if bs else None
             vs_dense = f"{d / ms:7.2f}x" if d else "       -"
-            print(f"{name:28s} {impl:7s} {ms:9.3f} {gbs:7.1f} {gbs / bw:6.0%} {vs_torch} {vs_f32} {vs_dense}")
+            print(f"{_short(case, bs):28s} {impl:7s} {ms:9.3f} {gbs:7.1f} {gbs / bw:6.0%} {vs_torch} {vs_f32} {vs_dense}")
             if not bs:
                 dense[(key, dtn, impl)] = ms
 
@@ -194,55 +151,38 @@ def main():
     bw, bw_med = read_bandwidth(T, args.repeat)
     print(f"clock: {'process CPU time' if args.cpu_time else 'wall'}")
     print(f"threads={T}  read bandwidth {bw:.1f} GB/s best, {bw_med:.1f} median "
-          f"(numba parallel sum, 512 MiB float32)")
+          f"(C probe of fastqkv bench, 512 MiB float32)")
     if torch is not None:
         n = 2048
         a = torch.randn(n, n)
         ms = median_ms(lambda: a @ a, 5)
         print(f"torch sgemm {n}: {2 * n**3 / ms / 1e6:.1f} GFLOP/s   torch {torch.__version__}")
-    print(f"{'shape':22s} {'impl':7s} {'ms':>9s} {'GFLOP/s':>8s} {'GB/s':>7s} {'vs torch':>8s}")
+    print(f"{'shape':24s} {'impl':7s} {'ms':>9s} {'GFLOP/s':>8s} {'GB/s':>7s} {'vs torch':>8s}")
 
-    rng = np.random.default_rng(0)
-    for name, B, Hq, Hkv, Lq, Lk, D, causal, extra in ([] if args.decode_only else shapes(args.quick)):
-        dt = np.float64 if extra == "f64" else np.float32
-        q = rng.standard_normal((B, Hq, Lq, D)).astype(dt)
-        k = rng.standard_normal((B, Hkv, Lk, D)).astype(dt)
-        v = rng.standard_normal((B, Hkv, Lk, D)).astype(dt)
-        kw = {"causal": causal}
-        key_lens = None
-        tmask = None
-        if extra == "pad":
-            key_lens = rng.integers(Lk // 2, Lk + 1, B)
-            mask = np.arange(Lk)[None, :] < key_lens[:, None]
-            kw["mask"] = mask[:, None, None, :]
-            tmask = kw["mask"]
-        pairs = visible_pairs(Lq, Lk, causal, key_lens, B if key_lens is not None else 1)
-        flops = 4.0 * Hq * pairs * D * (1 if key_lens is not None else B)
-        kv_bytes = (k.nbytes + v.nbytes)
-        out = np.empty((B, Hq, Lq, D), dt)
+    for case in ([] if args.decode_only else shapes(args.quick)):
+        inp = make_inputs(case)
+        kv_bytes = inp.k.nbytes + inp.v.nbytes
         results = {}
         for be in ours:
-            results[be] = median_ms(lambda be=be: fastqkv.attention(q, k, v, out=out, backend=be, **kw),
-                                    args.repeat)
-        if torch is not None:
-            tq, tk, tv = (torch.from_numpy(x) for x in (q, k, v))
-            tm = None if tmask is None else torch.from_numpy(tmask)
-            # torch's causal is top-left aligned: equal to ours only when Lq == Lk
-            tc = causal and Lq == Lk
-
-            run_torch = torch_sdpa(torch, tq, tk, tv, attn_mask=tm, is_causal=tc)
-            if not causal or tc:
-                results["torch"] = median_ms(run_torch, args.repeat)
+            call = _runnable(be, inp, T)
+            if call is not None:
+                results[be] = median_ms(call, args.repeat)
+        # torch's causal is top-left aligned: equal to ours only when Lq == Lk
+        if torch is not None and (not case.causal or case.Lq == case.Lk):
+            tq, tk, tv = (torch_tensor(torch, x) for x in (inp.q, inp.k, inp.v))
+            tm = torch.from_numpy(inp.kwargs["mask"]) if "mask" in inp.kwargs else None
+            results["torch"] = median_ms(torch_sdpa(torch, tq, tk, tv, attn_mask=tm, is_causal=case.causal),
+                                         args.repeat)
         ref = results.get("torch")
         for impl, ms in results.items():
             gbs = kv_bytes / ms / 1e6
             ratio = f"{ref / ms:7.2f}x" if ref else "      -"
-            gb = f"{gbs:7.1f}" if Lq == 1 else "      -"
-            print(f"{name:22s} {impl:7s} {ms:9.3f} {flops / ms / 1e6:8.1f} {gb} {ratio}")
-        if Lq == 1:
+            gb = f"{gbs:7.1f}" if case.Lq == 1 else "      -"
+            print(f"{case.name:24s} {impl:7s} {ms:9.3f} {case.flops() / ms / 1e6:8.1f} {gb} {ratio}")
+        if case.Lq == 1:
             for impl in ours:
                 if impl in results:
-                    print(f"{'':22s} {impl:7s} decode at {kv_bytes / results[impl] / 1e6 / bw:5.0%} of read bandwidth")
+                    print(f"{'':24s} {impl:7s} decode at {kv_bytes / results[impl] / 1e6 / bw:5.0%} of read bandwidth")
     bench_decode(args, ours, torch, bw)
     bw2, bw2_med = read_bandwidth(T, args.repeat)
     print(f"read bandwidth again after the runs: {bw2:.1f} GB/s best, {bw2_med:.1f} median")

@@ -1,20 +1,18 @@
-"""The benchmark shape classes of DESIGN section 3.
+"""The pytest-benchmark suite's view of the package's one shape list.
 
-The canonical list lives in the package (``fastqkv._bench.shape_classes``),
-so that ``fastqkv bench`` and this pytest-benchmark suite time the same
-shapes and the package does not depend on this folder.  The size is
-``--bench-size`` (see conftest.py) or ``$FASTQKV_BENCH_SIZE``: ``full``
-(default), ``quick`` or ``tiny``.
+The cases are ``fastqkv._bench.shape_classes(size)``, the shapes
+``fastqkv bench`` times; the size is ``--bench-size`` (see conftest.py) or
+``$FASTQKV_BENCH_SIZE``: ``full`` (default), ``quick`` or ``tiny``.
 """
 
-from fastqkv._bench import (PEERS, SIZES, BenchCase, Skip, check, make_inputs, numpy_seconds,
-                            prepare, shape_classes)
+from fastqkv._bench import PEERS, SIZES, Skip, check, make_inputs, prepare, shape_classes
+from fastqkv._bench.runners import check_numpy_cost, fastqkv_names
 
-__all__ = ["PEERS", "SIZES", "BenchCase", "Skip", "check", "make_inputs", "numpy_seconds",
-           "prepare", "shape_classes", "RUNNERS", "MEDIANS"]
+__all__ = ["PEERS", "SIZES", "Skip", "check", "check_numpy_cost", "make_inputs", "prepare",
+           "shape_classes", "RUNNERS", "MEDIANS"]
 
-# fastqkv's backends, auto, then the peers (skipped when not installed)
-RUNNERS = ("auto", "c", "numba", "numpy") + PEERS
+# auto, fastqkv's backends, then the peers (skipped when not installed)
+RUNNERS = ("auto", *fastqkv_names(), *PEERS)
 
 # {case name: {runner: (median seconds, note)}}, filled by the timed tests and
 # summarised (auto's choice against the fastest backend) at the end of the session

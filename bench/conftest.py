@@ -11,7 +11,7 @@ import os
 
 import pytest
 
-from cases import MEDIANS, PEERS, RUNNERS, SIZES, make_inputs, shape_classes
+from cases import MEDIANS, PEERS, RUNNERS, SIZES, Skip, make_inputs, shape_classes
 
 
 def pytest_addoption(parser):
@@ -38,12 +38,23 @@ def bench_threads(request):
 _current = {}
 
 
+@pytest.fixture(scope="session")
+def bench_size(request):
+    return request.config.getoption("--bench-size")
+
+
 @pytest.fixture
 def bench_inputs(bench_case):
-    """The case's arrays, kept while consecutive tests use the same case."""
+    """The case's arrays, kept while consecutive tests use the same case; a
+    case that cannot be created here (a missing optional package) skips."""
     if _current.get("case") != bench_case:
         _current.clear()
-        _current.update(case=bench_case, inputs=make_inputs(bench_case))
+        try:
+            _current.update(case=bench_case, inputs=make_inputs(bench_case))
+        except Skip as exc:
+            _current.update(case=bench_case, skip=str(exc))
+    if "skip" in _current:
+        pytest.skip(_current["skip"])
     return _current["inputs"]
 
 

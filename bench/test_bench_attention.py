@@ -4,16 +4,14 @@ before it is timed."""
 
 import pytest
 
-from cases import MEDIANS, Skip, check, numpy_seconds, prepare
-
-NUMPY_LIMIT_S = 1.0   # the dense oracle is skipped where one call would take longer
+from cases import MEDIANS, Skip, check, check_numpy_cost, prepare
 
 
-def test_attention(benchmark, bench_case, runner, bench_inputs, bench_threads):
+def test_attention(benchmark, bench_case, runner, bench_inputs, bench_threads, bench_size):
     case = bench_case
-    if runner == "numpy" and numpy_seconds(case) > NUMPY_LIMIT_S:
-        pytest.skip(f"dense oracle would take ~{numpy_seconds(case):.1f} s per call")
     try:
+        if runner == "numpy":
+            check_numpy_cost(case, bench_size)
         call, fetch, note = prepare(runner, bench_inputs, bench_threads)
     except Skip as exc:
         pytest.skip(str(exc))

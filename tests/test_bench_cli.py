@@ -9,7 +9,8 @@ import sys
 import numpy as np
 import pytest
 
-from fastqkv import _bench, _numpy_backend, _problem, cli, reference
+from fastqkv import _bench, cli, reference
+from fastqkv._bench import checks, report
 
 TINY = ["bench", "--tiny", "--no-progress", "--backend", "numpy"]
 
@@ -84,10 +85,20 @@ def test_missing_peers_are_one_line_each(capsys, monkeypatch):
     assert "Traceback" not in out + err
 
 
+def test_missing_onnx_skips_the_ort_peer_in_one_line(capsys, monkeypatch):
+    pytest.importorskip("onnxruntime")
+    monkeypatch.setitem(sys.modules, "onnx", None)
+    code, out, err = run(capsys, "--backend", "ort", "--case", "prefill-mha")
+    assert code == 0
+    assert [ln for ln in out.splitlines() if "not installed" in ln] == \
+        ["peer ort skipped: onnx is not installed (pip install onnx)"]
+    assert "Traceback" not in out + err
+
+
 def test_missing_rich_is_one_line(capsys, monkeypatch):
     monkeypatch.setitem(sys.modules, "rich", None)
     monkeypatch.setitem(sys.modules, "rich.progress", None)
-    prog = _bench._Progress(1, want_bar=True)
+    prog = report.Progress(1, want_bar=True)
     prog.advance("done")
     prog.close()
     out = capsys.readouterr().out
@@ -130,7 +141,7 @@ def test_shape_classes_cover_the_design(size):
 @pytest.mark.parametrize("case", _bench.shape_classes("tiny"), ids=lambda c: c.name)
 def test_flops_count_visible_pairs(case):
     inp = _bench.make_inputs(case)
-    p = _problem.plan_attention(inp.q, inp.k, inp.v, **inp.kwargs)
+    p = checks.plan(inp)
     pairs = sum(int(p.visible_keys(b)[0].sum()) for b in range(p.B))
     assert case.visible_pairs() == pairs
     assert case.flops() == 4.0 * case.Hq * pairs * case.D
@@ -165,3 +176,15 @@ def test_module_entry_point():
                         "--case", "float64"], capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, r.stdout + r.stderr
     assert "auto float64-prefill: picks" in r.stdout
+
+
+def test_missing_ml_dtypes_skips_the_bfloat16_case_in_one_line(capsys, monkeypatch):
+    from fastqkv._bench import cli as bench_cli
+    monkeypatch.setitem(sys.modules, "ml_dtypes", None)
+    case = _bench.BenchCase("bfloat16-decode", "decode", 2, 4, 2, 1, 40, 16, dtype="bfloat16",
+                            ragged="key_lens")
+    res = bench_cli.run_case(case, ["numpy"], 1, "tiny", report.Progress(1, want_bar=False))
+    assert res["results"] == [] and res["kv_bytes"] == case.kv_bytes() > 0
+    assert res["skipped"] == [{"runner": "*", "reason": "bfloat16 needs ml_dtypes (pip install ml_dtypes)"}]
+    out = capsys.readouterr().out
+    assert out.splitlines() == ["bfloat16-decode: skipped, bfloat16 needs ml_dtypes (pip install ml_dtypes)"]
