@@ -1,6 +1,8 @@
 """Serving paths of the C backend against the oracle: the streaming kernel
-(decode), split-KV with the LSE merge (forced through the test hook), paged
-KV caches and float16/bfloat16 storage; at 1 and 2 threads, every ISA."""
+(decode), split-KV with the LSE merge (split counts forced through the
+``force`` fixture), paged KV caches and float16/bfloat16 storage; at 1 and 2
+threads, every ISA.  The decode and paged cases come from
+``testing.generate_cases(kinds=...)``."""
 
 import numpy as np
 import pytest

@@ -2,8 +2,8 @@
 kernel (decode, split-KV with the in-call merge, ragged ``key_lens``), paged
 KV caches (decode and prefill with a cache) and float16/bfloat16 storage.
 
-Splits and chunks are forced small through ``kernels.FORCE_SPLIT``,
-``kernels.STREAM_KEYS`` and ``kernels.DECODE_STREAM_KEYS`` (runtime arguments:
+Splits and chunks are forced small through the ``force`` fixture's
+``split_keys``, ``stream_keys`` and ``decode_stream_keys`` (runtime arguments:
 no extra compiled signatures).
 """
 
