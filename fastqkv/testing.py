@@ -152,7 +152,7 @@ def generate_cases(quick=False, seed=0, dtypes=("float32", "float64"), kinds=("d
     and inf past each length); ``"paged"`` calls of ``paged_attention`` on
     :func:`paged_cache` caches of several block sizes; ``"varlen"`` calls of
     ``attention_varlen`` on :func:`varlen_pack` batches."""
-    builders = {"dense": _cases_for, "decode": _decode_cases, "paged": _paged_cases,
+    builders = {"dense": _dense_cases, "decode": _decode_cases, "paged": _paged_cases,
                 "varlen": _varlen_cases}
     unknown = set(kinds) - set(builders)
     if unknown:
@@ -165,7 +165,7 @@ def generate_cases(quick=False, seed=0, dtypes=("float32", "float64"), kinds=("d
     return cases
 
 
-def _cases_for(dtype, rng, quick):
+def _dense_cases(dtype, rng, quick):
     n = dtype.name
     c = []
     add = c.append
@@ -340,7 +340,7 @@ def _decode_cases(dtype, rng, quick):
     return c
 
 
-def _paged(name, rng, dtype, shape, seq_lens, block_size, layout="bhld", Dv=None, **kw):
+def _paged_case(name, rng, dtype, shape, seq_lens, block_size, layout="bhld", Dv=None, **kw):
     """A ``paged_attention`` case over dense random K/V of ``shape``
     (B, Hq, Hkv, Lq, Lk, D) held in a :func:`paged_cache`."""
     B, Hq, Hkv, Lq, Lk, D = shape
@@ -369,29 +369,29 @@ def _paged_cases(dtype, rng, quick):
             ("mqa32-decode", (2, 32, 1, 1, 100, 32), [100, 61], {}),
             ("gqa16-chunk-prefill", (1, 32, 2, 3, 70, 16), [70], dict(causal=True))):
         for bs in block_sizes:
-            add(_paged(f"{n}-paged-{name}-bs{bs}", rng, dtype, shape, seq, bs, **kw))
+            add(_paged_case(f"{n}-paged-{name}-bs{bs}", rng, dtype, shape, seq, bs, **kw))
     # a batch of 3 over 333 keys: decode, a 4-token step and prefill with a cache
     for name, Lq, kw in (("decode", 1, {}), ("lq4-causal", 4, dict(causal=True)),
                          ("prefill40-causal", 40, dict(causal=True)),
                          ("prefill40-window", 40, dict(causal=True, window=(60, -1)))):
         for bs in ((16,) if quick else (1, 3, 16, 64, 333)):
-            add(_paged(f"{n}-paged-b3-{name}-bs{bs}", rng, dtype, (3, 8, 2, Lq, 333, 16),
+            add(_paged_case(f"{n}-paged-b3-{name}-bs{bs}", rng, dtype, (3, 8, 2, Lq, 333, 16),
                        np.array([333, 47, 200]).clip(Lq), bs, **kw))
     # score options the streaming kernels do not take: the cache is gathered
-    add(_paged(f"{n}-paged-softcap", rng, dtype, (2, 4, 2, 2, 40, 16), [40, 11], 4, softcap=3.0, causal=True))
-    add(_paged(f"{n}-paged-softcap5", rng, dtype, (2, 4, 2, 3, 70, 8), [70, 20], 16, softcap=5.0))
-    add(_paged(f"{n}-paged-alibi", rng, dtype, (2, 4, 2, 3, 70, 8), [70, 20], 16,
+    add(_paged_case(f"{n}-paged-softcap", rng, dtype, (2, 4, 2, 2, 40, 16), [40, 11], 4, softcap=3.0, causal=True))
+    add(_paged_case(f"{n}-paged-softcap5", rng, dtype, (2, 4, 2, 3, 70, 8), [70, 20], 16, softcap=5.0))
+    add(_paged_case(f"{n}-paged-alibi", rng, dtype, (2, 4, 2, 3, 70, 8), [70, 20], 16,
                alibi_slopes=np.array([0.5, 0.1, 0.2, 0.3])))
-    case = _paged(f"{n}-paged-mask", rng, dtype, (2, 4, 2, 3, 70, 8), [70, 20], 16)
+    case = _paged_case(f"{n}-paged-mask", rng, dtype, (2, 4, 2, 3, 70, 8), [70, 20], 16)
     case.kwargs["mask"] = rng.random((2, 4, 3, case.args[0].shape[1] * 16)) < 0.7
     add(case)
     for hq, g in ((8, 1), (8, 4), (8, 8), (32, 16), (32, 32)):
-        add(_paged(f"{n}-paged-gqa{g}", rng, dtype, (2, hq, hq // g, 1, 100, 16), [100, 0], 7))
-    add(_paged(f"{n}-paged-blhd", rng, dtype, (2, 4, 2, 3, 50, 8), [50, 9], 8, layout="blhd", causal=True))
-    add(_paged(f"{n}-paged-blhd-decode", rng, dtype, (2, 8, 2, 1, 50, 16), [50, 23], 8, layout="blhd"))
-    add(_paged(f"{n}-paged-decode-long", rng, dtype, (2, 8, 2, 1, 300, 32), [300, 17], 16))
-    add(_paged(f"{n}-paged-decode-Dv", rng, dtype, (2, 8, 2, 1, 120, 32), [120, 33], 16, Dv=24))
-    add(_paged(f"{n}-paged-prefill-cache", rng, dtype, (2, 8, 2, 20, 120, 32), [120, 40], 16, causal=True))
+        add(_paged_case(f"{n}-paged-gqa{g}", rng, dtype, (2, hq, hq // g, 1, 100, 16), [100, 0], 7))
+    add(_paged_case(f"{n}-paged-blhd", rng, dtype, (2, 4, 2, 3, 50, 8), [50, 9], 8, layout="blhd", causal=True))
+    add(_paged_case(f"{n}-paged-blhd-decode", rng, dtype, (2, 8, 2, 1, 50, 16), [50, 23], 8, layout="blhd"))
+    add(_paged_case(f"{n}-paged-decode-long", rng, dtype, (2, 8, 2, 1, 300, 32), [300, 17], 16))
+    add(_paged_case(f"{n}-paged-decode-Dv", rng, dtype, (2, 8, 2, 1, 120, 32), [120, 33], 16, Dv=24))
+    add(_paged_case(f"{n}-paged-prefill-cache", rng, dtype, (2, 8, 2, 20, 120, 32), [120, 40], 16, causal=True))
     return c
 
 
