@@ -159,9 +159,9 @@ def cases(draw, dtypes=("float32", "float64")):
 
 def _check(case, backend, threads):
     """``testing.check_case``; a tolerance failure (not a NaN/inf mismatch) is
-    judged again with the two terms its bound lacks (reported to the owner of
-    fastqkv/testing.py): the score magnitude that bias/ALiBi add, seen in
-    ``|lse|``, and float32 sums over many keys (``sqrt(Lk) / 4``)."""
+    judged again with two terms that bound lacks: the score magnitude that
+    bias/ALiBi add, seen in ``|lse|``, and float32 sums over many keys
+    (``sqrt(Lk) / 4``)."""
     try:
         testing.check_case(case, backend, num_threads=threads)
     except AssertionError as e:
