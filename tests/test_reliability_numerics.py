@@ -153,8 +153,7 @@ def test_nan_v_behind_underflowed_weight_many_tiles(backend):
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_nonfinite_v_behind_zero_weight(backend, how, poison):
     """A visible key whose weight is 0 still passes NaN/inf of its V row to the
-    output (0 * NaN and 0 * inf are NaN: the oracle's rule).  Found by the
-    fuzz suite.  One case is left open by the precision model: inf behind a
+    output (0 * NaN and 0 * inf are NaN: the oracle's rule).  One case is left open by the precision model: inf behind a
     weight that underflows in float32 only is NaN in a kernel (0 * inf) and
     inf in the float64 oracle (tiny * inf); both must be non-finite there."""
     rng = np.random.default_rng(18)
@@ -342,7 +341,7 @@ def _repro_problems():
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_bitwise_reproducible(backend, threads):
     """Same call, same thread count: the same bits, run to run in one process
-    and process to process.  Known gap (reported): the numba backend's freshly
+    and process to process.  Known gap: the numba backend's freshly
     JIT-compiled code gives other bits than the same kernels loaded from
     Numba's disk cache, so for numba this process (which may have compiled)
     is compared only with itself, and two children (which load the cache it
