@@ -2,18 +2,25 @@
 
 * :func:`generate_cases` - the one case generator: odd sizes, strided and
   transposed views, GQA ratios 1/4/8, every option, fully masked rows, huge
-  logits, NaN.
+  logits, NaN; with ``kinds`` also the decode shapes that split the keys,
+  paged KV caches and packed (varlen) batches.  A :class:`Case` names the
+  public function it calls and its arguments.
+* :func:`paged_cache` and :func:`varlen_pack` - the builders those cases use:
+  dense K/V scattered into a shuffled, NaN-poisoned paged cache; per-sequence
+  arrays packed with their ``cu_seqlens``.
 * :data:`TOLERANCES` - the one tolerance table (per dtype).
 * :func:`check_case` - the one comparison driver: runs a backend on a case
   with a NaN-poisoned output, compares out and lse with the oracle, checks
   that the inputs were not modified; raises ``AssertionError`` that prints
   the whole case.
-* :func:`assert_close` - the error metric, usable on its own.
+* :func:`assert_close` - the error metric, usable on its own, with
+  :func:`condition_number` for the bound of a comparison made by hand.
+* :func:`threads` - a context manager that sets the kernels' thread count.
 
 Embedders can validate their own build with::
 
     from fastqkv import testing
-    for case in testing.generate_cases():
+    for case in testing.generate_cases(kinds=testing.KINDS):
         testing.check_case(case, "auto")
 """
 
@@ -26,12 +33,13 @@ import numpy as np
 
 from . import _api, _dispatch, _validate, reference
 
-__all__ = ["TOLERANCES", "Case", "generate_cases", "check_case", "assert_close",
-           "half_dtypes", "make_case"]
+__all__ = ["TOLERANCES", "KINDS", "Case", "generate_cases", "check_case", "assert_close",
+           "as_dtype", "case_bounds", "condition_number", "threads", "half_dtypes", "make_case",
+           "paged_cache", "varlen_pack"]
 
 # Relative precision expected of a backend, per storage dtype.  The allowed
 # error of an output element is  tol * cond * max|v|,  where cond bounds how
-# much the scores can be perturbed by rounding (see _condition); the lse gets
+# much the scores can be perturbed by rounding (see condition_number); the lse gets
 # tol * cond.  float16/bfloat16 include the rounding of the output itself.
 TOLERANCES = {
     "float64": 1e-12,
@@ -49,27 +57,61 @@ def half_dtypes():
     return out
 
 
+def as_dtype(name):
+    """The NumPy dtype of a name, ``"bfloat16"`` included (ml_dtypes)."""
+    return _validate.BFLOAT16 if name == "bfloat16" else np.dtype(name)
+
+
+# the public function a Case calls, and the positional arguments it passes
+# after q, k, v
+FUNCTIONS = {
+    "attention": (),
+    "attention_varlen": ("cu_seqlens_q", "cu_seqlens_k"),
+    "paged_attention": ("block_table", "seq_lens"),
+}
+
+
 @dataclass
 class Case:
-    """One attention call: arrays, keyword options, and how to lay out ``out``."""
+    """One call of a public function: arrays, keyword options, and how to lay
+    out ``out``.  ``fn`` names the function (see ``FUNCTIONS``) and ``args``
+    holds its positional arguments after ``q, k, v``: ``(cu_seqlens_q,
+    cu_seqlens_k)`` for ``attention_varlen``; ``(block_table, seq_lens)`` for
+    ``paged_attention``, whose ``k`` and ``v`` are then the caches."""
     name: str
     q: np.ndarray
     k: np.ndarray
     v: np.ndarray
     kwargs: dict = field(default_factory=dict)
     out_strided: bool = False
+    fn: str = "attention"
+    args: tuple = ()
+
+    def call(self, module, **extra):
+        """``module.<fn>(q, k, v, *args, **kwargs, **extra)`` (``module`` is
+        ``fastqkv`` or ``fastqkv.reference``)."""
+        return getattr(module, self.fn)(self.q, self.k, self.v, *self.args, **self.kwargs, **extra)
+
+    def arrays(self):
+        """Every input array of the call, by argument name."""
+        names = ("q", "k", "v") + FUNCTIONS[self.fn]
+        out = dict(zip(names, (self.q, self.k, self.v) + tuple(self.args)))
+        out.update((key, val) for key, val in self.kwargs.items() if isinstance(val, np.ndarray))
+        return out
 
     def describe(self):
         def arr(a):
             return f"shape={a.shape} dtype={a.dtype} strides={a.strides}"
         opts = []
+        for key, val in zip(FUNCTIONS[self.fn], self.args):
+            opts.append(f"{key}={np.asarray(val).tolist()!r}")
         for key, val in self.kwargs.items():
             if isinstance(val, np.ndarray):
                 opts.append(f"{key}=<{arr(val)}>")
             else:
                 opts.append(f"{key}={val!r}")
-        return (f"case {self.name}: q <{arr(self.q)}>, k <{arr(self.k)}>, v <{arr(self.v)}>, "
-                f"{', '.join(opts) or 'no options'}, out {'strided' if self.out_strided else 'contiguous'}")
+        return (f"case {self.name}: {self.fn}(q <{arr(self.q)}>, k <{arr(self.k)}>, v <{arr(self.v)}>, "
+                f"{', '.join(opts) or 'no options'}), out {'strided' if self.out_strided else 'contiguous'}")
 
     def __repr__(self):
         return f"Case({self.name})"
@@ -99,17 +141,31 @@ def make_case(name, rng, B, Hq, Hkv, Lq, Lk, D, Dv=None, dtype=np.float32, strid
     return Case(name, q, k, v, kwargs, out_strided)
 
 
-def generate_cases(quick=False, seed=0, dtypes=("float32", "float64")):
+KINDS = ("dense", "decode", "paged", "varlen")
+
+
+def generate_cases(quick=False, seed=0, dtypes=("float32", "float64"), kinds=("dense",)):
     """The case list (deterministic for a seed).  ``quick`` keeps a subset
-    that still touches every option."""
+    that still touches every option.  ``kinds`` (any of :data:`KINDS`):
+    ``"dense"`` calls of ``attention``; ``"decode"`` the few-query shapes
+    the streaming kernels split over the keys (ragged ``key_lens`` with NaN
+    and inf past each length); ``"paged"`` calls of ``paged_attention`` on
+    :func:`paged_cache` caches of several block sizes; ``"varlen"`` calls of
+    ``attention_varlen`` on :func:`varlen_pack` batches."""
+    builders = {"dense": _dense_cases, "decode": _decode_cases, "paged": _paged_cases,
+                "varlen": _varlen_cases}
+    unknown = set(kinds) - set(builders)
+    if unknown:
+        raise ValueError(f"unknown case kinds {sorted(unknown)}; known: {KINDS}")
     rng = np.random.default_rng(seed)
     cases = []
-    for dt in dtypes:
-        cases.extend(_cases_for(np.dtype(dt) if dt != "bfloat16" else _validate.BFLOAT16, rng, quick))
+    for kind in kinds:
+        for dt in dtypes:
+            cases.extend(builders[kind](as_dtype(dt), rng, quick))
     return cases
 
 
-def _cases_for(dtype, rng, quick):
+def _dense_cases(dtype, rng, quick):
     n = dtype.name
     c = []
     add = c.append
@@ -202,20 +258,186 @@ def _layout_cases(n, rng, dtype):
 
 
 # ---------------------------------------------------------------------------
+# builders and the serving kinds
+
+def paged_cache(k, v, block_size, rng, seq_lens=None, *, spare_blocks=3, spare_cols=1):
+    """A paged KV cache holding dense ``k``/``v`` (B, Hkv, L, D) in shuffled
+    blocks of ``block_size``: ``(k_cache, v_cache, block_table)``, caches of
+    shape (num_blocks, block_size, Hkv, D).  Whatever the call must not read
+    is poison: rows past ``seq_lens[b]`` (default L) and ``spare_blocks``
+    unused blocks are NaN, and ``spare_cols`` table columns past the longest
+    sequence hold out-of-range block ids."""
+    B, Hkv, L, D = k.shape
+    lens = np.full(B, L, np.int64) if seq_lens is None else np.asarray(seq_lens)
+    per_seq = -(-L // block_size)
+    nblocks = B * per_seq + spare_blocks
+    kc = np.full((nblocks, block_size, Hkv, D), np.nan, k.dtype)
+    vc = np.full((nblocks, block_size, Hkv, v.shape[3]), np.nan, v.dtype)
+    ids = rng.permutation(nblocks)
+    table = np.full((B, per_seq + spare_cols), 2**40, np.int64)
+    for b in range(B):
+        n = int(lens[b])
+        for t in range(-(-n // block_size)):
+            blk = ids[b * per_seq + t]
+            table[b, t] = blk
+            rows = min(block_size, n - t * block_size)
+            kc[blk, :rows] = k[b, :, t * block_size:t * block_size + rows].transpose(1, 0, 2)
+            vc[blk, :rows] = v[b, :, t * block_size:t * block_size + rows].transpose(1, 0, 2)
+    return kc, vc, table
+
+
+def varlen_pack(seqs):
+    """Pack per-sequence arrays (L_b, H, D) into ``(packed, cu_seqlens)``:
+    ``packed`` of shape (sum L_b, H, D) and ``cu_seqlens`` int64 (B + 1,)."""
+    cu = np.concatenate([[0], np.cumsum([len(x) for x in seqs])]).astype(np.int64)
+    return np.concatenate(seqs, axis=0), cu
+
+
+def _with_key_lens(case, key_lens):
+    """``case`` with ``key_lens`` set and NaN (K) / inf (V) past each length."""
+    case.kwargs["key_lens"] = np.asarray(key_lens)
+    for b, n in enumerate(key_lens):
+        case.k[b, :, n:] = np.nan
+        case.v[b, :, n:] = np.inf
+    return case
+
+
+def _decode_cases(dtype, rng, quick):
+    """Few query positions over many keys: the shapes the streaming kernels
+    take and split over the keys (forced split counts exercise empty and
+    fully masked splits)."""
+    n = dtype.name
+    c = []
+    shapes = [
+        # name, (B, Hq, Hkv, Lq, Lk, D, Dv), key_lens or None, options
+        ("mha", (2, 3, 3, 1, 150, 16, 16), None, {}),
+        ("mha-empty-seq", (3, 8, 8, 1, 300, 32, 32), [300, 0, 17], {}),
+        ("gqa4-ragged", (3, 8, 2, 1, 200, 32, 32), [200, 0, 77], {}),
+        ("gqa4-long", (2, 8, 2, 1, 517, 64, 64), [517, 260], {}),
+        ("gqa8-causal", (2, 16, 2, 1, 130, 64, 48), [1, 130], dict(causal=True)),
+        ("gqa8-odd", (2, 16, 2, 1, 77, 67, 40), None, {}),
+        ("mqa8", (2, 8, 1, 1, 400, 16, 16), None, {}),
+        ("gqa4-spec-causal", (2, 8, 2, 5, 90, 24, 24), [90, 7], dict(causal=True)),
+        ("gqa4-spec5-causal", (2, 8, 2, 5, 300, 32, 32), [300, 7], dict(causal=True)),
+        ("gqa4-q16-window", (1, 4, 1, 16, 120, 8, 8), None, dict(causal=True, window=(20, 0))),
+        ("gqa2-q16-window-left", (1, 4, 2, 16, 200, 24, 24), None, dict(causal=True, window=(50, -1))),
+        ("mqa4-window-both", (2, 4, 1, 3, 250, 8, 8), [250, 90], dict(window=(20, 1))),
+        ("odd-dims-window", (1, 2, 1, 3, 67, 3, 5), None, dict(window=(10, 4))),
+        ("first-row-two-keys", (1, 2, 1, 2, 33, 5, 5), [3], dict(causal=True)),
+        # rows in vector lanes (the transposed path): MQA, odd D and Dv, and
+        # causal multi-token steps whose last tile takes the row path
+        ("mqa32-ragged", (2, 32, 1, 1, 150, 80, 72), [150, 37], {}),
+        ("mqa32-odd-D", (2, 32, 1, 1, 300, 67, 67), [300, 45], {}),
+        ("gqa16-odd", (1, 32, 2, 1, 100, 67, 33), None, {}),
+        ("gqa16-spec3-causal", (1, 32, 2, 3, 200, 80, 80), None, dict(causal=True)),
+        ("gqa8-spec4-causal", (2, 16, 2, 4, 90, 16, 16), [90, 50], dict(causal=True)),
+    ]
+    if quick:
+        shapes = shapes[::3]
+    for name, shape, key_lens, kw in shapes:
+        case = make_case(f"{n}-decode-{name}", rng, *shape, dtype=dtype, **kw)
+        c.append(case if key_lens is None else _with_key_lens(case, key_lens))
+    return c
+
+
+def _paged_case(name, rng, dtype, shape, seq_lens, block_size, layout="bhld", Dv=None, **kw):
+    """A ``paged_attention`` case over dense random K/V of ``shape``
+    (B, Hq, Hkv, Lq, Lk, D) held in a :func:`paged_cache`."""
+    B, Hq, Hkv, Lq, Lk, D = shape
+    dense = make_case(name, rng, B, Hq, Hkv, Lq, Lk, D, Dv, dtype=dtype)
+    seq_lens = np.asarray(seq_lens, np.int64)
+    kc, vc, table = paged_cache(dense.k, dense.v, Lk if block_size == "len" else block_size, rng, seq_lens)
+    q = dense.q
+    if layout == "blhd":
+        q = q.transpose(0, 2, 1, 3)
+        kw["layout"] = "blhd"
+    return Case(name, q, kc, vc, kw, fn="paged_attention", args=(table, seq_lens))
+
+
+def _paged_cases(dtype, rng, quick):
+    n = dtype.name
+    c = []
+    add = c.append
+    block_sizes = (3, 16) if quick else (1, 3, 16, 64, "len")
+    for name, shape, seq, kw in (
+            # name, (B, Hq, Hkv, Lq, Lk, D), seq_lens, options
+            ("mha-decode", (3, 2, 2, 1, 70, 16), [70, 0, 33], dict(causal=True)),
+            ("gqa4-decode", (2, 8, 2, 1, 100, 32), [100, 64], {}),
+            ("gqa8-decode", (1, 16, 2, 1, 129, 64), [129], dict(causal=True)),
+            ("gqa4-chunk-prefill", (2, 8, 2, 20, 90, 16), [90, 41], dict(causal=True)),
+            ("gqa4-window", (2, 4, 1, 3, 80, 8), [80, 5], dict(causal=True, window=(9, 0))),
+            ("mqa32-decode", (2, 32, 1, 1, 100, 32), [100, 61], {}),
+            ("gqa16-chunk-prefill", (1, 32, 2, 3, 70, 16), [70], dict(causal=True))):
+        for bs in block_sizes:
+            add(_paged_case(f"{n}-paged-{name}-bs{bs}", rng, dtype, shape, seq, bs, **kw))
+    # a batch of 3 over 333 keys: decode, a 4-token step and prefill with a cache
+    for name, Lq, kw in (("decode", 1, {}), ("lq4-causal", 4, dict(causal=True)),
+                         ("prefill40-causal", 40, dict(causal=True)),
+                         ("prefill40-window", 40, dict(causal=True, window=(60, -1)))):
+        for bs in ((16,) if quick else (1, 3, 16, 64, 333)):
+            add(_paged_case(f"{n}-paged-b3-{name}-bs{bs}", rng, dtype, (3, 8, 2, Lq, 333, 16),
+                       np.array([333, 47, 200]).clip(Lq), bs, **kw))
+    # score options the streaming kernels do not take: the cache is gathered
+    add(_paged_case(f"{n}-paged-softcap", rng, dtype, (2, 4, 2, 2, 40, 16), [40, 11], 4, softcap=3.0, causal=True))
+    add(_paged_case(f"{n}-paged-softcap5", rng, dtype, (2, 4, 2, 3, 70, 8), [70, 20], 16, softcap=5.0))
+    add(_paged_case(f"{n}-paged-alibi", rng, dtype, (2, 4, 2, 3, 70, 8), [70, 20], 16,
+               alibi_slopes=np.array([0.5, 0.1, 0.2, 0.3])))
+    case = _paged_case(f"{n}-paged-mask", rng, dtype, (2, 4, 2, 3, 70, 8), [70, 20], 16)
+    case.kwargs["mask"] = rng.random((2, 4, 3, case.args[0].shape[1] * 16)) < 0.7
+    add(case)
+    for hq, g in ((8, 1), (8, 4), (8, 8), (32, 16), (32, 32)):
+        add(_paged_case(f"{n}-paged-gqa{g}", rng, dtype, (2, hq, hq // g, 1, 100, 16), [100, 0], 7))
+    add(_paged_case(f"{n}-paged-blhd", rng, dtype, (2, 4, 2, 3, 50, 8), [50, 9], 8, layout="blhd", causal=True))
+    add(_paged_case(f"{n}-paged-blhd-decode", rng, dtype, (2, 8, 2, 1, 50, 16), [50, 23], 8, layout="blhd"))
+    add(_paged_case(f"{n}-paged-decode-long", rng, dtype, (2, 8, 2, 1, 300, 32), [300, 17], 16))
+    add(_paged_case(f"{n}-paged-decode-Dv", rng, dtype, (2, 8, 2, 1, 120, 32), [120, 33], 16, Dv=24))
+    add(_paged_case(f"{n}-paged-prefill-cache", rng, dtype, (2, 8, 2, 20, 120, 32), [120, 40], 16, causal=True))
+    return c
+
+
+def _varlen_cases(dtype, rng, quick):
+    n = dtype.name
+
+    def mk(name, lq, lk, Hq, Hkv, D, Dv=None, **kw):
+        Dv = D if Dv is None else Dv
+        q, cq = varlen_pack([rng.standard_normal((m, Hq, D)).astype(dtype) for m in lq])
+        k, ck = varlen_pack([rng.standard_normal((m, Hkv, D)).astype(dtype) for m in lk])
+        v, _ = varlen_pack([rng.standard_normal((m, Hkv, Dv)).astype(dtype) for m in lk])
+        return Case(f"{n}-varlen-{name}", q, k, v, kw, fn="attention_varlen", args=(cq, ck))
+
+    c = [mk("mqa4-causal-empty", [2, 0, 1, 4], [5, 3, 0, 4], 4, 1, 8, causal=True),
+         mk("gqa2", [7, 1, 30], [7, 50, 30], 4, 2, 16, 12),
+         mk("window", [9, 3], [40, 3], 2, 1, 8, causal=True, window=(5, 2))]
+    if not quick:
+        c += [mk("softcap-scale", [4, 11], [20, 11], 2, 2, 16, softcap=4.0, scale=0.7),
+              mk("alibi", [5, 1, 3], [5, 70, 9], 4, 2, 8, causal=True, alibi_slopes=np.array([0.5, 0.2, 0.1, 0.05])),
+              mk("long-prefill", [130], [130], 2, 1, 32, causal=True)]
+    return c
+
+
+# ---------------------------------------------------------------------------
 # comparison
 
-def _condition(q, k, scale):
-    """Bound on ``|scale * q.k|`` summed in magnitude: rounding perturbs a
-    score by about eps times this, so errors are measured against it."""
-    qa = np.abs(np.nan_to_num(q.astype(np.float64), nan=0.0, posinf=0.0, neginf=0.0))
-    ka = np.abs(np.nan_to_num(k.astype(np.float64), nan=0.0, posinf=0.0, neginf=0.0))
+def condition_number(q, k, scale=None):
+    """Bound on ``|scale * q.k|`` summed in magnitude (``scale`` defaults to
+    ``1/sqrt(D)``): rounding perturbs a score by about eps times this, so
+    :func:`assert_close` measures errors against it (its ``cond``).  NaN and
+    inf entries count as 0."""
+    if scale is None:
+        scale = 1.0 / np.sqrt(q.shape[-1]) if q.shape[-1] else 1.0
+    qa = np.abs(np.nan_to_num(np.asarray(q).astype(np.float64), nan=0.0, posinf=0.0, neginf=0.0))
+    ka = np.abs(np.nan_to_num(np.asarray(k).astype(np.float64), nan=0.0, posinf=0.0, neginf=0.0))
     if qa.size == 0 or ka.size == 0:
         return 1.0
     return max(1.0, abs(scale) * qa.reshape(-1, qa.shape[-1]).sum(1).max() * ka.max())
 
 
 def _num_keys(case):
-    """Lk of a case in its layout (keys axis of k)."""
+    """The longest key range a row of ``case`` can see."""
+    if case.fn == "paged_attention":
+        return int(np.max(case.args[1], initial=0))
+    if case.fn == "attention_varlen":
+        return int(np.max(np.diff(case.args[1]), initial=0))
     k = case.k
     if k.ndim == 4 and case.kwargs.get("layout", "bhld") == "blhd":
         return k.shape[1]
@@ -260,7 +482,9 @@ def assert_close(actual, expected, dtype, *, cond=1.0, vmax=1.0, what="out", con
 
 
 @contextlib.contextmanager
-def _threads(n):
+def threads(n):
+    """Run the block with the kernels' thread count set to ``n`` (``None``:
+    leave it as it is); the previous count is restored on exit."""
     if n is None:
         yield
         return
@@ -282,36 +506,42 @@ def _out_for(case, shape, dtype):
     return out
 
 
-def check_case(case, backend="auto", num_threads=None):
-    """Run ``case`` on ``backend`` and compare with the oracle (raises AssertionError)."""
-    kw = dict(case.kwargs)
-    ref_out, ref_lse = reference.attention(case.q, case.k, case.v, return_lse=True, **kw)
-    saved = [np.array(x, copy=True) for x in (case.q, case.k, case.v)]
-    saved_kw = {key: np.array(val, copy=True) for key, val in kw.items() if isinstance(val, np.ndarray)}
-    out = _out_for(case, ref_out.shape, ref_out.dtype)
-    with _threads(num_threads):
-        got, lse = _api.attention(case.q, case.k, case.v, return_lse=True, out=out,
-                                  backend=backend, **kw)
-    ctx = f"backend={backend!r} threads={num_threads}; {case.describe()}"
-    if got is not out:
-        raise AssertionError(f"attention did not return the out= array. {ctx}")
+def case_bounds(case):
+    """``(cond, vmax)`` of :func:`assert_close` for the output of ``case``:
+    the score condition (:func:`condition_number`, softcap, bias and ALiBi
+    magnitudes, sums over the keys) and the largest finite ``|v|``."""
+    kw = case.kwargs
     scale = kw.get("scale") or 1.0 / np.sqrt(case.q.shape[-1])
-    cond = _condition(case.q, case.k, scale)
+    cond = condition_number(case.q, case.k, scale)
     if kw.get("softcap"):
         cond = min(cond, max(1.0, 2 * kw["softcap"]))
     cond += _magnitude(kw.get("bias"))                           # bias is rounded with the score
     if kw.get("alibi_slopes") is not None:
-        cond += _magnitude(kw["alibi_slopes"]) * (case.k.shape[-2] + case.q.shape[-2])
+        span = case.k.shape[-2] + case.q.shape[-2] if case.fn == "attention" else 2 * _num_keys(case)
+        cond += _magnitude(kw["alibi_slopes"]) * span
     cond += np.sqrt(_num_keys(case))                             # rounding of sums over the keys
     vfin = np.abs(case.v[np.isfinite(case.v)].astype(np.float64))
     vmax = max(1.0, vfin.max()) if vfin.size else 1.0
+    return cond, vmax
+
+
+def check_case(case, backend="auto", num_threads=None):
+    """Run ``case`` on ``backend`` and compare with the oracle (raises
+    AssertionError); returns the backend's ``(out, lse)``."""
+    ref_out, ref_lse = case.call(reference, return_lse=True)
+    saved = {name: np.array(a, copy=True) for name, a in case.arrays().items()}
+    out = _out_for(case, ref_out.shape, ref_out.dtype)
+    with threads(num_threads):
+        got, lse = case.call(_api, return_lse=True, out=out, backend=backend)
+    ctx = f"backend={backend!r} threads={num_threads}; {case.describe()}"
+    if got is not out:
+        raise AssertionError(f"{case.fn} did not return the out= array. {ctx}")
+    cond, vmax = case_bounds(case)
     assert_close(got, ref_out, case.q.dtype, cond=cond, vmax=vmax, what="out", context=ctx)
     assert_close(lse, ref_lse, case.q.dtype, cond=cond + _magnitude(ref_lse), what="lse", context=ctx)
     if lse.dtype != ref_lse.dtype:
         raise AssertionError(f"lse dtype {lse.dtype} != {ref_lse.dtype}. {ctx}")
-    for name, before, after in zip("qkv", saved, (case.q, case.k, case.v)):
-        if not np.array_equal(before, after, equal_nan=True):
+    for name, after in case.arrays().items():
+        if not np.array_equal(saved[name], after, equal_nan=True):
             raise AssertionError(f"input {name} was modified. {ctx}")
-    for key, before in saved_kw.items():
-        if not np.array_equal(before, kw[key], equal_nan=True):
-            raise AssertionError(f"input {key} was modified. {ctx}")
+    return got, lse

@@ -33,14 +33,6 @@ def available_backends():
     return names
 
 
-def backend_params(backends, known_bugs):
-    """``pytest.param`` per backend, strict-xfail where ``known_bugs`` (name ->
-    reason) names a bug reported to the owner of the failing code."""
-    import pytest
-    return [pytest.param(b, marks=(pytest.mark.xfail(strict=True, reason=known_bugs[b]),)
-                         if b in known_bugs else ()) for b in backends]
-
-
 def child_env(extra=None):
     env = dict(os.environ)
     paths = [PACKAGE_PARENT, TESTS_DIR]

@@ -18,12 +18,6 @@ ISAS = _c.isa_variants()
 CASES = testing.generate_cases()
 
 
-@pytest.fixture(params=ISAS)
-def isa(request):
-    with _c.forced_isa(request.param):
-        yield request.param
-
-
 @pytest.mark.parametrize("threads", [1, 2])
 @pytest.mark.parametrize("case", CASES, ids=[c.name for c in CASES])
 def test_generated_case(case, threads, isa):
@@ -157,27 +151,18 @@ def test_threads_agree_and_inputs_read_in_place():
     mask = np.broadcast_to(rng.random((1, 1, 1, 200)) < 0.9, (2, 8, 200, 200))
     outs = []
     for n in (1, 2):
-        fastqkv.set_num_threads(n)
-        try:
+        with testing.threads(n):
             outs.append(fastqkv.attention(q, k, v, mask=mask, causal=True, backend="c"))
-        finally:
-            fastqkv.set_num_threads(None)
     want = reference.attention(q, k, v, mask=mask, causal=True)
-    np.testing.assert_allclose(outs[0], want, atol=2e-5)
-    np.testing.assert_allclose(outs[1], want, atol=2e-5)
+    testing.assert_close(outs[0], want, np.float32)
+    testing.assert_close(outs[1], want, np.float32)
 
 
 @pytest.fixture
-def small_tiles():
+def small_tiles(force):
     """Tiles far smaller than the tuned ones: many key tiles, diagonal tiles,
     row remainders and the packing pass on small shapes."""
-    from fastqkv import _ckernels
-
-    _ckernels.set_tiles(8, 32)
-    try:
-        yield
-    finally:
-        _ckernels.set_tiles(0, 0)
+    force(rows=8, keys=32)
 
 
 SMALL_TILE_CASES = [c for c in CASES if c.q.shape[-2] >= 7 or c.k.shape[-2] >= 40]

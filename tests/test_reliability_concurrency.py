@@ -124,10 +124,7 @@ def _cpus():
         return os.cpu_count() or 1
 
 
-_GIL_BUGS = {}   # backend -> reason of a reported, unfixed bug
-
-
-@pytest.mark.parametrize("backend", hs.backend_params(BACKENDS, _GIL_BUGS))
+@pytest.mark.parametrize("backend", BACKENDS)
 def test_gil_released(backend, single_threaded_kernel):
     """Two Python threads calling single-threaded kernels get >= 1.6x the
     throughput of one (the kernel runs without the GIL)."""
@@ -165,7 +162,7 @@ def test_gil_released(backend, single_threaded_kernel):
                 f"are serialised")
 
 
-@pytest.mark.parametrize("backend", hs.backend_params(BACKENDS, _GIL_BUGS))
+@pytest.mark.parametrize("backend", BACKENDS)
 def test_small_call_not_blocked_by_long_call(backend, single_threaded_kernel):
     """While one Python thread runs a long single-threaded kernel, a tiny call
     from another thread returns at once: calls are neither serialised on a
@@ -248,11 +245,8 @@ sys.exit(0 if code == 0 else 6)
 """
 
 
-_FORK_BUGS = {}
-
-
 @pytest.mark.skipif(not hasattr(os, "fork"), reason="needs os.fork")
-@pytest.mark.parametrize("backend", hs.backend_params(BACKENDS, _FORK_BUGS))
+@pytest.mark.parametrize("backend", BACKENDS)
 def test_fork_after_use(backend):
     proc = hs.run_python(_FORK_SCRIPT.format(backend=backend), timeout=180)
     assert proc.returncode == 0, hs.describe(proc)

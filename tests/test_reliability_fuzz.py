@@ -76,7 +76,7 @@ def _view(rng, shape, dtype, how, amp=1.0, poison=None):
 @st.composite
 def cases(draw, dtypes=("float32", "float64")):
     dtype = draw(st.sampled_from(dtypes))
-    dt = testing.half_dtypes()[-1] if dtype == "bfloat16" else np.dtype(dtype)
+    dt = testing.as_dtype(dtype)
     ndim = draw(st.sampled_from((4, 4, 4, 3, 2)))
     layout = draw(st.sampled_from(("bhld", "blhd")))
     B = draw(st.integers(1, 3)) if ndim == 4 else 1
@@ -159,9 +159,9 @@ def cases(draw, dtypes=("float32", "float64")):
 
 def _check(case, backend, threads):
     """``testing.check_case``; a tolerance failure (not a NaN/inf mismatch) is
-    judged again with the two terms its bound lacks (reported to the owner of
-    fastqkv/testing.py): the score magnitude that bias/ALiBi add, seen in
-    ``|lse|``, and float32 sums over many keys (``sqrt(Lk) / 4``)."""
+    judged again with two terms that bound lacks: the score magnitude that
+    bias/ALiBi add, seen in ``|lse|``, and float32 sums over many keys
+    (``sqrt(Lk) / 4``)."""
     try:
         testing.check_case(case, backend, num_threads=threads)
     except AssertionError as e:
@@ -174,11 +174,11 @@ def _recheck(case, backend, threads, first):
     kw = dict(case.kwargs)
     q, k, v = case.q, case.k, case.v
     ref, ref_lse = reference.attention(q, k, v, return_lse=True, **kw)
-    with testing._threads(threads):
+    with testing.threads(threads):
         got, lse = fastqkv.attention(q, k, v, return_lse=True, backend=backend, **kw)
     lk_axis = -3 if kw.get("layout") == "blhd" and k.ndim > 2 else -2
     slack = max(1.0, np.sqrt(k.shape[lk_axis]) / 4)
-    cond = testing._condition(q, k, kw.get("scale") or 1.0 / np.sqrt(q.shape[-1]))
+    cond = testing.condition_number(q, k, kw.get("scale"))
     if kw.get("softcap"):
         cond = min(cond, max(1.0, 2 * kw["softcap"]))
     fin = np.abs(ref_lse[np.isfinite(ref_lse)].astype(np.float64))
@@ -225,8 +225,7 @@ def test_fuzz_merge_of_key_splits(backend, data):
     o2, l2 = fastqkv.attention(q, k[tail], v[tail], return_lse=True, backend=backend, **kw)
     out, lse = fastqkv.merge_attention([o1, o2], [l1, l2], layout=kw.get("layout", "bhld"))
     ref_out, ref_lse = reference.attention(q, k, v, return_lse=True, **kw)
-    scale = kw.get("scale") or 1.0 / np.sqrt(q.shape[-1])
-    cond = testing._condition(q, k, scale)
+    cond = testing.condition_number(q, k, kw.get("scale"))
     testing.assert_close(out, ref_out, q.dtype, cond=cond * 4, vmax=max(1.0, float(np.abs(v).max(initial=0))),
                          context=case.describe())
     testing.assert_close(lse, ref_lse, q.dtype, cond=cond * 4, what="lse", context=case.describe())
@@ -254,21 +253,13 @@ def test_fuzz_paged_and_varlen(backend, data):
     seq = rng.integers(0, nmax * bs + 1, size=B)
     q = rng.standard_normal((B, Hq, Lq, D)).astype(dtype)
     causal = data.draw(st.booleans())
-    got = fastqkv.paged_attention(q, kc, vc, table, seq, causal=causal, backend=backend)
-    want = reference.paged_attention(q, kc, vc, table, seq, causal=causal)
-    cond = testing._condition(q, kc, 1 / np.sqrt(D))
-    testing.assert_close(got, want, dtype, cond=cond, vmax=max(1.0, float(np.abs(vc).max())),
-                         context=f"paged seed={seed}")
+    threads = data.draw(st.sampled_from((1, 2)))
+    testing.check_case(testing.Case(f"paged-seed{seed}", q, kc, vc, {"causal": causal}, fn="paged_attention",
+                                    args=(table, seq)), backend, num_threads=threads)
 
-    lq = rng.integers(0, 6, size=B)
+    q, cq = testing.varlen_pack([rng.standard_normal((n, Hq, D)).astype(dtype) for n in rng.integers(0, 6, size=B)])
     lk = rng.integers(0, 30, size=B)
-    cq, ck = np.concatenate([[0], np.cumsum(lq)]), np.concatenate([[0], np.cumsum(lk)])
-    tq = rng.standard_normal((cq[-1], Hq, D)).astype(dtype)
-    tk = rng.standard_normal((ck[-1], Hkv, D)).astype(dtype)
-    tv = rng.standard_normal((ck[-1], Hkv, D)).astype(dtype)
-    got, gl = fastqkv.attention_varlen(tq, tk, tv, cq, ck, causal=causal, return_lse=True, backend=backend)
-    want, wl = reference.attention_varlen(tq, tk, tv, cq, ck, causal=causal, return_lse=True)
-    cond = testing._condition(tq, tk, 1 / np.sqrt(D))
-    testing.assert_close(got, want, dtype, cond=cond, vmax=max(1.0, float(np.abs(tv).max(initial=0))),
-                         context=f"varlen seed={seed}")
-    testing.assert_close(gl, wl, dtype, cond=cond, what="lse", context=f"varlen seed={seed}")
+    k, ck = testing.varlen_pack([rng.standard_normal((n, Hkv, D)).astype(dtype) for n in lk])
+    v, _ = testing.varlen_pack([rng.standard_normal((n, Hkv, D)).astype(dtype) for n in lk])
+    testing.check_case(testing.Case(f"varlen-seed{seed}", q, k, v, {"causal": causal}, fn="attention_varlen",
+                                    args=(cq, ck)), backend, num_threads=threads)

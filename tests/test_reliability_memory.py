@@ -145,10 +145,7 @@ emit(dict(peak_over_base=peak - base, out_bytes=out.nbytes))
 """
 
 
-_STEADY_BUGS = {}   # backend -> reason of a reported, unfixed bug (numba's is fixed)
-
-
-@pytest.mark.parametrize("backend", hs.backend_params(BACKENDS, _STEADY_BUGS))
+@pytest.mark.parametrize("backend", BACKENDS)
 def test_steady_out_loop_allocates_no_output(backend):
     """A loop passing ``out=`` allocates nothing output-sized per call."""
     r = hs.run_record(_STEADY_SCRIPT.format(backend=backend))

@@ -108,14 +108,6 @@ BAD_VARLEN = [
 ]
 
 
-@pytest.mark.parametrize("args,kwargs,exc,text", [c[1:] for c in BAD_VARLEN],
-                         ids=[c[0] for c in BAD_VARLEN])
-def test_bad_varlen_input(args, kwargs, exc, text):
-    for fn in (fastqkv.attention_varlen, reference.attention_varlen):
-        with pytest.raises(exc, match=text):
-            fn(*args, **kwargs)
-
-
 KC = np.zeros((6, 4, 2, 8), f32)
 VC = np.zeros((6, 4, 2, 6), f32)
 BT = np.array([[0, 1], [2, 3]])
@@ -136,12 +128,15 @@ BAD_PAGED = [
 ]
 
 
-@pytest.mark.parametrize("args,kwargs,exc,text", [c[1:] for c in BAD_PAGED],
-                         ids=[c[0] for c in BAD_PAGED])
-def test_bad_paged_input(args, kwargs, exc, text):
-    for fn in (fastqkv.paged_attention, reference.paged_attention):
+BAD_SERVING = [("attention_varlen",) + c for c in BAD_VARLEN] + [("paged_attention",) + c for c in BAD_PAGED]
+
+
+@pytest.mark.parametrize("fn,args,kwargs,exc,text", [(c[0],) + c[2:] for c in BAD_SERVING],
+                         ids=[f"{c[0]}-{c[1]}" for c in BAD_SERVING])
+def test_bad_varlen_and_paged_input(fn, args, kwargs, exc, text):
+    for module in (fastqkv, reference):
         with pytest.raises(exc, match=text):
-            fn(*args, **kwargs)
+            getattr(module, fn)(*args, **kwargs)
 
 
 def test_paged_unused_table_entries_not_checked():

@@ -50,7 +50,7 @@ def check(inp, got):
         if "mask" in kw and kw["mask"].shape[2] != 1:
             kw["mask"] = kw["mask"][:, :, rows]
         ref = reference.attention(q, k, v, **kw)
-        cond = testing._condition(q, k, 1.0 / math.sqrt(inp.case.D))
+        cond = testing.condition_number(q, k, 1.0 / math.sqrt(inp.case.D))
         vmax = max(1.0, float(np.abs(v.astype(np.float64)).max()))
         inp.oracle = (qh, rows, ref, cond, vmax)
     qh, rows, ref, cond, vmax = inp.oracle
