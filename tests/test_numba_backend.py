@@ -201,10 +201,10 @@ def test_key_padding_masks(kind):
 def small_tiles(monkeypatch):
     """Tiny work items and key tiles: every case then spans many query and
     key tiles (packed-once and per-item paths, partial and skipped tiles)."""
-    from fastqkv._numba import kernels
-    monkeypatch.setattr(kernels, "ROWS", 8)
-    monkeypatch.setattr(kernels, "KEYS", 8)
-    monkeypatch.setattr(kernels, "DECODE_KEYS", 12)
+    from fastqkv._numba import tuning
+    monkeypatch.setattr(tuning, "ROWS", 8)
+    monkeypatch.setattr(tuning, "KEYS", 8)
+    monkeypatch.setattr(tuning, "DECODE_KEYS", 12)
 
 
 @pytest.mark.parametrize("case", CASES + _sweep(), ids=lambda c: c.name)
@@ -217,7 +217,7 @@ def test_workspace_threads_and_release():
     shapes interleave safely, and release_workspace frees this thread's."""
     import threading
 
-    from fastqkv._numba import kernels
+    from fastqkv._numba import launch
 
     rng = np.random.default_rng(9)
     shapes = [(1, 8, 2, 70, 90, 16), (2, 4, 4, 1, 300, 32), (1, 2, 1, 130, 130, 8)]
@@ -241,7 +241,7 @@ def test_workspace_threads_and_release():
     for t in threads:
         t.join()
     assert not errors, errors
-    kernels.release_workspace()
+    launch.release_workspace()
     out = fastqkv.attention(*data[0], causal=True, backend=BACKEND)
     np.testing.assert_allclose(out, refs[0], rtol=1e-4, atol=1e-5)
 
@@ -252,9 +252,9 @@ def test_visible_nan_behind_zero_weight_many_tiles(tiny, monkeypatch):
     (ALiBi distance) reaches the row, as in the oracle (0 * NaN), on packed
     multi-tile items too; hidden keys' NaN still does not."""
     if tiny:
-        from fastqkv._numba import kernels
-        monkeypatch.setattr(kernels, "ROWS", 8)
-        monkeypatch.setattr(kernels, "KEYS", 16)
+        from fastqkv._numba import tuning
+        monkeypatch.setattr(tuning, "ROWS", 8)
+        monkeypatch.setattr(tuning, "KEYS", 16)
     rng = np.random.default_rng(10)
     q, k, v = (rng.standard_normal(s).astype(np.float32) for s in ((1, 1, 200, 16), (1, 1, 640, 16), (1, 1, 640, 16)))
     v[0, 0, 639, 0] = np.nan

@@ -2,8 +2,8 @@
 kernel (decode, split-KV with the in-call merge, ragged ``key_lens``), paged
 KV caches (decode and prefill with a cache) and float16/bfloat16 storage.
 
-Splits and chunks are forced small through ``kernels.FORCE_SPLIT``,
-``kernels.STREAM_KEYS`` and ``kernels.DECODE_STREAM_KEYS`` (runtime arguments:
+Splits and chunks are forced small through ``launch.FORCE_SPLIT``,
+``tuning.STREAM_KEYS`` and ``tuning.DECODE_STREAM_KEYS`` (runtime arguments:
 no extra compiled signatures).
 """
 
@@ -15,7 +15,7 @@ from fastqkv import reference, testing
 
 numba = pytest.importorskip("numba")
 
-from fastqkv._numba import kernels  # noqa: E402
+from fastqkv._numba import launch, tuning, vec  # noqa: E402
 
 BACKEND = "numba"
 HALF = [d.name for d in testing.half_dtypes()]
@@ -29,10 +29,10 @@ def _dtype(name):
 def forced(monkeypatch):
     """Set the streaming kernel's split / chunk sizes for one test."""
     def set_(split=0, keys=None):
-        monkeypatch.setattr(kernels, "FORCE_SPLIT", split)
+        monkeypatch.setattr(launch, "FORCE_SPLIT", split)
         if keys is not None:
-            monkeypatch.setattr(kernels, "STREAM_KEYS", keys)
-            monkeypatch.setattr(kernels, "DECODE_STREAM_KEYS", keys)
+            monkeypatch.setattr(tuning, "STREAM_KEYS", keys)
+            monkeypatch.setattr(tuning, "DECODE_STREAM_KEYS", keys)
     return set_
 
 
@@ -134,7 +134,7 @@ def test_decode_vs_oracle(shape, split, keys, forced):
         for b, n in enumerate(kl):             # beyond the length: never read
             k[b, :, n:] = np.nan
             v[b, :, n:] = np.inf
-    assert kernels.uses_stream(fastqkv._validate.plan_attention(q, k, v, **kw))
+    assert launch.route(fastqkv._validate.plan_attention(q, k, v, **kw)) == "stream"
     _check(q, k, v, **kw)
 
 
@@ -342,9 +342,9 @@ def test_half_conversions_exact():
     @njit
     def codec(bits, f32, kind, wide, narrow):
         for i in range(bits.shape[0]):
-            wide[i] = kernels._f16_to_f32(bits[i]) if kind == 1 else kernels._bf16_to_f32(bits[i])
+            wide[i] = vec._f16_to_f32(bits[i]) if kind == 1 else vec._bf16_to_f32(bits[i])
         for i in range(f32.shape[0]):
-            narrow[i] = kernels._f32_to_f16(f32[i]) if kind == 1 else kernels._f32_to_bf16(f32[i])
+            narrow[i] = vec._f32_to_f16(f32[i]) if kind == 1 else vec._f32_to_bf16(f32[i])
 
     bits = np.arange(1 << 16, dtype=np.uint32).astype(np.uint16)
     rng = np.random.default_rng(33)
