@@ -2,16 +2,20 @@
 
 Importing this package does not import numba; :mod:`fastqkv._numba.launch`
 (which does, with the kernel modules) is imported by the first :func:`run`,
-:func:`warmup` or :func:`cache_status`.  The compiled code is cached on disk by Numba
-(``cache=True``), so after the first process only loading it costs time.
+:func:`warmup` or :func:`cache_status`.  The compiled code is cached on
+disk by Numba (``cache=True``), so after the first process only loading it
+costs time.  Numba checks a cached function against its own file only: after
+editing a kernel module, clear the cache (``__pycache__`` here, or
+``$NUMBA_CACHE_DIR``) so the drivers that inline it are rebuilt.
 
 Modules, by role (each states its contract in its first lines):
 ``tuning`` (the tuned sizes, one row per vector width), ``vec`` (LLVM
 intrinsics and codegen vocabulary), ``softmax`` (exp, score options, the
 online-softmax step), ``micro_tile`` / ``micro_stream`` (the micro-kernels
-of the two kernels), ``call`` (flag bits, workspace carving), ``prefill``
-(the tiled kernel), ``stream`` (the streaming kernel), ``launch`` (route,
-signatures, driver cache, workspace, the call).
+of the two kernels), ``call`` (flag bits, workspace carving, the named
+tuples handed to work items), ``prefill`` (the tiled kernel), ``stream``
+(the streaming kernel), ``launch`` (route, signatures, driver cache,
+workspace, the call).
 
 Backend interface (see :mod:`fastqkv._dispatch`): :func:`probe`,
 :func:`supports`, :func:`run`; plus :func:`warmup` and :func:`cache_status`

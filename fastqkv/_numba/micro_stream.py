@@ -385,11 +385,13 @@ def _qk_direct(qs, x, bt, paged, b, kv0, hpi, c0, n, s, mp, d, dlo, kind):
 
 
 @njit(nogil=True, cache=True, fastmath=FASTMATH)
-def _pv_tail(p, poff, ldp, pcs, x, bt, paged, b, kvh, c0, n, o, alpha, r0, col, dv, kind):
-    """Columns ``col:dv`` (past the vector blocks) of ``O = alpha O + P V``
-    for rows ``r0 .. r0+3``, ``P[r, c] = p[poff + r*ldp + c*pcs]``, V rows
-    read where they are."""
-    x = _borrow(x)
+def _pv_tail(p, poff, ldp, pcs, call, b, kvh, c0, n, o, alpha, r0, col):
+    """Columns ``col:Dv`` (past the vector blocks) of ``O = alpha O + P V``
+    for rows ``r0 .. r0+3``, ``P[r, c] = p[poff + r*ldp + c*pcs]``, the V
+    rows of keys ``c0 .. c0+n-1`` of KV head ``kvh`` of batch ``b`` read
+    where they are (``call``: a :class:`.StreamCall`)."""
+    x, bt, paged, kind = call.v, call.bt, call.paged, call.kind
+    dv = x.shape[3]
     bs = x.shape[1]
     for r in range(r0, r0 + MRS):
         al = alpha[r]

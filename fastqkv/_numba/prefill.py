@@ -30,7 +30,8 @@ import math
 import numpy as np
 from numba import njit, prange
 
-from .call import HAS_ALIBI, HAS_BIAS, HAS_KEY_LENS, HAS_LSE, HAS_MASK, _a16, _carve16
+from .call import (HAS_ALIBI, HAS_BIAS, HAS_KEY_LENS, HAS_LSE, HAS_MASK, PackedKV, TileCall, TileScratch, _a16,
+                   _carve16)
 from .micro_tile import _abt_tile, _pv_rows, _pv_tile, _qk_tile
 from .softmax import _scores_options, _softmax_tile, _window
 from .tuning import MR, NR
@@ -123,14 +124,15 @@ def _pack_head(k, v, b, kvh, lkb, kt, kp, vp, bad):
 # the work item and the driver
 
 @njit(nogil=True, cache=True)
-def _pv_visible(p, v2, transposed, o, alpha, rows, n, dvp, nq, ip0, j0, wl, wr, has_mask, mask,
-                b, h0, i0):
-    """``O = alpha O + P V`` for a V tile holding inf or NaN, key by key over
-    each row's *visible* keys only (window and mask; row r is head
-    ``h0 + r // nq``, query ``i0 + r % nq``).  An invisible key's value never
-    leaks; a visible key's non-finite value reaches the row even when its
-    weight is 0 (0 * NaN is NaN, as in the oracle).  ``v2`` is ``V^T[c, j]``
-    when ``transposed``, else ``vs[j, c]``."""
+def _pv_visible(p, vs, o, alpha, rows, n, dvp, nq, ip0, j0, call, b, h0, i0):
+    """``O = alpha O + P V`` for a V tile ``vs[j, c]`` holding inf or NaN,
+    key by key over each row's *visible* keys only (window and mask of
+    ``call``; row r is head ``h0 + r // nq``, query ``i0 + r % nq``).  An
+    invisible key's value never leaks; a visible key's non-finite value
+    reaches the row even when its weight is 0 (0 * NaN is NaN, as in the
+    oracle)."""
+    wl, wr, mask = call.wl, call.wr, call.mask
+    has_mask = (call.flags & HAS_MASK) != 0
     for r in range(rows):
         a, e = _window(ip0 + r % nq, j0, n, wl, wr)
         h = h0 + r // nq
@@ -143,22 +145,22 @@ def _pv_visible(p, v2, transposed, o, alpha, rows, n, dvp, nq, ip0, j0, wl, wr, 
                 continue
             x = p[r, j]
             for c in range(dvp):
-                o[r, c] += x * (v2[c, j] if transposed else v2[j, c])
+                o[r, c] += x * vs[j, c]
 
 
 @njit(nogil=True, cache=True)
-def _work_item(q, k, v, out, lse, mask, bias, key_lens, alibi, sc, softcap, wl, wr, flags,
-               b, kvh, i0, i1, kt, prepacked, kp, vp, bad, qs, ks, vs, s, o, m, l, alpha):
-    """Attention for query rows ``i0:i1`` of every head of KV head ``kvh``.
+def _work_item(call, pkv, scr, b, kvh, i0, i1, kt):
+    """Attention for query rows ``i0:i1`` of every head of KV head ``kvh`` of
+    batch ``b``, key tiles of ``kt`` keys; ``call`` a :class:`.TileCall`,
+    ``pkv`` the :class:`.PackedKV`, ``scr`` the thread's :class:`.TileScratch`.
     Items of more than 8 rows (and every item when K/V are prepacked) take
     the register-blocked micro-kernels (``_qk_tile`` / ``_pv_tile``: Q in
     place or packed per MR-row block, K^T panels of NR keys); smaller ones (decode with
     options) the 4 x 4 dot-product blocks of ``_abt_tile`` with K and V rows
     read in place when they are contiguous."""
-    q, k, v, out, lse, mask, bias = (_borrow(q), _borrow(k), _borrow(v), _borrow(out), _borrow(lse),
-                                     _borrow(mask), _borrow(bias))
-    kp, vp, bad, qs, ks, vs = _borrow(kp), _borrow(vp), _borrow(bad), _borrow(qs), _borrow(ks), _borrow(vs)
-    s, o, m, l, alpha = _borrow(s), _borrow(o), _borrow(m), _borrow(l), _borrow(alpha)
+    q, k, v, out, lse, mask, bias, key_lens, alibi, sc, softcap, wl, wr, flags = call
+    prepacked, kp, vp, bad = pkv
+    qs, ks, vs, s, o, m, l, alpha = scr
     T = s.dtype.type
     ninf = T(-np.inf)
     Lq = q.shape[2]
@@ -272,8 +274,7 @@ def _work_item(q, k, v, out, lse, mask, bias, key_lens, alibi, sc, softcap, wl, 
         for r in range(M, mp):
             _fill(s[r, :npad], T(0))
         if bad_v:
-            _pv_visible(s, vtile, False, o, alpha, M, n, dvp, nq, i0 + off, j0, wl, wr,
-                        has_mask, mask, b, kvh * g, i0)
+            _pv_visible(s, vtile, o, alpha, M, n, dvp, nq, i0 + off, j0, call, b, kvh * g, i0)
         elif wide:
             _pv_tile(s, vtile, o, alpha, mp, n, dvp)
         elif direct:
@@ -333,7 +334,14 @@ def _attention_py(q, k, v, out, lse, mask, bias, key_lens, alibi, sc, softcap, w
     items ``(b, kv head, query tile)`` from an atomic counter, costliest
     first, so ragged or causal work and a busy core balance out.  All
     scratch lives in the caller's workspace ``ws`` / ``wsb`` (sized by
-    :func:`_layout`), so a steady loop of calls allocates nothing."""
+    :func:`_layout`), so a steady loop of calls allocates nothing.
+
+    Parameters (positional: this is the compiled signature,
+    :data:`.launch.SIGNATURES`): ``q`` ... ``flags`` as the fields of
+    :class:`.TileCall`; ``qt`` query positions per work item; ``kt`` keys
+    per K/V tile; ``nthreads`` threads at most; ``ws`` the float workspace
+    (64-byte aligned), ``wsb`` the bool workspace (the packed V tiles'
+    inf/NaN flags); ``queue`` two int64 counters (pack jobs, work items)."""
     B = q.shape[0]
     Lq = q.shape[2]
     Hkv = k.shape[1]
@@ -384,6 +392,11 @@ def _attention_py(q, k, v, out, lse, mask, bias, key_lens, alibi, sc, softcap, w
         m, at = _carve16(mine, at, mpmax)
         l, at = _carve16(mine, at, mpmax)
         alpha, at = _carve16(mine, at, mpmax)
+        call = TileCall(_borrow(q), _borrow(k), _borrow(v), _borrow(out), _borrow(lse), _borrow(mask),
+                        _borrow(bias), _borrow(key_lens), _borrow(alibi), sc, softcap, wl, wr, flags)
+        pkv = PackedKV(prepacked, _borrow(kp), _borrow(vp), _borrow(bad))
+        scr = TileScratch(_borrow(qs), _borrow(ks), _borrow(vs), _borrow(s), _borrow(o), _borrow(m),
+                          _borrow(l), _borrow(alpha))
         while True:
             it = _fetch_add(queue, 1)
             if it >= n_items:
@@ -391,6 +404,4 @@ def _attention_py(q, k, v, out, lse, mask, bias, key_lens, alibi, sc, softcap, w
             qtile = nqt - 1 - it // (B * Hkv)      # last (costliest when causal) query tiles first
             rest = it % (B * Hkv)
             i0 = qtile * qt
-            _work_item(q, k, v, out, lse, mask, bias, key_lens, alibi, sc, softcap, wl, wr,
-                       flags, rest // Hkv, rest % Hkv, i0, min(i0 + qt, Lq), kt, prepacked,
-                       kp, vp, bad, qs, ks, vs, s, o, m, l, alpha)
+            _work_item(call, pkv, scr, rest // Hkv, rest % Hkv, i0, min(i0 + qt, Lq), kt)

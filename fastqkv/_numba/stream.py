@@ -28,7 +28,7 @@ import numpy as np
 from numba import njit, prange
 from numba.extending import register_jitable
 
-from .call import HAS_KEY_LENS, HAS_LSE, PAGED, _carve
+from .call import HAS_KEY_LENS, HAS_LSE, PAGED, Chunk, Partials, StreamCall, StreamScratch, _carve
 from .micro_stream import _pv_tail, _qk_direct, _spv, _sqk, _sqkt
 from .softmax import _exp, _softmax_t, _softmax_tile, _window
 from .tuning import MRS, NV_PV, PF_BYTES, SKB, SQC, VBYTES
@@ -120,22 +120,26 @@ def _kv_steps(k, v, paged):
 
 
 @njit(nogil=True, cache=True)
-def _stream_chunk(qs, k, v, bt, paged, b, kv0, hpi, c0, n, nn, tab, ktab, vtab, s, o, alpha,
-                  m, l, M, mp, nq, ip0, wl, wr, sc, kind):
-    """One chunk of keys ``c0 .. c0+n-1`` that every row sees whole, K and V
-    rows read in place through the row tables ``tab[ktab:]`` / ``tab[vtab:]``,
-    which run on into the next chunk's ``nn`` rows.  The rows are prefetched
-    in the order they are read: PF_BYTES ahead in a head's rows (one KV head
-    per item), or, with several heads per item (token-major caches), the
-    next head's rows of this chunk and after the last head the first head's
-    rows of the next chunk."""
+def _stream_chunk(call, scr, ch, M, mp, nq, ip0):
+    """One chunk ``ch`` (a :class:`.Chunk`) of a :class:`.StreamCall` that
+    every row sees whole, for the ``M`` rows (``mp`` padded) of the item in
+    ``scr`` (:class:`.StreamScratch`; row r: query position ``ip0 + r % nq``
+    aligned), K and V rows read in place through the row tables
+    ``tab[ktab:]`` / ``tab[vtab:]``, which run on into the next chunk's
+    ``nn`` rows.  The rows are prefetched in the order they are read:
+    PF_BYTES ahead in a head's rows (one KV head per item), or, with several
+    heads per item (token-major caches), the next head's rows of this chunk
+    and after the last head the first head's rows of the next chunk."""
+    k, v, bt, paged, wl, wr, sc, kind = call.k, call.v, call.bt, call.paged, call.wl, call.wr, call.sc, call.kind
+    qs, s, m, l, alpha, tab = scr.qs, scr.s, scr.m, scr.l, scr.alpha, scr.tab
+    b, kv0, hpi, c0, n, nn, ktab = ch.b, ch.kv0, ch.hpi, ch.c0, ch.n, ch.nn, ch.ktab
     d = qs.shape[2]
     mpmax = qs.shape[1]
     sktp = s.shape[2]
     npad = (n + 3) & ~3
     vl = VBYTES // s.itemsize
     dw = d - d % vl
-    ks1, vs1, kpd, vpd = _kv_steps(k, v, paged)
+    ks1, _, kpd, _ = _kv_steps(k, v, paged)
     for hh in range(hpi):
         kb = (kv0 + hh) * ks1
         pd, pn, pb = _pf_next(hpi, hh, n, nn, kpd, kv0, ks1)
@@ -149,16 +153,19 @@ def _stream_chunk(qs, k, v, bt, paged, b, kv0, hpi, c0, n, nn, tab, ktab, vtab, 
         _softmax_tile(s[hh], M, n, npad, nq, ip0, c0, wl, wr, sc, False, m[hh], l[hh], alpha[hh])
     sf = s.reshape(-1)
     for hh in range(hpi):
-        _pv_head(sf, hh * mpmax * sktp, sktp, 1, v, bt, paged, b, kv0, hpi, hh, c0, n, nn, tab, vtab, vs1, vpd,
-                 o, alpha, mp, kind)
+        _pv_head(sf, hh * mpmax * sktp, sktp, 1, call, scr, ch, hh, mp)
 
 
 @njit(nogil=True, cache=True)
-def _pv_head(p, poff, ldp, pcs, v, bt, paged, b, kv0, hpi, hh, c0, n, nn, tab, vtab, vs1, vpd, o, alpha,
-             mp, kind):
-    """``O = alpha O + P V`` of KV head ``kv0 + hh`` over a chunk, rows
-    ``0:mp`` in blocks of 4, ``P[r, c] = p[poff + r*ldp + c*pcs]``; V rows
-    read in place through ``tab[vtab:]``, prefetched as :func:`_pf_next` says."""
+def _pv_head(p, poff, ldp, pcs, call, scr, ch, hh, mp):
+    """``O = alpha O + P V`` of KV head ``kv0 + hh`` over the chunk ``ch``,
+    rows ``0:mp`` in blocks of 4, ``P[r, c] = p[poff + r*ldp + c*pcs]``; V
+    rows read in place through ``tab[vtab:]``, prefetched as
+    :func:`_pf_next` says."""
+    k, v, kind = call.k, call.v, call.kind
+    o, alpha, tab = scr.o, scr.alpha, scr.tab
+    b, kv0, hpi, c0, n, nn, vtab = ch.b, ch.kv0, ch.hpi, ch.c0, ch.n, ch.nn, ch.vtab
+    _, vs1, _, vpd = _kv_steps(k, v, call.paged)
     mpmax = o.shape[1]
     dvl = o.shape[2]
     dv = v.shape[3]
@@ -173,23 +180,25 @@ def _pv_head(p, poff, ldp, pcs, v, bt, paged, b, kv0, hpi, hh, c0, n, nn, tab, v
                  alpha, hh * mpmax + r0, pd, pn if r0 == 0 else 0, pb, nv, kind)
             col += nv * vl
         if col < dv:
-            _pv_tail(p, poff, ldp, pcs, v, bt, paged, b, kv0 + hh, c0, n, o[hh], alpha[hh], r0, col, dv, kind)
+            _pv_tail(p, poff, ldp, pcs, call, b, kv0 + hh, c0, n, o[hh], alpha[hh], r0, col)
 
 
 @njit(nogil=True, cache=True)
-def _stream_chunk_t(QT, k, v, bt, paged, b, kv0, hpi, c0, n, nn, tab, ktab, vtab, s, o, alpha,
-                    m, l, mx, M, mp, ldt, sc, kind):
+def _stream_chunk_t(call, scr, ch, M, mp, ldt):
     """:func:`_stream_chunk` on the transposed path (items of at least
     :func:`_qkt_rows` rows): the rows of KV head ``hh`` sit in vector lanes
-    (``QT[hh, t*ldt + r]``), its scores are summed with one broadcast K
-    element per FMA of a vector of rows (no reduction; each K row read once
-    per chunk), the softmax runs across rows and P.V reads ``P^T`` through
-    a column stride."""
+    (``QT[hh, t*ldt + r]``, ``ldt`` rows, a multiple of the vector), its
+    scores are summed with one broadcast K element per FMA of a vector of
+    rows (no reduction; each K row read once per chunk), the softmax runs
+    across rows and P.V reads ``P^T`` through a column stride."""
+    k, v, paged, sc, kind = call.k, call.v, call.paged, call.sc, call.kind
+    QT, s, m, l, alpha, mx, tab = scr.QT, scr.s, scr.m, scr.l, scr.alpha, scr.mx, scr.tab
+    kv0, hpi, n, nn, ktab = ch.kv0, ch.hpi, ch.n, ch.nn, ch.ktab
     d = k.shape[3]
     sktp = s.shape[2]
     mpmax = s.shape[1]
     vl = VBYTES // s.itemsize
-    ks1, vs1, kpd, vpd = _kv_steps(k, v, paged)
+    ks1, _, kpd, _ = _kv_steps(k, v, paged)
     sf = s.reshape(-1)
     for hh in range(hpi):
         kb = (kv0 + hh) * ks1
@@ -200,7 +209,7 @@ def _stream_chunk_t(QT, k, v, bt, paged, b, kv0, hpi, c0, n, nn, tab, ktab, vtab
                 _sqkt(QT, hh * QT.shape[1] + v0, ldt, k, tab, ktab, c, n, kb, d, sf, so + c * ldt + v0,
                       pd, pn if v0 == 0 else 0, pb, min(2, (ldt - v0) // vl), kind)
         _softmax_t(sf[so:so + n * ldt], ldt, n, M, sc, m[hh], l[hh], alpha[hh], mx)
-        _pv_head(sf, so, 1, ldt, v, bt, paged, b, kv0, hpi, hh, c0, n, nn, tab, vtab, vs1, vpd, o, alpha, mp, kind)
+        _pv_head(sf, so, 1, ldt, call, scr, ch, hh, mp)
 
 
 @njit(nogil=True, cache=True)
@@ -232,23 +241,21 @@ def _pv_window(p, vc, o, alpha, M, n, dv, nq, ip0, c0, wl, wr):
 
 
 @njit(nogil=True, cache=True)
-def _stream_item(q, k, v, key_lens, bt, sc, wl, wr, flags, kind, b, kv0, hpi, i0, i1, sidx, split,
-                 nsmax, skt, qs, QT, ks, vs, s, o, m, l, alpha, mx, po, pm, pl, tab):
+def _stream_item(call, scr, part, b, kv0, hpi, i0, i1, sidx, split, skt):
     """Unnormalised attention of query rows ``i0:i1`` of every head of KV
     heads ``kv0 .. kv0+hpi-1`` over keys ``[sidx * split, (sidx + 1) *
-    split)`` of batch ``b``, written as a partial ``(po, pm, pl)`` in slot
-    ``sidx``.  Per KV head ``hh`` the scratch ``qs[hh]``, ``s[hh]``,
-    ``o[hh]``, ... holds its group's rows (row r: head ``r // nq``, query
-    ``i0 + r % nq``); ``QT[hh]`` the same rows transposed, for the chunks
-    that take the transposed path."""
-    q, k, v, key_lens, bt = _borrow(q), _borrow(k), _borrow(v), _borrow(key_lens), _borrow(bt)
-    qs, QT, ks, vs, s, o = _borrow(qs), _borrow(QT), _borrow(ks), _borrow(vs), _borrow(s), _borrow(o)
-    m, l, alpha, po, pm, pl = _borrow(m), _borrow(l), _borrow(alpha), _borrow(po), _borrow(pm), _borrow(pl)
-    mx = _borrow(mx)
-    tab = _borrow(tab)
+    split)`` of batch ``b``, in chunks of ``skt`` keys, written as a partial
+    to slot ``sidx`` of ``part`` (:class:`.Partials`); ``call`` a
+    :class:`.StreamCall`.  Per KV head ``hh`` the scratch ``scr``
+    (:class:`.StreamScratch`) ``qs[hh]``, ``s[hh]``, ``o[hh]``, ... holds
+    its group's rows (row r: head ``r // nq``, query ``i0 + r % nq``);
+    ``QT[hh]`` the same rows transposed, for the chunks that take the
+    transposed path."""
+    q, k, v, key_lens, bt, sc, wl, wr, flags, kind, paged = call
+    qs, QT, ks, vs, s, o, m, l, alpha, mx, tab = scr
+    po, pm, pl, nsmax = part
     T = s.dtype.type
     ninf = T(-np.inf)
-    paged = (flags & PAGED) != 0
     Hq = q.shape[1]
     Lq = q.shape[2]
     d = q.shape[3]
@@ -320,12 +327,11 @@ def _stream_item(q, k, v, key_lens, bt, sc, wl, wr, flags, kind, b, kv0, hpi, i0
                 _row_table(v, bt, paged, b, c0 + skt, nn, (nn + 3) & ~3, tab, vtab + n)
             ready = nn > 0
             prev = n
+            ch = Chunk(b, kv0, hpi, c0, n, nn, ktab, vtab)
             if trans:
-                _stream_chunk_t(QT, k, v, bt, paged, b, kv0, hpi, c0, n, nn, tab, ktab, vtab, s, o, alpha,
-                                m, l, mx, M, mp, ldt, sc, kind)
+                _stream_chunk_t(call, scr, ch, M, mp, ldt)
             else:
-                _stream_chunk(qs, k, v, bt, paged, b, kv0, hpi, c0, n, nn, tab, ktab, vtab,
-                              s, o, alpha, m, l, M, mp, nq, i0 + off, wl, wr, sc, kind)
+                _stream_chunk(call, scr, ch, M, mp, nq, i0 + off)
         else:
             ready = False                   # rows see different keys: gathered, row by row
             _gather(k, bt, paged, b, kv0, hpi, c0, n, ks, kind)
@@ -415,7 +421,16 @@ def _stream_py(q, k, v, out, lse, key_lens, bt, sc, wl, wr, flags, kind, qt, skt
     atomic counter, then a parallel merge of each row's split partials into
     ``out``/``lse``.  Batches have ``ceil(Lk_b / split)`` splits (at least
     one); ``queue`` holds 2 counters and ``B + 1`` prefix sums of the item
-    counts, then ``4 * sktp`` row offsets per thread (:func:`_row_table`)."""
+    counts, then ``4 * sktp`` row offsets per thread (:func:`_row_table`).
+
+    Parameters (positional: this is the compiled signature,
+    :data:`.launch.STREAM_SIGNATURES`): ``q``, ``k``, ``v``, ``key_lens``,
+    ``bt``, ``sc``, ``wl``, ``wr``, ``flags``, ``kind`` as the fields of
+    :class:`.StreamCall`; ``out`` (B, Hq, Lq, Dv) and ``lse`` (B, Hq, Lq,
+    when HAS_LSE) the results; ``qt`` query positions per work item;
+    ``skt`` keys per chunk; ``hpi`` KV heads per item; ``split`` keys per
+    KV split; ``nthreads`` threads at most; ``ws`` the workspace (partials,
+    then per-thread scratch, :func:`_stream_layout`); ``queue`` as above."""
     paged = (flags & PAGED) != 0
     B = q.shape[0]
     Hq = q.shape[1]
@@ -437,7 +452,7 @@ def _stream_py(q, k, v, out, lse, key_lens, bt, sc, wl, wr, flags, kind, qt, skt
         nsmax = max(nsmax, ns)
         queue[3 + b] = queue[2 + b] + hgroups * nqt * ns
     n_items = queue[2 + B]
-    part, per = _stream_layout(B, Hq, Lq, g, d, dv, qt, skt, hpi, nsmax)
+    psize, per = _stream_layout(B, Hq, Lq, g, d, dv, qt, skt, hpi, nsmax)
     npart = B * Hq * Lq * nsmax
     po = ws[:npart * dv].reshape((npart, dv))
     pm = ws[npart * dv:npart * dv + npart]
@@ -447,7 +462,7 @@ def _stream_py(q, k, v, out, lse, key_lens, bt, sc, wl, wr, flags, kind, qt, skt
     dvp = (dv + 3) & ~3
     nt = max(1, min(nthreads, n_items))
     for t in prange(nt):
-        mine, _ = _carve(ws, part + t * per, per)
+        mine, _ = _carve(ws, psize + t * per, per)
         at = 0
         x, at = _carve(mine, at, hpi * mpmax * d)
         qs = x.reshape((hpi, mpmax, d))
@@ -469,6 +484,11 @@ def _stream_py(q, k, v, out, lse, key_lens, bt, sc, wl, wr, flags, kind, qt, skt
         alpha = x.reshape((hpi, mpmax))
         mx, at = _carve(mine, at, mpmax)
         tab = queue[4 + B + t * 4 * sktp:4 + B + (t + 1) * 4 * sktp]
+        call = StreamCall(_borrow(q), _borrow(k), _borrow(v), _borrow(key_lens), _borrow(bt), sc, wl, wr,
+                          flags, kind, paged)
+        scr = StreamScratch(_borrow(qs), _borrow(QT), _borrow(ks), _borrow(vs), _borrow(s), _borrow(o),
+                            _borrow(m), _borrow(l), _borrow(alpha), _borrow(mx), _borrow(tab))
+        part = Partials(_borrow(po), _borrow(pm), _borrow(pl), nsmax)
         while True:
             it = _fetch_add(queue, 1)
             if it >= n_items:
@@ -484,9 +504,7 @@ def _stream_py(q, k, v, out, lse, key_lens, bt, sc, wl, wr, flags, kind, qt, skt
             qtile = rest % nqt
             kv0 = (rest // nqt) * hpi
             i0 = qtile * qt
-            _stream_item(q, k, v, key_lens, bt, sc, wl, wr, flags, kind, b, kv0, hpi, i0,
-                         min(i0 + qt, Lq), sidx, split, nsmax, skt, qs, QT, ks, vs, s, o, m, l,
-                         alpha, mx, po, pm, pl, tab)
+            _stream_item(call, scr, part, b, kv0, hpi, i0, min(i0 + qt, Lq), sidx, split, skt)
     has_lse = (flags & HAS_LSE) != 0
     rows = B * Hq * Lq
     for t in prange(nt):
