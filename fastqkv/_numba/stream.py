@@ -109,6 +109,13 @@ def _pf_next(hpi, hh, n, nn, dist, kv0, hs):
 
 
 @register_jitable
+def _sizes(q, k, v, paged):
+    """``(Hq, Lq, D, Dv, Hkv, G)`` of a streaming call (K/V dense or paged)."""
+    Hkv = k.shape[2] if paged else k.shape[1]
+    return q.shape[1], q.shape[2], q.shape[3], v.shape[3], Hkv, q.shape[1] // Hkv
+
+
+@register_jitable
 def _kv_steps(k, v, paged):
     """``(ks1, vs1, kpd, vpd)``: the byte step between KV heads of K and V,
     and the prefetch distances in rows (PF_BYTES of rows)."""
@@ -256,12 +263,7 @@ def _stream_item(call, scr, part, b, kv0, hpi, i0, i1, sidx, split, skt):
     po, pm, pl, nsmax = part
     T = s.dtype.type
     ninf = T(-np.inf)
-    Hq = q.shape[1]
-    Lq = q.shape[2]
-    d = q.shape[3]
-    dv = v.shape[3]
-    Hkv = k.shape[2] if paged else k.shape[1]
-    g = Hq // Hkv
+    Hq, Lq, d, dv, Hkv, g = _sizes(q, k, v, paged)
     nq = i1 - i0
     M = g * nq
     mp = (M + 3) & ~3
@@ -433,12 +435,7 @@ def _stream_py(q, k, v, out, lse, key_lens, bt, sc, wl, wr, flags, kind, qt, skt
     then per-thread scratch, :func:`_stream_layout`); ``queue`` as above."""
     paged = (flags & PAGED) != 0
     B = q.shape[0]
-    Hq = q.shape[1]
-    Lq = q.shape[2]
-    d = q.shape[3]
-    dv = v.shape[3]
-    Hkv = k.shape[2] if paged else k.shape[1]
-    g = Hq // Hkv
+    Hq, Lq, d, dv, Hkv, g = _sizes(q, k, v, paged)
     hgroups = Hkv // hpi
     has_kl = paged or (flags & HAS_KEY_LENS) != 0
     nqt = (Lq + qt - 1) // qt
