@@ -515,12 +515,3 @@ def check_self_attention(x, w_q, w_k, w_v, w_o, num_heads, num_kv_heads):
     if ws["w_o"].shape[0] != Hq * Dv:
         raise ValueError(f"w_o must have shape ({Hq * Dv}, d_out), got {ws['w_o'].shape}")
     return x3, x.dtype, Hq, Hkv, D, Dv, squeeze
-
-
-def __getattr__(name):
-    # fastqkv._numba.kernels imports Problem and densify_pages from here
-    # until its launcher takes them from fastqkv._problem
-    if name in ("Problem", "densify_pages"):
-        from . import _problem
-        return getattr(_problem, name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

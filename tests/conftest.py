@@ -90,11 +90,12 @@ def _route(value):
 def _numba_knobs():
     def attr(name):
         def set_(value):
-            from fastqkv._numba import kernels
+            from fastqkv._numba import launch, tuning
 
-            old = getattr(kernels, name)
-            setattr(kernels, name, value)
-            return lambda: setattr(kernels, name, old)
+            mod = launch if name == "FORCE_SPLIT" else tuning
+            old = getattr(mod, name)
+            setattr(mod, name, value)
+            return lambda: setattr(mod, name, old)
         return set_
 
     return {"split_keys": attr("FORCE_SPLIT"), "rows": attr("ROWS"), "keys": attr("KEYS"),

@@ -201,7 +201,7 @@ def test_workspace_threads_and_release():
     shapes interleave safely, and release_workspace frees this thread's."""
     import threading
 
-    from fastqkv._numba import kernels
+    from fastqkv._numba import launch
 
     rng = np.random.default_rng(9)
     shapes = [(1, 8, 2, 70, 90, 16), (2, 4, 4, 1, 300, 32), (1, 2, 1, 130, 130, 8)]
@@ -226,7 +226,7 @@ def test_workspace_threads_and_release():
     for t in threads:
         t.join()
     assert not errors, errors
-    kernels.release_workspace()
+    launch.release_workspace()
     out = fastqkv.attention(*data[0], causal=True, backend=BACKEND)
     testing.assert_close(out, refs[0], np.float32, cond=conds[0])
 

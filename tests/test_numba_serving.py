@@ -15,7 +15,7 @@ from fastqkv import testing
 
 numba = pytest.importorskip("numba")
 
-from fastqkv._numba import kernels  # noqa: E402
+from fastqkv._numba import vec  # noqa: E402
 
 BACKEND = "numba"
 HALF = [d.name for d in testing.half_dtypes()]
@@ -62,7 +62,7 @@ DECODE = testing.generate_cases(kinds=("decode",), dtypes=("float32",))
 @pytest.mark.parametrize("case", DECODE, ids=lambda c: c.name)
 def test_decode_vs_oracle(case, split, keys, forced):
     forced(split, keys)
-    assert kernels.uses_stream(fastqkv._problem.plan_attention(case.q, case.k, case.v, **case.kwargs))
+    assert fastqkv._problem.plan_attention(case.q, case.k, case.v, **case.kwargs).route == "stream"
     testing.check_case(case, BACKEND, num_threads=2)
 
 
@@ -229,9 +229,9 @@ def test_half_conversions_exact():
     @njit
     def codec(bits, f32, kind, wide, narrow):
         for i in range(bits.shape[0]):
-            wide[i] = kernels._f16_to_f32(bits[i]) if kind == 1 else kernels._bf16_to_f32(bits[i])
+            wide[i] = vec._f16_to_f32(bits[i]) if kind == 1 else kernels._bf16_to_f32(bits[i])
         for i in range(f32.shape[0]):
-            narrow[i] = kernels._f32_to_f16(f32[i]) if kind == 1 else kernels._f32_to_bf16(f32[i])
+            narrow[i] = vec._f32_to_f16(f32[i]) if kind == 1 else vec._f32_to_bf16(f32[i])
 
     bits = np.arange(1 << 16, dtype=np.uint32).astype(np.uint16)
     rng = np.random.default_rng(33)

@@ -1,9 +1,21 @@
 """The ``numba`` backend: the fused tiled kernel as Numba JIT code.
 
-Importing this package does not import numba; :mod:`fastqkv._numba.kernels`
-(which does) is imported by the first :func:`run`, :func:`warmup` or
-:func:`cache_status`.  The compiled code is cached on disk by Numba
-(``cache=True``), so after the first process only loading it costs time.
+Importing this package does not import numba; :mod:`fastqkv._numba.launch`
+(which does, with the kernel modules) is imported by the first :func:`run`,
+:func:`warmup` or :func:`cache_status`.  The compiled code is cached on
+disk by Numba (``cache=True``), so after the first process only loading it
+costs time.  Numba checks a cached function against its own file only: after
+editing a kernel module, clear the cache (``__pycache__`` here, or
+``$NUMBA_CACHE_DIR``) so the drivers that inline it are rebuilt.
+
+Modules, by role (each states its contract in its first lines):
+``tuning`` (the tuned sizes, one row per vector width), ``vec`` (LLVM
+intrinsics and codegen vocabulary), ``softmax`` (exp, score options, the
+online-softmax step), ``micro_tile`` / ``micro_stream`` (the micro-kernels
+of the two kernels), ``call`` (flag bits, workspace carving, the named
+tuples handed to work items), ``prefill`` (the tiled kernel), ``stream``
+(the streaming kernel), ``launch`` (route, signatures, driver cache,
+workspace, the call).
 
 Backend interface (see :mod:`fastqkv._dispatch`): :func:`probe`,
 :func:`supports`, :func:`run`; plus :func:`warmup` and :func:`cache_status`
@@ -56,7 +68,7 @@ def _cache_hint():
         names = os.listdir(pycache)
     except OSError:
         return "not found"
-    found = any(n.startswith("kernels._attention_py-") and n.endswith(".nbi") for n in names)
+    found = any(n.startswith("prefill._attention_py-") and n.endswith(".nbi") for n in names)
     return "present" if found else "not found"
 
 
@@ -68,10 +80,10 @@ def supports(problem):
     return None
 
 
-def _kernels():
+def _launch():
     _select_threading_layer()
-    from . import kernels
-    return kernels
+    from . import launch
+    return launch
 
 
 _layer_selected = []
@@ -119,7 +131,7 @@ def _load_tbb():
 def run(problem, num_threads):
     """Fill ``problem.out`` (and ``problem.lse``) for a validated, non-empty
     problem with ``Lk > 0``."""
-    _kernels().run(problem, num_threads)
+    _launch().run(problem, num_threads)
 
 
 def warmup():
@@ -127,10 +139,10 @@ def warmup():
     for float32 and float64, the streaming (decode / paged / 16-bit) kernel
     for float32, float64 and 16-bit storage; one signature per dtype serves
     every option.  Returns :func:`cache_status`."""
-    return _kernels().warmup()
+    return _launch().warmup()
 
 
 def cache_status():
     """Whether Numba's disk cache holds the kernels:
     ``{"warm": bool | None, "signatures": "n of N", "dir": path}``."""
-    return _kernels().cache_status()
+    return _launch().cache_status()

@@ -1,0 +1,408 @@
+"""Launcher of the Numba backend: signatures, driver cache, workspace, call.
+
+Contract: :func:`run` fills ``p.out`` (and ``p.lse``) for a Problem
+prepared by :func:`fastqkv._problem.prepare`, on the kernel its ``route``
+names (``"stream"``: decode, paged caches and 16-bit storage without score
+options; ``"tile"``: the tiled kernel, dense float32/float64).  Importing
+this module imports numba; :mod:`fastqkv._numba` imports it on first use
+only.
+
+* Drivers: one signature per dtype (:data:`SIGNATURES`,
+  :data:`STREAM_SIGNATURES`), compiled or loaded from Numba's disk cache on
+  first use by :func:`driver` / :func:`stream_driver`.
+* Workspace: per Python thread, grown on demand and kept between calls
+  (:func:`_workspace`), so a steady loop allocates nothing.
+* Threads: no more than work items, none woken for tiny calls
+  (:func:`_threads_for`).
+* Tile sizes are read from :mod:`.tuning` at each call; ``FORCE_SPLIT``
+  forces the keys per split (tests).
+"""
+
+from __future__ import annotations
+
+import threading
+
+import numba
+import numpy as np
+from numba import njit, types
+
+from .. import _config
+from .._validate import BFLOAT16
+from . import tuning
+from .call import HAS_ALIBI, HAS_BIAS, HAS_KEY_LENS, HAS_LSE, HAS_MASK, PAGED
+from .prefill import _attention_py, _layout
+from .stream import _chunk_room, _stream_layout, _stream_py
+from .vec import KIND_BF16, KIND_F16, KIND_FLOAT
+
+__all__ = ["driver", "stream_driver", "run", "warmup", "cache_status",
+           "release_workspace", "SIGNATURES", "STREAM_SIGNATURES"]
+
+# > 0: keys per split of every streaming call (tests)
+FORCE_SPLIT = 0
+
+
+def _signature(dt):
+    def arr(dtype, ndim, readonly):
+        return types.Array(dtype, ndim, "A", readonly=readonly)
+    i64 = types.int64
+    return types.void(
+        arr(dt, 4, True), arr(dt, 4, True), arr(dt, 4, True),      # q, k, v
+        arr(dt, 4, False), arr(dt, 3, False),                      # out, lse
+        arr(types.boolean, 4, True), arr(dt, 4, True),             # mask, bias
+        arr(i64, 1, True), arr(dt, 2, True),                       # key_lens, alibi
+        dt, dt, i64, i64, i64, i64, i64, i64,       # scale, softcap, wl, wr, flags, qt, kt, nthreads
+        types.Array(dt, 1, "C"), types.Array(types.boolean, 1, "C"),   # workspace
+        types.Array(i64, 1, "C"))                                       # work queue
+
+
+SIGNATURES = {np.dtype(np.float32): _signature(types.float32),
+              np.dtype(np.float64): _signature(types.float64)}
+
+
+def _stream_signature(st):
+    def arr(dtype, ndim, readonly):
+        return types.Array(dtype, ndim, "A", readonly=readonly)
+    acc = types.float64 if st == types.float64 else types.float32
+    i64 = types.int64
+    return types.void(
+        arr(st, 4, True), arr(st, 4, True), arr(st, 4, True),      # q, k, v (or the caches)
+        arr(st, 4, False), arr(acc, 3, False),                     # out, lse
+        arr(i64, 1, True), arr(i64, 2, True),                      # key_lens, block_table
+        acc, i64, i64, i64, i64,                                   # scale, wl, wr, flags, kind
+        i64, i64, i64, i64, i64,                                   # qt, skt, hpi, split, nthreads
+        types.Array(acc, 1, "C"), types.Array(i64, 1, "C"))        # workspace, queue
+
+
+STREAM_SIGNATURES = {np.dtype(np.float32): _stream_signature(types.float32),
+                     np.dtype(np.float64): _stream_signature(types.float64),
+                     np.dtype(np.uint16): _stream_signature(types.uint16)}
+
+
+# (driver, dtype) -> compiled dispatcher
+_compiled = {}
+_compiled_lock = threading.Lock()
+
+
+def _compile(py_func, signatures, dtype):
+    """``py_func`` compiled for ``signatures[dtype]`` only (or loaded from the
+    disk cache), once per process."""
+    key = (py_func, dtype)
+    fn = _compiled.get(key)
+    if fn is None:
+        with _compiled_lock:
+            fn = _compiled.get(key)
+            if fn is None:
+                fn = njit([signatures[dtype]], parallel=True, nogil=True, cache=True)(py_func)
+                _compiled[key] = fn
+    return fn
+
+
+def driver(dtype):
+    """The compiled tiled-kernel driver for float32 or float64 inputs: one
+    signature per dtype, compiled (or loaded from the disk cache) on first
+    use, so a float32 user never pays for the float64 code."""
+    return _compile(_attention_py, SIGNATURES, np.dtype(dtype))
+
+
+def stream_driver(dtype):
+    """The compiled streaming driver for float32, float64 or 16-bit (uint16
+    bits) storage; compiled or loaded from the disk cache on first use."""
+    return _compile(_stream_py, STREAM_SIGNATURES, np.dtype(dtype))
+
+
+# ---------------------------------------------------------------------------
+# dummies for absent options, tile sizes, workspace
+
+
+_DUMMIES = {}
+
+_BT_DUMMY = np.zeros((1, 1), np.int64)
+
+
+_OPTIONAL = (("lse", HAS_LSE), ("mask", HAS_MASK), ("bias", HAS_BIAS),
+             ("key_lens", HAS_KEY_LENS), ("alibi", HAS_ALIBI))
+
+
+def _dummies(dt):
+    d = _DUMMIES.get(dt)
+    if d is None:
+        d = dict(
+            lse=np.zeros((1, 1, 1), dt),
+            mask=np.ones((1, 1, 1, 1), np.bool_),
+            bias=np.zeros((1, 1, 1, 1), dt),
+            key_lens=np.zeros(1, np.int64),
+            alibi=np.zeros((1, 1), dt),
+        )
+        _DUMMIES[dt] = d
+    return d
+
+
+def tiles(p):
+    """``(qt, kt)``: query positions per work item and keys per K/V tile."""
+    g = p.Hq // p.Hkv
+    qt = max(1, tuning.ROWS // g)
+    if p.window_left < 0 and p.window_right < 0 and p.Lq <= 2 * qt and p.B * p.Hkv >= tuning.MIN_HEADS_WHOLE:
+        qt = p.Lq       # no window to skip tiles by: one item per head (encoder L128)
+    qt = min(qt, p.Lq)
+    kt = tuning.DECODE_KEYS if g * qt <= 8 else tuning.KEYS
+    kt = min(kt, (p.Lk + 3) & ~3)
+    return qt, kt
+
+
+_local = threading.local()
+
+
+def _workspace(dt, nfloat, nbool, nqueue=2):
+    """This thread's workspace (grown on demand, kept between calls, so a
+    steady loop allocates nothing): ``(floats of dtype dt, bools, queue)``.
+    It holds about the size of K and V of the largest multi-tile call;
+    :func:`release_workspace` frees it."""
+    bufs = getattr(_local, "bufs", None)
+    if bufs is None:
+        bufs = _local.bufs = {}
+    ws = bufs.get(dt)
+    if ws is None or ws.shape[0] < nfloat:
+        ws = bufs[dt] = _aligned(max(nfloat, 1), dt)
+    wsb = bufs.get("bool")
+    if wsb is None or wsb.shape[0] < nbool:
+        wsb = bufs["bool"] = np.empty(max(nbool, 1), np.bool_)
+    queue = bufs.get("queue")
+    if queue is None or queue.shape[0] < nqueue:
+        queue = bufs["queue"] = np.zeros(max(nqueue, 2), np.int64)
+    return ws, wsb, queue
+
+
+def _aligned(n, dt, align=64):
+    """An empty 1-d array of ``n`` elements of ``dt`` starting on an
+    ``align``-byte boundary (vector loads of the micro-kernels then do not
+    straddle cache lines)."""
+    dt = np.dtype(dt)
+    raw = np.empty(n * dt.itemsize + align, np.uint8)
+    at = -raw.ctypes.data % align
+    return raw[at:at + n * dt.itemsize].view(dt)
+
+
+def release_workspace():
+    """Free the calling thread's kernel workspace."""
+    _local.bufs = {}
+
+
+def _key_padding(p):
+    """A key-padding mask (broadcast over heads and queries) seen as lengths.
+
+    Returns None, or ``(lens, exact)``: keys ``>= lens[b]`` are masked for
+    every query of batch ``b`` (their tiles are then skipped, not masked),
+    and ``exact`` says the mask is nothing more than that.  Only when
+    lengths cannot change the meaning of anything else: no ``key_lens``
+    (they would move the bottom-right alignment), no window, causal or
+    ALiBi.  The mask is read, never copied.
+    """
+    m = p.mask
+    if (m is None or p.key_lens is not None or p.alibi is not None
+            or p.window_left >= 0 or p.window_right >= 0
+            or m.strides[1] != 0 or m.strides[2] != 0 or p.Lk == 0):
+        return None
+    rows = m[:, 0, 0, :]                                  # (B, Lk) view
+    any_true = rows.any(axis=1)
+    last = p.Lk - np.argmax(rows[:, ::-1], axis=1)        # 1 + index of the last True
+    lens = np.where(any_true, last, 0).astype(np.int64)
+    if (lens == p.Lk).all():
+        return None
+    exact = bool(np.array_equal(rows, np.arange(p.Lk)[None, :] < lens[:, None]))
+    return lens, exact
+
+
+# ---------------------------------------------------------------------------
+# threads
+
+def _call_threads(n, fn, *args):
+    """``fn(*args)`` (a parallel driver whose ``prange`` loops run at most
+    ``n`` iterations) with Numba's pool at least ``n`` threads wide.  A wider
+    pool is left as it is: each ``numba.set_num_threads`` costs microseconds,
+    a sizeable part of a small call."""
+    old = numba.get_num_threads()
+    if old >= n:
+        fn(*args)
+        return
+    numba.set_num_threads(n)
+    try:
+        fn(*args)
+    finally:
+        numba.set_num_threads(old)
+
+
+def _threads_for(num_threads, items, work):
+    """No more threads than work items, and none woken for tiny calls."""
+    n = min(int(num_threads), numba.config.NUMBA_NUM_THREADS, items, 1 + work // tuning.MIN_WORK_PER_THREAD)
+    return max(1, n)
+
+
+# ---------------------------------------------------------------------------
+# route and call
+
+def _half_kind(dt):
+    if dt == np.float16:
+        return KIND_F16
+    if BFLOAT16 is not None and dt == BFLOAT16:
+        return KIND_BF16
+    return KIND_FLOAT
+
+
+def run(p, num_threads):
+    """Fill ``p.out`` (and ``p.lse``) of a prepared Problem on its route
+    (:attr:`fastqkv._problem.Problem.route`): the streaming kernel or the
+    tiled one."""
+    if p.route == "stream":
+        _run_stream(p, num_threads)
+    else:
+        _run_general(p, num_threads)
+
+
+def heads_per_item(p):
+    """KV heads per streaming work item: 1 when each head's K rows lie
+    together (bhld), all of them when the cache is token-major (paged
+    caches, blhd), so that a token's K/V for every head is read in one
+    contiguous run."""
+    if p.block_table is not None:
+        return p.Hkv
+    k = p.k
+    if p.Hkv > 1 and p.Lk > 1 and abs(k.strides[1]) < abs(k.strides[2]):
+        return p.Hkv
+    return 1
+
+
+def split_keys(p, num_threads, qt, skt, hpi=1):
+    """Keys per KV split of a streaming call: splits only for decode-like
+    calls (Lq <= _config.STREAM_MAX_LQ), sized so that there are about
+    ITEMS_PER_THREAD work items per thread and at least SPLIT_MIN_KEYS keys
+    per split; ``FORCE_SPLIT`` (tests) overrides."""
+    lk = p.Lk
+    if FORCE_SPLIT:
+        return int(FORCE_SPLIT)
+    if p.Lq > _config.STREAM_MAX_LQ:
+        return max(1, lk)
+    nqt = -(-p.Lq // qt)
+    total = int(p.key_lens.sum()) if p.key_lens is not None else p.B * lk
+    target = tuning.ITEMS_PER_THREAD * max(1, int(num_threads))
+    split = max(tuning.SPLIT_MIN_KEYS, -(-total * (p.Hkv // hpi) * nqt // target))
+    # as many splits as that needs, of equal length (the longest sequence's
+    # last split is then not a sliver beside a few long items)
+    split = -(-lk // -(-lk // split))
+    split = -(-split // skt) * skt
+    return max(1, min(split, lk))
+
+
+def _run_stream(p, num_threads):
+    dt = np.dtype(p.dtype)
+    kind = _half_kind(dt)
+    st = np.dtype(np.uint16) if kind != KIND_FLOAT else dt
+    acc = np.dtype(p.acc_dtype)
+    fn = stream_driver(st)
+    dm = _dummies(acc)
+    q, k, v, out = p.q, p.k, p.v, p.out
+    tmp = None
+    if not out.flags.aligned:   # possible only when Dv == 1
+        tmp = np.empty(out.shape, dt)
+        out = tmp
+    if kind != KIND_FLOAT:
+        q, k, v, out = (x.view(np.uint16) for x in (q, k, v, out))
+    flags = 0
+    lse = dm["lse"]
+    if p.lse is not None:
+        flags |= HAS_LSE
+        lse = p.lse
+    key_lens = dm["key_lens"]
+    if p.key_lens is not None:
+        flags |= HAS_KEY_LENS
+        key_lens = p.key_lens
+    bt = _BT_DUMMY
+    if p.block_table is not None:
+        flags |= PAGED
+        bt = p.block_table
+    g = p.Hq // p.Hkv
+    qt = min(p.Lq, max(1, tuning.ROWS // g))
+    hpi = heads_per_item(p)
+    skt = tuning.TOKEN_MAJOR_KEYS if hpi > 1 else (tuning.DECODE_STREAM_KEYS if p.Lq == 1 else tuning.STREAM_KEYS)
+    split = split_keys(p, num_threads, qt, skt, hpi)
+    nqt = -(-p.Lq // qt)
+    # plain Python over the lengths: a small decode call is over in tens of
+    # microseconds, and each NumPy call on a tiny array costs several
+    lens = p.key_lens.tolist() if p.key_lens is not None else [p.Lk] * p.B
+    ns = [max(1, -(-x // split)) for x in lens]
+    items = sum(ns) * (p.Hkv // hpi) * nqt
+    work = p.Hq * p.Lq * sum(lens) * (p.D + p.Dv)
+    n = _threads_for(num_threads, items, work)
+    part, per = _stream_layout.py_func(p.B, p.Hq, p.Lq, g, p.D, p.Dv, qt, skt, hpi, max(ns))
+    ws, _, queue = _workspace(acc, part + n * per, 0, 4 + p.B + n * 4 * _chunk_room(skt))
+    _call_threads(n, fn, q, k, v, out, lse, key_lens, bt, acc.type(p.scale), int(p.window_left),
+                  int(p.window_right), flags, kind, qt, skt, hpi, split, n, ws, queue)
+    if tmp is not None:
+        p.out[...] = tmp
+
+
+def _run_general(p, num_threads):
+    """Fill ``p.out`` (and ``p.lse``) for a validated float32/float64 Problem
+    on the tiled kernel."""
+    dt = np.dtype(p.dtype)
+    fn = driver(dt)
+    dm = _dummies(dt)
+    flags = 0
+    args = {}
+    for name, bit in _OPTIONAL:
+        a = getattr(p, name)
+        if a is None:
+            a = dm[name]
+        else:
+            flags |= bit
+        args[name] = a
+    key_lens = _key_padding(p)
+    if key_lens is not None:
+        flags |= HAS_KEY_LENS
+        args["key_lens"] = key_lens[0]
+        if key_lens[1]:
+            flags &= ~HAS_MASK
+    out = p.out
+    tmp = None
+    if not out.flags.aligned:   # possible only when Dv == 1
+        tmp = np.empty(out.shape, dt)
+        out = tmp
+    qt, kt = tiles(p)
+    T = dt.type
+    items = p.B * p.Hkv * -(-p.Lq // qt)
+    work = p.B * p.Hq * p.Lq * p.Lk * (p.D + p.Dv)
+    n = _threads_for(num_threads, items, work)
+    g = p.Hq // p.Hkv
+    per, nkp, nvp, nbad = _layout(p.B, p.Hkv, p.Lq, p.Lk, g, p.D, p.Dv, qt, kt, n)
+    ws, wsb, queue = _workspace(dt, nkp + nvp + n * per, nbad)
+    _call_threads(n, fn, p.q, p.k, p.v, out, args["lse"], args["mask"], args["bias"], args["key_lens"],
+                  args["alibi"], T(p.scale), T(p.softcap),
+                  int(p.window_left), int(p.window_right), flags, qt, kt, n, ws, wsb, queue)
+    if tmp is not None:
+        p.out[...] = tmp
+
+
+def warmup():
+    """Compile (or load from the disk cache) every signature; returns :func:`cache_status`."""
+    for dt in SIGNATURES:
+        driver(dt)
+    for dt in STREAM_SIGNATURES:
+        stream_driver(dt)
+    return cache_status()
+
+
+def cache_status():
+    """``{"warm": bool | None, "signatures": n cached of N, "dir": path}`` from
+    Numba's cache index of the driver (None when it cannot be read)."""
+    from numba.core.caching import FunctionCache
+
+    try:
+        n = 0
+        where = None
+        for fn in (_attention_py, _stream_py):
+            cache = FunctionCache(fn)
+            n += len(cache._cache_file._load_index())
+            where = cache._cache_path
+    except Exception as exc:  # noqa: BLE001 - private Numba API; report, never raise
+        return {"warm": None, "signatures": f"unknown ({type(exc).__name__}: {exc})", "dir": None}
+    total = len(SIGNATURES) + len(STREAM_SIGNATURES)
+    return {"warm": n >= total, "signatures": f"{min(n, total)} of {total}", "dir": where}
