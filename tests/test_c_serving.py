@@ -107,10 +107,10 @@ def test_module_checks_block_table():
                 np.zeros((1, 4), np.int64)[:, ::2]):
         with pytest.raises(ValueError, match="block_table"):
             _ckernels.attention(q, kc, kc, out, None, None, None, lens, None, 1.0, 0.0, -1, -1, 1,
-                                bad, 4)
+                                1, bad, 4)
     with pytest.raises(ValueError, match="key_lens"):
         _ckernels.attention(q, kc, kc, out, None, None, None, np.array([9]), None, 1.0, 0.0, -1, -1,
-                            1, np.zeros((1, 2), np.int64), 4)
+                            1, 1, np.zeros((1, 2), np.int64), 4)
 
 
 # ---------------------------------------------------------------------------
