@@ -229,7 +229,7 @@ def test_half_conversions_exact():
     @njit
     def codec(bits, f32, kind, wide, narrow):
         for i in range(bits.shape[0]):
-            wide[i] = vec._f16_to_f32(bits[i]) if kind == 1 else kernels._bf16_to_f32(bits[i])
+            wide[i] = vec._f16_to_f32(bits[i]) if kind == 1 else vec._bf16_to_f32(bits[i])
         for i in range(f32.shape[0]):
             narrow[i] = vec._f32_to_f16(f32[i]) if kind == 1 else vec._f32_to_bf16(f32[i])
 
