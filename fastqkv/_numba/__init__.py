@@ -4,12 +4,12 @@ Importing this package does not import numba; :mod:`fastqkv._numba.launch`
 (which does, with the kernel modules) is imported by the first :func:`run`,
 :func:`warmup` or :func:`cache_status`.  The compiled code is cached on
 disk by Numba (``cache=True``), so after the first process only loading it
-costs time.  Numba checks a cached function against its own file only: after
-editing a kernel module, clear the cache (``__pycache__`` here, or
-``$NUMBA_CACHE_DIR``) so the drivers that inline it are rebuilt.
+costs time.  Every cached function is stamped with the sources of all the
+package's modules (``cache``), so a change to any of them rebuilds the
+drivers that inline it.
 
 Modules, by role (each states its contract in its first lines):
-``tuning`` (the tuned sizes, one row per vector width), ``vec`` (LLVM
+``cache`` (the package-wide stamp of the disk cache), ``tuning`` (the tuned sizes, one row per vector width), ``vec`` (LLVM
 intrinsics and codegen vocabulary), ``softmax`` (exp, score options, the
 online-softmax step), ``micro_tile`` / ``micro_stream`` (the micro-kernels
 of the two kernels), ``call`` (flag bits, workspace carving, the named

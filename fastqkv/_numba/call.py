@@ -17,6 +17,8 @@ from typing import NamedTuple
 
 from numba import njit
 
+from . import cache  # noqa: F401  (before any jitted function: the package-wide cache stamp)
+
 # bits of the `flags` argument
 HAS_LSE = 1
 HAS_MASK = 2

@@ -31,6 +31,7 @@ from numba import njit, types
 from numba.core import cgutils
 from numba.extending import intrinsic, overload
 
+from . import cache  # noqa: F401  (before any jitted function: the package-wide cache stamp)
 from .tuning import VBYTES
 
 # LLVM fast-math flags allowed in fastqkv's kernels: never nnan / ninf.
