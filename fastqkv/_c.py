@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import contextlib
 
-import numpy as np
 
 from . import _validate
 
@@ -22,10 +21,9 @@ except ImportError as exc:  # the extension was not built (no compiler, failed b
     _ckernels = None
     _IMPORT_ERROR = exc
 
-# float32/float64 on both routes; float16/bfloat16 stored at half width on
-# the streaming route (the planner widens them for the tiled one)
-_DTYPES = tuple(d for d in (np.dtype(np.float32), np.dtype(np.float64), np.dtype(np.float16),
-                            _validate.BFLOAT16) if d is not None)
+# every storage dtype: float32/float64 on both routes, float16/bfloat16 at half
+# width on the streaming route (the planner widens them for the tiled one)
+_DTYPES = _validate.FLOAT_DTYPES
 
 # paged problems (Problem.block_table) are read through the block table by
 # the streaming kernel
@@ -51,7 +49,7 @@ def probe():
 
 
 def supports(problem):
-    if problem.dtype in _DTYPES:
+    if problem.dtype.name in _DTYPES:
         return None
     return f"dtype {problem.dtype} is not supported by the c backend"
 

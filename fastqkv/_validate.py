@@ -20,15 +20,20 @@ import numpy as np
 
 from . import _config
 
-def _bfloat16():
+# The storage dtypes, by NumPy dtype name.  The 16-bit ones are read at half
+# width; bfloat16 is ml_dtypes' type, recognised by its name so that importing
+# fastqkv never imports ml_dtypes (a caller holding such an array already has).
+HALF_DTYPES = ("float16", "bfloat16")
+FLOAT_DTYPES = ("float32", "float64") + HALF_DTYPES
+
+
+def bfloat16():
+    """The bfloat16 dtype, importing ml_dtypes on first use; None without it."""
     try:
         import ml_dtypes
-    except ImportError:  # pragma: no cover - ml_dtypes is optional
+    except ImportError:  # ml_dtypes is optional
         return None
     return np.dtype(ml_dtypes.bfloat16)
-
-
-BFLOAT16 = _bfloat16()
 
 
 _F32 = np.dtype(np.float32)
@@ -41,7 +46,7 @@ def acc_dtype(dtype):
 
 
 def is_float_dtype(dtype):
-    return dtype.char in "efd" or (BFLOAT16 is not None and dtype == BFLOAT16)
+    return dtype.name in FLOAT_DTYPES
 
 
 def as_array(x, name):

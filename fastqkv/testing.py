@@ -51,15 +51,13 @@ TOLERANCES = {
 
 def half_dtypes():
     """The half-width dtypes this installation can create (bfloat16 needs ml_dtypes)."""
-    out = [np.dtype(np.float16)]
-    if _validate.BFLOAT16 is not None:
-        out.append(_validate.BFLOAT16)
-    return out
+    return [d for d in map(as_dtype, _validate.HALF_DTYPES) if d is not None]
 
 
 def as_dtype(name):
-    """The NumPy dtype of a name, ``"bfloat16"`` included (ml_dtypes)."""
-    return _validate.BFLOAT16 if name == "bfloat16" else np.dtype(name)
+    """The NumPy dtype of a name, ``"bfloat16"`` included (ml_dtypes; None
+    when it is not installed)."""
+    return _validate.bfloat16() if name == "bfloat16" else np.dtype(name)
 
 
 # the public function a Case calls, and the positional arguments it passes

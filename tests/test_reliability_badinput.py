@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 
 import fastqkv
-from fastqkv import _validate, reference, testing
+from fastqkv import reference, testing
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import helpers_subprocess as hs  # noqa: E402
@@ -254,8 +254,9 @@ BAD = [
     ("use-backend-int", "use_backend", (3,), {}, TypeError, "backend"),
 ]
 
-if _validate.BFLOAT16 is not None:
-    BAD.append(("q-bf16-kv-f16", A, (Q.astype(_validate.BFLOAT16), K.astype(np.float16), V.astype(np.float16)),
+_BF16 = testing.as_dtype("bfloat16")
+if _BF16 is not None:
+    BAD.append(("q-bf16-kv-f16", A, (Q.astype(_BF16), K.astype(np.float16), V.astype(np.float16)),
                 {}, TypeError, "dtype"))
 
 # functions without a backend= keyword

@@ -152,10 +152,10 @@ def shape_classes(size="full"):
 def np_dtype(name):
     """The NumPy dtype of a case's dtype name; :class:`Skip` when it needs a
     package that is not installed (bfloat16: ml_dtypes)."""
-    if name == "bfloat16":
-        try:
-            import ml_dtypes
-        except ImportError:
-            raise Skip("bfloat16 needs ml_dtypes (pip install ml_dtypes)") from None
-        return np.dtype(ml_dtypes.bfloat16)
-    return np.dtype(name)
+    from .._validate import bfloat16
+    if name != "bfloat16":
+        return np.dtype(name)
+    dt = bfloat16()
+    if dt is None:
+        raise Skip("bfloat16 needs ml_dtypes (pip install ml_dtypes)")
+    return dt

@@ -67,8 +67,25 @@ def _skip(res, runner, reason, progress, failed=False):
     progress.log(f"{res['name']}: {what}, {reason}")
 
 
-def run_case(case, names, threads, size, progress, repeats=None):
-    """Time every runner on one case and check it against the oracle."""
+def numba_compile_notice(names):
+    """The line announcing Numba's compilation when a runner in ``names`` may
+    call the numba backend and its disk cache lacks kernels; else None."""
+    if "numba" not in names:
+        return None
+    from .._numba import cache_status
+    st = cache_status()
+    if st["warm"]:
+        return None
+    return (f"numba: compiling the attention kernels for each dtype at its first call "
+            f"({st['signatures']} signatures cached); this happens once, the code is cached on disk "
+            f"({st['dir'] or 'Numba cache'})")
+
+
+def run_case(case, names, threads, size, progress, repeats=None, compiling=None):
+    """Time every runner on one case and check it against the oracle.
+    ``compiling``: a one-element list holding the notice of
+    :func:`numba_compile_notice`, logged (and emptied) before the first
+    runner that may compile."""
     res = {"case": asdict(case), "name": case.name, "describe": case.describe(), "bound": case.bound,
            "flops": case.flops(), "kv_bytes": case.kv_bytes(), "results": [], "skipped": []}
     try:
@@ -78,7 +95,10 @@ def run_case(case, names, threads, size, progress, repeats=None):
         return res
     timers, meta = [], {}
     for name in names:
-        progress.stage(f"{case.name}: {name} (warm-up, check)")
+        if compiling and name in ("auto", "numba"):
+            progress.log(compiling.pop())
+        cold = compiling is not None and name in ("auto", "numba")
+        progress.stage(f"{case.name}: {name} (warm-up, check{'; Numba compiles once' if cold else ''})")
         try:
             if name == "numpy":
                 check_numpy_cost(case, size)
@@ -209,6 +229,8 @@ def _run(args, size, threads, names, cases):
           f"{machine['sgemm_method']}); dgemm {machine['dgemm_gflops']:.1f} GFLOP/s")
     print(f"  read bandwidth {machine['bandwidth_gbs']:.1f} GB/s (best {machine['bandwidth_gbs_best']:.1f}; "
           f"{machine['bandwidth_method']})")
+    notice = numba_compile_notice(names)
+    compiling = None if notice is None else [notice]
     want_bar = not args.no_progress and sys.stdout.isatty()
     progress = Progress(len(cases), want_bar)
     results = []
@@ -220,7 +242,7 @@ def _run(args, size, threads, names, cases):
                 # next to every memory-bound case; the best run of all is the roofline
                 best, _med, _how = read_bandwidth(PROBE_MIB[size] << 20, threads, 3)
                 machine["bandwidth_gbs_best"] = max(machine["bandwidth_gbs_best"], best)
-            results.append(run_case(case, names, threads, size, progress, args.repeat))
+            results.append(run_case(case, names, threads, size, progress, args.repeat, compiling))
     finally:
         progress.close()
     if any(c.bound == "memory" for c in cases):

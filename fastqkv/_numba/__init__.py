@@ -27,17 +27,16 @@ from __future__ import annotations
 import importlib.util
 import os
 
-import numpy as np
 
-from .._validate import BFLOAT16
+from .._validate import FLOAT_DTYPES
 
 __all__ = ["probe", "supports", "run", "warmup", "cache_status", "FEATURES"]
 
 # paged problems (Problem.block_table) are run on the caches in place
 FEATURES = frozenset({"paged"})
 
-_SUPPORTED = tuple(np.dtype(t) for t in (np.float32, np.float64, np.float16)) + (
-    (BFLOAT16,) if BFLOAT16 is not None else ())
+# every storage dtype (by name); float16/bfloat16 read at half width
+_SUPPORTED = FLOAT_DTYPES
 
 
 def probe():
@@ -74,7 +73,7 @@ def _cache_hint():
 
 def supports(problem):
     """None, or why this call cannot run on the numba backend."""
-    if problem.dtype not in _SUPPORTED:
+    if problem.dtype.name not in _SUPPORTED:
         return (f"dtype {problem.dtype} is not supported by the numba backend "
                 "(float16, bfloat16, float32 and float64 only)")
     return None

@@ -27,7 +27,6 @@ import numpy as np
 from numba import njit, types
 
 from .. import _config
-from .._validate import BFLOAT16
 from . import tuning
 from .call import HAS_ALIBI, HAS_BIAS, HAS_KEY_LENS, HAS_LSE, HAS_MASK, PAGED
 from .prefill import _attention_py, _layout
@@ -240,12 +239,12 @@ def _threads_for(num_threads, items, work):
 # ---------------------------------------------------------------------------
 # route and call
 
+# storage dtype name -> the kernels' element codec (vec.KIND_*)
+_KINDS = {"float16": KIND_F16, "bfloat16": KIND_BF16}
+
+
 def _half_kind(dt):
-    if dt == np.float16:
-        return KIND_F16
-    if BFLOAT16 is not None and dt == BFLOAT16:
-        return KIND_BF16
-    return KIND_FLOAT
+    return _KINDS.get(dt.name, KIND_FLOAT)
 
 
 def run(p, num_threads):
