@@ -27,11 +27,11 @@ DECODE_ORDER = ("numba", "c", "numpy")
 DECODE_ORDER_VENDORS = ("AuthenticAMD",)
 DECODE_MIN_KV_BYTES = 32 << 20
 
-# A call of at least this many multiply-adds (B*Hq*Lq*Lk*(D+Dv), about 50 ms
-# on two cores) made from the main thread runs its kernel on a helper thread
-# while the main thread waits in a way Python's SIGINT handler can interrupt
-# (Ctrl-C then stops the kernels); smaller calls skip the hand-off.
-INTERRUPTIBLE_MIN_WORK = 1 << 30
+# A call of at least this many multiply-adds (B*Hq*Lq*Lk*(D+Dv)) made from
+# the main thread runs its kernel on a helper thread while the main thread
+# waits where Python's SIGINT handler can run (Ctrl-C then stops the
+# kernels); below it the call is too short to need it and skips the hand-off.
+INTERRUPTIBLE_MIN_WORK = 1 << 29
 
 # Layout names accepted by every public function.
 LAYOUTS = ("bhld", "blhd")

@@ -3,7 +3,8 @@
 Each case runs in a subprocess: a causal prefill of several seconds of work
 (B1 H16 L8192 D128 float32, over 3 s on two cores in either backend), a
 SIGINT to the process after 0.5 s, then the checks below.  Only about a
-second of each call runs, so the file stays short.
+second of each call runs, so the file stays short.  A last case checks that
+an aborted split-KV call of the c driver raises without merging.
 """
 
 import subprocess
@@ -70,4 +71,42 @@ def test_ctrl_c_stops_a_long_call(backend):
         pytest.skip(f"backend {backend} unavailable")
     r = subprocess.run([sys.executable, "-c", CHILD, backend, str(LATENCY_BOUND)],
                        capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0 and r.stdout.rstrip().endswith("ok"), r.stdout + r.stderr
+
+
+STREAM_CHILD = r"""
+import numpy as np
+import fastqkv
+from fastqkv import _c, reference, testing
+
+rng = np.random.default_rng(1)
+q = rng.standard_normal((1, 8, 1, 64)).astype(np.float32)
+k, v = (rng.standard_normal((1, 8, 8192, 64)).astype(np.float32) for _ in range(2))
+out = np.full_like(q, 7.0)
+_c.set_splits(8)
+_c.interruptible()
+_c.abort(True)
+try:
+    fastqkv.attention(q, k, v, out=out, backend="c")
+    raise SystemExit("an aborted split-KV call returned")
+except KeyboardInterrupt:
+    pass
+assert (out == 7.0).all(), "an aborted call merged its splits into out"
+_c.abort(False)
+fastqkv.attention(q, k, v, out=out, backend="c")
+testing.assert_close(out, reference.attention(q, k, v), np.float32,
+                     cond=testing.condition_number(q, k))
+print("ok")
+"""
+
+
+def test_aborted_split_kv_call_raises_without_merging():
+    """The c driver skips the split-KV merge of an aborted streaming call
+    (its partials are incomplete) and raises; the pool then runs the next
+    call correctly."""
+    info = fastqkv.backends().get("c")
+    if info is None or not info.available:
+        pytest.skip("backend c unavailable")
+    r = subprocess.run([sys.executable, "-c", STREAM_CHILD], capture_output=True, text=True,
+                       timeout=120)
     assert r.returncode == 0 and r.stdout.rstrip().endswith("ok"), r.stdout + r.stderr
