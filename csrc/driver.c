@@ -7,7 +7,8 @@
  * fill the gaps (longest-processing-time order).  Each thread owns its output
  * rows and its scratch, allocated once and grown only when a call needs more,
  * so a steady loop does not allocate.  Small problems run on the calling
- * thread with no hand-off. */
+ * thread with no hand-off.  Every thread of a call reads the call's abort
+ * flag before taking an item (Ctrl-C: fq_interruptible, fq_abort). */
 #include "fastqkv.h"
 
 #include <pthread.h>
