@@ -7,7 +7,8 @@
  * fill the gaps (longest-processing-time order).  Each thread owns its output
  * rows and its scratch, allocated once and grown only when a call needs more,
  * so a steady loop does not allocate.  Small problems run on the calling
- * thread with no hand-off. */
+ * thread with no hand-off.  Every thread of a call reads the call's abort
+ * flag before taking an item (Ctrl-C: fq_interruptible, fq_abort). */
 #include "fastqkv.h"
 
 #include <pthread.h>
@@ -37,6 +38,7 @@ typedef struct {
     size_t pstride;     /* bytes between the partials of consecutive splits */
     void *own_scratch;  /* non-NULL: a call outside the pool, on one thread */
     int64_t nitems, nqt, BH, pchunks;
+    const int *abort;   /* read (atomic) before each item; nonzero: stop */
     int64_t next;       /* atomic */
     int status;         /* atomic, first error wins */
 } fq_job;
@@ -62,10 +64,40 @@ static struct {
     0, 0, 0, 0, NULL, {{0, 0}}, {0, 0}, {0, 0}, {0, 0}, {0}, 0, 0, 0,
 };
 
+/* the abort flag of calls made by the interruptible thread; other threads'
+ * calls read one that stays zero */
+static int abort_flag, abort_never;
+static pthread_t abort_thread;
+static int abort_thread_set;
+
+void fq_interruptible(void)
+{
+    abort_thread = pthread_self();
+    __atomic_store_n(&abort_thread_set, 1, __ATOMIC_RELEASE);
+}
+
+void fq_abort(int on) { __atomic_store_n(&abort_flag, on != 0, __ATOMIC_RELAXED); }
+
+static const int *job_abort(void)
+{
+    return __atomic_load_n(&abort_thread_set, __ATOMIC_ACQUIRE) &&
+           pthread_equal(pthread_self(), abort_thread) ? &abort_flag : &abort_never;
+}
+
+static void set_status(fq_job *job, int st)
+{
+    int zero = 0;
+    __atomic_compare_exchange_n(&job->status, &zero, st, 0, __ATOMIC_RELAXED, __ATOMIC_RELAXED);
+}
+
 static void run_items(fq_job *job, int tid)
 {
     void *scratch = job->own_scratch ? job->own_scratch : pool.scratch[tid].buf;
     for (;;) {
+        if (__atomic_load_n(job->abort, __ATOMIC_RELAXED)) {
+            set_status(job, FQ_EINTR);
+            break;
+        }
         int64_t it = __atomic_fetch_add(&job->next, 1, __ATOMIC_RELAXED);
         if (it >= job->nitems)
             break;
@@ -90,10 +122,8 @@ static void run_items(fq_job *job, int tid)
             int64_t b = bg / job->p->Hkv, g = bg % job->p->Hkv;
             st = job->kf->item(job->p, b, g, qtile * job->p->qt, scratch);
         }
-        if (st) {
-            int zero = 0;
-            __atomic_compare_exchange_n(&job->status, &zero, st, 0, __ATOMIC_RELAXED, __ATOMIC_RELAXED);
-        }
+        if (st)
+            set_status(job, st);
     }
 }
 
@@ -287,6 +317,7 @@ static int run_stream(fq_problem *p, const fq_kfuncs *kf, int nthreads)
     memset(&job, 0, sizeof job);
     job.p = p;
     job.kf = kf;
+    job.abort = job_abort();
     job.stream = 1;
     job.nqt = (p->Lq + qt - 1) / qt;
     job.BH = p->B * (p->Hkv / p->hpi);
@@ -398,6 +429,7 @@ int fq_run(const fq_problem *p0, const fq_isa *isa, int nthreads)
     memset(&job, 0, sizeof job);
     job.p = &p;
     job.kf = kf;
+    job.abort = job_abort();
     job.nqt = (p.Lq + qt - 1) / qt;
     job.BH = p.B * p.Hkv;
     job.nitems = job.nqt * job.BH;
@@ -438,6 +470,7 @@ int fq_run(const fq_problem *p0, const fq_isa *isa, int nthreads)
             run_job(&pj, nthreads);
         }
     }
+    /* an aborted packing pass leaves the flag set: this job stops at once */
     run_job(&job, nthreads);
     pthread_mutex_unlock(&pool.call_lock);
     return job.status;

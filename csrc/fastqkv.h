@@ -16,7 +16,8 @@ enum { FQ_F32 = 0, FQ_F64 = 1, FQ_F16 = 2, FQ_BF16 = 3 };
 enum { FQ_ROUTE_TILE = 0, FQ_ROUTE_STREAM = 1 };
 
 /* status codes returned by fq_run (never printed, never exit()) */
-enum { FQ_OK = 0, FQ_ENOMEM = 1, FQ_EISA = 2, FQ_EINVAL = 3 };
+enum { FQ_OK = 0, FQ_ENOMEM = 1, FQ_EISA = 2, FQ_EINVAL = 3,
+       FQ_EINTR = 4 /* aborted through fq_abort: out holds partial results */ };
 
 /* most splits of the key axis per decode row (the merge weighs the partials
  * of a row in an array of this size) */
@@ -109,6 +110,12 @@ int fq_run(const fq_problem *p, const fq_isa *isa, int nthreads);
 int fq_set_tiles(int rows, int kt);   /* 0 = the ISA's tuned default */
 /* test hook: key splits of streaming calls, 0 = automatic, n > 0 = n */
 int fq_set_splits(int splits);
+
+/* Ctrl-C: fq_interruptible() marks the calling thread as the one whose
+ * calls fq_abort(1) stops; its running call takes no further work item,
+ * skips the split-KV merge and returns FQ_EINTR.  fq_abort(0) re-arms. */
+void fq_interruptible(void);
+void fq_abort(int on);
 
 /* the benchmarks' read bandwidth probe: the sum of n floats on nthreads threads */
 double fq_read_sum(const float *p, size_t n, int nthreads);

@@ -386,6 +386,10 @@ static PyObject *py_attention(PyObject *self, PyObject *const *args, Py_ssize_t 
     Py_END_ALLOW_THREADS
     if (st == FQ_ENOMEM)
         return PyErr_NoMemory();
+    if (st == FQ_EINTR) {
+        PyErr_SetNone(PyExc_KeyboardInterrupt);
+        return NULL;
+    }
     if (st) {
         PyErr_Format(PyExc_RuntimeError, "fastqkv kernel failed with status %d", st);
         return NULL;
@@ -514,6 +518,23 @@ static PyObject *py_set_tiles(PyObject *self, PyObject *const *args, Py_ssize_t 
     Py_RETURN_NONE;
 }
 
+static PyObject *py_interruptible(PyObject *self, PyObject *noargs)
+{
+    (void)self; (void)noargs;
+    fq_interruptible();
+    Py_RETURN_NONE;
+}
+
+static PyObject *py_abort(PyObject *self, PyObject *arg)
+{
+    (void)self;
+    int on = PyObject_IsTrue(arg);
+    if (on < 0)
+        return NULL;
+    fq_abort(on);
+    Py_RETURN_NONE;
+}
+
 static PyObject *py_set_splits(PyObject *self, PyObject *arg)
 {
     (void)self;
@@ -552,6 +573,11 @@ static PyObject *py_read_sum(PyObject *self, PyObject *const *args, Py_ssize_t n
 }
 
 static PyMethodDef methods[] = {
+    {"interruptible", py_interruptible, METH_NOARGS,
+     "interruptible(): abort(True) stops the calls this thread makes from now on"},
+    {"abort", py_abort, METH_O,
+     "abort(on): the interruptible thread's running call stops between work items "
+     "(KeyboardInterrupt) while on"},
     {"set_splits", py_set_splits, METH_O,
      "set_splits(n): test hook; key splits of streaming calls, 0 = automatic"},
     {"attention", (PyCFunction)(void (*)(void))py_attention, METH_FASTCALL,

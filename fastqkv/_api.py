@@ -1,8 +1,9 @@
 """Public functions: plan (which checks) -> dispatch -> the result.
 
 Every function here checks its arguments through :mod:`fastqkv._problem`'s
-planners before any work, runs the kernels through :mod:`fastqkv._dispatch`
-and uses the oracle (:mod:`fastqkv.reference`) only through its public
+planners before any work, runs the kernels of the backend
+:mod:`fastqkv._dispatch` resolves through :func:`fastqkv._interrupt.run`
+(Ctrl-C) and uses the oracle (:mod:`fastqkv.reference`) only through its public
 functions."""
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ from typing import Optional, Sequence, Tuple, Union
 import numpy as np
 from numpy.typing import ArrayLike, NDArray
 
-from . import _dispatch, _problem, _validate, reference
+from . import _dispatch, _interrupt, _problem, _validate, reference
 
 Window = Optional[Tuple[int, int]]
 Result = Union[NDArray, Tuple[NDArray, NDArray]]
@@ -23,14 +24,15 @@ __all__ = ["attention", "attention_varlen", "paged_attention", "merge_attention"
 
 def _run(p, backend):
     """Dispatch a validated Problem and return the public result."""
-    mod, _ = _dispatch.resolve(backend, p)
+    mod, name = _dispatch.resolve(backend, p)
     if not p.empty:
         if p.Lk == 0:
             p.out[...] = 0
             if p.lse is not None:
                 p.lse[...] = -np.inf
         else:
-            mod.run(_problem.prepare(p, getattr(mod, "FEATURES", ())), _dispatch.get_num_threads())
+            _interrupt.run(mod, name, _problem.prepare(p, getattr(mod, "FEATURES", ())),
+                           _dispatch.get_num_threads())
     return p.result()
 
 
@@ -46,13 +48,17 @@ def attention(q: ArrayLike, k: ArrayLike, v: ArrayLike, *, causal: bool = False,
     Semantics are those of :func:`fastqkv.reference.attention` (its module
     docstring is normative).  ``backend`` is ``"auto"`` or a name from
     :func:`fastqkv.backends`.  Returns ``out`` or ``(out, lse)``.
+
+    Ctrl-C stops a long call of the ``c`` or ``numba`` backend within a work
+    item and raises KeyboardInterrupt; the inputs are untouched, but ``out=``
+    may then hold partial results.
     """
     if (mask is None and bias is None and key_lens is None and window is None and softcap is None
             and alibi_slopes is None and layout == "bhld" and type(backend) is str):
         p = _problem.plan_simple(q, k, v, causal, scale, return_lse, out)
         if p is not None:
-            mod, _ = _dispatch.resolve(backend, p)
-            mod.run(p, _dispatch.get_num_threads())
+            mod, name = _dispatch.resolve(backend, p)
+            _interrupt.run(mod, name, p, _dispatch.get_num_threads())
             return (p.out, p.lse) if return_lse else p.out
     _dispatch._check_name(backend, "backend")
     p = _problem.plan_attention(

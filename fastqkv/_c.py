@@ -61,6 +61,17 @@ def run(p, num_threads):
                         _ROUTE[p.route], p.block_table, p.block_size)
 
 
+def interruptible():
+    """Make the calling thread's calls the ones :func:`abort` stops."""
+    _ckernels.interruptible()
+
+
+def abort(on):
+    """While ``on``: the interruptible thread's running call takes no
+    further work item and raises KeyboardInterrupt (``out`` partial)."""
+    _ckernels.abort(on)
+
+
 def isa():
     """The ISA variant in use, or None."""
     return None if _ckernels is None else _ckernels.isa()

@@ -27,6 +27,12 @@ DECODE_ORDER = ("numba", "c", "numpy")
 DECODE_ORDER_VENDORS = ("AuthenticAMD",)
 DECODE_MIN_KV_BYTES = 32 << 20
 
+# A call of at least this many multiply-adds (B*Hq*Lq*Lk*(D+Dv)) made from
+# the main thread runs its kernel on a helper thread while the main thread
+# waits where Python's SIGINT handler can run (Ctrl-C then stops the
+# kernels); below it the call is too short to need it and skips the hand-off.
+INTERRUPTIBLE_MIN_WORK = 1 << 29
+
 # Layout names accepted by every public function.
 LAYOUTS = ("bhld", "blhd")
 

@@ -14,6 +14,8 @@ only.
   (:func:`_workspace`), so a steady loop allocates nothing.
 * Threads: no more than work items, none woken for tiny calls
   (:func:`_threads_for`).
+* Ctrl-C: :func:`abort` stops the calls of the thread marked by
+  :func:`interruptible` between work items.
 * Tile sizes are read from :mod:`.tuning` at each call; ``FORCE_SPLIT``
   forces the keys per split (tests).
 """
@@ -149,6 +151,35 @@ def tiles(p):
 
 
 _local = threading.local()
+# the workspace dict of the thread whose calls abort() stops, or None
+_abortable = None
+# a work counter past every item: the drivers' loops take nothing more
+_PAST_ALL = 1 << 62
+
+
+def _bufs():
+    bufs = getattr(_local, "bufs", None)
+    if bufs is None:
+        bufs = _local.bufs = {}
+    return bufs
+
+
+def interruptible():
+    """Make the calling thread's calls the ones :func:`abort` stops."""
+    global _abortable
+    _abortable = _bufs()
+
+
+def abort(on):
+    """Stop the interruptible thread's running call between work items: its
+    work counters (the drivers' ``queue``) jump past every item.  A driver
+    resets them when it starts, so the caller repeats this until the call
+    has returned; the next call starts afresh (``on`` false: nothing to
+    undo).  The streaming driver then merges whatever the splits hold into
+    ``out``: the caller raises instead of returning it."""
+    queue = None if not on or _abortable is None else _abortable.get("queue")
+    if queue is not None:
+        queue[0] = queue[1] = _PAST_ALL
 
 
 def _workspace(dt, nfloat, nbool, nqueue=2):
@@ -156,9 +187,7 @@ def _workspace(dt, nfloat, nbool, nqueue=2):
     steady loop allocates nothing): ``(floats of dtype dt, bools, queue)``.
     It holds about the size of K and V of the largest multi-tile call;
     :func:`release_workspace` frees it."""
-    bufs = getattr(_local, "bufs", None)
-    if bufs is None:
-        bufs = _local.bufs = {}
+    bufs = _bufs()
     ws = bufs.get(dt)
     if ws is None or ws.shape[0] < nfloat:
         ws = bufs[dt] = _aligned(max(nfloat, 1), dt)
@@ -182,8 +211,11 @@ def _aligned(n, dt, align=64):
 
 
 def release_workspace():
-    """Free the calling thread's kernel workspace."""
-    _local.bufs = {}
+    """Free the calling thread's kernel workspace, and that of the thread
+    that runs its long calls (:func:`interruptible`)."""
+    _bufs().clear()
+    if _abortable is not None:
+        _abortable.clear()
 
 
 def _key_padding(p):
