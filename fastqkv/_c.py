@@ -49,7 +49,7 @@ def probe():
 
 
 def supports(problem):
-    if problem.dtype.name in _DTYPES:
+    if _validate.storage_name(problem.dtype) in _DTYPES:
         return None
     return f"dtype {problem.dtype} is not supported by the c backend"
 

@@ -45,8 +45,21 @@ def acc_dtype(dtype):
     return _F64 if dtype.char == "d" else _F32
 
 
+_NAMES: dict = {}
+
+
+def storage_name(dtype):
+    """``dtype.name`` (which NumPy builds anew, in microseconds, at each
+    read), remembered per dtype: the name by which every backend looks a
+    storage dtype up."""
+    name = _NAMES.get(dtype)
+    if name is None:
+        name = _NAMES[dtype] = dtype.name
+    return name
+
+
 def is_float_dtype(dtype):
-    return dtype.name in FLOAT_DTYPES
+    return storage_name(dtype) in FLOAT_DTYPES
 
 
 def as_array(x, name):

@@ -28,7 +28,7 @@ import importlib.util
 import os
 
 
-from .._validate import FLOAT_DTYPES
+from .._validate import FLOAT_DTYPES, storage_name
 
 __all__ = ["probe", "supports", "run", "warmup", "cache_status", "FEATURES"]
 
@@ -73,7 +73,7 @@ def _cache_hint():
 
 def supports(problem):
     """None, or why this call cannot run on the numba backend."""
-    if problem.dtype.name not in _SUPPORTED:
+    if storage_name(problem.dtype) not in _SUPPORTED:
         return (f"dtype {problem.dtype} is not supported by the numba backend "
                 "(float16, bfloat16, float32 and float64 only)")
     return None

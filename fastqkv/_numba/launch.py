@@ -29,6 +29,7 @@ import numpy as np
 from numba import njit, types
 
 from .. import _config
+from .._validate import storage_name
 from . import tuning
 from .call import HAS_ALIBI, HAS_BIAS, HAS_KEY_LENS, HAS_LSE, HAS_MASK, PAGED
 from .prefill import _attention_py, _layout
@@ -276,7 +277,7 @@ _KINDS = {"float16": KIND_F16, "bfloat16": KIND_BF16}
 
 
 def _half_kind(dt):
-    return _KINDS.get(dt.name, KIND_FLOAT)
+    return _KINDS.get(storage_name(dt), KIND_FLOAT)
 
 
 def run(p, num_threads):
