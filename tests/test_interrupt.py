@@ -7,12 +7,16 @@ second of each call runs, so the file stays short.  A last case checks that
 an aborted split-KV call of the c driver raises without merging.
 """
 
+import os
 import subprocess
 import sys
 
 import pytest
 
 import fastqkv
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import helpers_subprocess as hs  # noqa: E402
 
 # the answer is due within 0.5 s of the signal; the bound allows for a core
 # taken by another process (the CI machine runs two jobs on two cores)
@@ -70,7 +74,8 @@ def test_ctrl_c_stops_a_long_call(backend):
     if info is None or not info.available:
         pytest.skip(f"backend {backend} unavailable")
     r = subprocess.run([sys.executable, "-c", CHILD, backend, str(LATENCY_BOUND)],
-                       capture_output=True, text=True, timeout=300)
+                       capture_output=True, text=True, timeout=300,
+                       env=hs.child_env(), cwd=hs.TESTS_DIR)
     assert r.returncode == 0 and r.stdout.rstrip().endswith("ok"), r.stdout + r.stderr
 
 
@@ -108,5 +113,5 @@ def test_aborted_split_kv_call_raises_without_merging():
     if info is None or not info.available:
         pytest.skip("backend c unavailable")
     r = subprocess.run([sys.executable, "-c", STREAM_CHILD], capture_output=True, text=True,
-                       timeout=120)
+                       timeout=120, env=hs.child_env(), cwd=hs.TESTS_DIR)
     assert r.returncode == 0 and r.stdout.rstrip().endswith("ok"), r.stdout + r.stderr
