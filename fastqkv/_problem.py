@@ -108,10 +108,6 @@ class Problem:
         "block_table", "block_size", "route", "round_to",
     )
 
-    def __init__(self, **kw):
-        for name in self.__slots__:
-            setattr(self, name, kw.get(name))
-
     @classmethod
     def _fast(cls, q, k, v, out, lse, mask, bias, key_lens, alibi, scale, softcap, causal,
               window_left, window_right, B, Hq, Hkv, Lq, Lk, D, Dv, dtype, acc_dtype, out_user,
@@ -385,7 +381,6 @@ def _placeholders(plan, q_ndim_layout):
     return [np.broadcast_to(np.zeros(s[3], plan.k_cache.dtype), s) for s in shapes]
 
 
-
 # ---------------------------------------------------------------------------
 # what a route runs
 
@@ -417,8 +412,6 @@ def densify_pages(p):
     p.k, p.v = k, v
     p.block_table = p.block_size = None
     return p
-
-
 
 
 def _widen(p):
