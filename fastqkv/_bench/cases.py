@@ -152,10 +152,8 @@ def shape_classes(size="full"):
 def np_dtype(name):
     """The NumPy dtype of a case's dtype name; :class:`Skip` when it needs a
     package that is not installed (bfloat16: ml_dtypes)."""
-    from .._validate import bfloat16
-    if name != "bfloat16":
-        return np.dtype(name)
-    dt = bfloat16()
+    from ..testing import as_dtype
+    dt = as_dtype(name)
     if dt is None:
-        raise Skip("bfloat16 needs ml_dtypes (pip install ml_dtypes)")
+        raise Skip(f"{name} needs ml_dtypes (pip install ml_dtypes)")
     return dt
