@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import contextlib
 
-
 from . import _validate
 
 _IMPORT_ERROR = None

@@ -39,7 +39,7 @@ _PLAN = {  # repeats, seconds of samples per runner, target seconds per sample, 
 
 def add_arguments(p):
     """Options of ``fastqkv bench``."""
-    p.add_argument("--quick", action="store_true", help="smaller shapes and fewer repeats (under a minute)")
+    p.add_argument("--quick", action="store_true", help="smaller shapes and fewer repeats (0.5-2 minutes once compiled)")
     p.add_argument("--tiny", action="store_true", help="tiny shapes, for smoke tests")
     p.add_argument("--threads", type=int, default=None, help="thread count (default: fastqkv.get_num_threads())")
     p.add_argument("--backend", action="append", metavar="NAME",

@@ -8,14 +8,15 @@ costs time.  Every cached function is stamped with the sources of all the
 package's modules (``cache``), so a change to any of them rebuilds the
 drivers that inline it.
 
-Modules, by role (each states its contract in its first lines):
-``cache`` (the package-wide stamp of the disk cache), ``tuning`` (the tuned sizes, one row per vector width), ``vec`` (LLVM
-intrinsics and codegen vocabulary), ``softmax`` (exp, score options, the
-online-softmax step), ``micro_tile`` / ``micro_stream`` (the micro-kernels
-of the two kernels), ``call`` (flag bits, workspace carving, the named
-tuples handed to work items), ``prefill`` (the tiled kernel), ``stream``
-(the streaming kernel), ``launch`` (route, signatures, driver cache,
-workspace, the call).
+Modules, by role (each states its contract in its first lines): ``cache``
+(the package-wide stamp of the disk cache), ``tuning`` (the tuned sizes,
+one row per vector width), ``vec`` (LLVM intrinsics and codegen
+vocabulary), ``softmax`` (exp, score options, the online-softmax step),
+``micro_tile`` / ``micro_stream`` (the micro-kernels of the two kernels),
+``call`` (flag bits, workspace carving, the named tuples handed to work
+items), ``prefill`` (the tiled kernel), ``stream`` (the streaming kernel),
+``launch`` (signatures, driver cache, workspace, the call on the planner's
+route).
 
 Backend interface (see :mod:`fastqkv._dispatch`): :func:`probe`,
 :func:`supports`, :func:`run`; plus :func:`warmup` and :func:`cache_status`
@@ -26,7 +27,6 @@ from __future__ import annotations
 
 import importlib.util
 import os
-
 
 from .._validate import FLOAT_DTYPES, storage_name
 

@@ -115,12 +115,8 @@ def stream_driver(dtype):
 # ---------------------------------------------------------------------------
 # dummies for absent options, tile sizes, workspace
 
-
 _DUMMIES = {}
-
 _BT_DUMMY = np.zeros((1, 1), np.int64)
-
-
 _OPTIONAL = (("lse", HAS_LSE), ("mask", HAS_MASK), ("bias", HAS_BIAS),
              ("key_lens", HAS_KEY_LENS), ("alibi", HAS_ALIBI))
 
@@ -270,7 +266,7 @@ def _threads_for(num_threads, items, work):
 
 
 # ---------------------------------------------------------------------------
-# route and call
+# the call
 
 # storage dtype name -> the kernels' element codec (vec.KIND_*)
 _KINDS = {"float16": KIND_F16, "bfloat16": KIND_BF16}
