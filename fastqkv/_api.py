@@ -29,7 +29,7 @@ def _run(p, backend):
         if p.Lk == 0:
             p.out[...] = 0
             if p.lse is not None:
-                p.lse[...] = -np.inf
+                p.lse[...] = -np.inf if p.sinks is None else p.sinks[:, None]
         else:
             _interrupt.run(mod, name, _problem.prepare(p, getattr(mod, "FEATURES", ())),
                            _dispatch.get_num_threads())
@@ -40,8 +40,8 @@ def attention(q: ArrayLike, k: ArrayLike, v: ArrayLike, *, causal: bool = False,
               mask: Optional[ArrayLike] = None, bias: Optional[ArrayLike] = None,
               key_lens: Optional[ArrayLike] = None, scale: Optional[float] = None,
               window: Window = None, softcap: Optional[float] = None,
-              alibi_slopes: Optional[ArrayLike] = None, layout: str = "bhld",
-              return_lse: bool = False, out: Optional[NDArray] = None,
+              alibi_slopes: Optional[ArrayLike] = None, sinks: Optional[ArrayLike] = None,
+              layout: str = "bhld", return_lse: bool = False, out: Optional[NDArray] = None,
               backend: str = "auto") -> Result:
     """Fused attention ``softmax(scale * q k^T + bias) v``.
 
@@ -54,7 +54,8 @@ def attention(q: ArrayLike, k: ArrayLike, v: ArrayLike, *, causal: bool = False,
     may then hold partial results.
     """
     if (mask is None and bias is None and key_lens is None and window is None and softcap is None
-            and alibi_slopes is None and layout == "bhld" and type(backend) is str):
+            and alibi_slopes is None and sinks is None and layout == "bhld"
+            and type(backend) is str):
         p = _problem.plan_simple(q, k, v, causal, scale, return_lse, out)
         if p is not None:
             mod, name = _dispatch.resolve(backend, p)
@@ -63,7 +64,7 @@ def attention(q: ArrayLike, k: ArrayLike, v: ArrayLike, *, causal: bool = False,
     _dispatch._check_name(backend, "backend")
     p = _problem.plan_attention(
         q, k, v, causal=causal, mask=mask, bias=bias, key_lens=key_lens, scale=scale,
-        window=window, softcap=softcap, alibi_slopes=alibi_slopes, layout=layout,
+        window=window, softcap=softcap, alibi_slopes=alibi_slopes, sinks=sinks, layout=layout,
         return_lse=return_lse, out=out)
     return _run(p, backend)
 
@@ -72,7 +73,8 @@ def attention_weights(q: ArrayLike, k: ArrayLike, *, causal: bool = False,
                       mask: Optional[ArrayLike] = None, bias: Optional[ArrayLike] = None,
                       key_lens: Optional[ArrayLike] = None, scale: Optional[float] = None,
                       window: Window = None, softcap: Optional[float] = None,
-                      alibi_slopes: Optional[ArrayLike] = None, layout: str = "bhld",
+                      alibi_slopes: Optional[ArrayLike] = None,
+                      sinks: Optional[ArrayLike] = None, layout: str = "bhld",
                       backend: str = "auto") -> NDArray:
     """Softmax probabilities ``(B, Hq, Lq, Lk)`` for inspection; see
     :func:`fastqkv.reference.attention_weights`.  The normaliser comes from
@@ -80,7 +82,7 @@ def attention_weights(q: ArrayLike, k: ArrayLike, *, causal: bool = False,
     v = _validate.stand_in_v(k)
     _, lse = attention(q, k, v, causal=causal, mask=mask, bias=bias, key_lens=key_lens,
                        scale=scale, window=window, softcap=softcap, alibi_slopes=alibi_slopes,
-                       layout=layout, return_lse=True, backend=backend)
+                       sinks=sinks, layout=layout, return_lse=True, backend=backend)
     p = _problem.plan_attention(
         q, k, v, causal=causal, mask=mask, bias=bias, key_lens=key_lens, scale=scale,
         window=window, softcap=softcap, alibi_slopes=alibi_slopes, layout=layout)
@@ -124,23 +126,24 @@ def attention_varlen(q: ArrayLike, k: ArrayLike, v: ArrayLike, cu_seqlens_q: Arr
                      cu_seqlens_k: ArrayLike, *, causal: bool = False,
                      scale: Optional[float] = None, window: Window = None,
                      softcap: Optional[float] = None, alibi_slopes: Optional[ArrayLike] = None,
-                     return_lse: bool = False, out: Optional[NDArray] = None,
-                     backend: str = "auto", mask: None = None, bias: None = None,
-                     key_lens: None = None) -> Result:
+                     sinks: Optional[ArrayLike] = None, return_lse: bool = False,
+                     out: Optional[NDArray] = None, backend: str = "auto", mask: None = None,
+                     bias: None = None, key_lens: None = None) -> Result:
     """Attention over a packed ragged batch; see
     :func:`fastqkv.reference.attention_varlen`."""
     _dispatch._check_name(backend, "backend")
-    q, k, v, cq, ck, alibi, out, lse, return_lse = _problem.plan_varlen(
+    q, k, v, cq, ck, alibi, sinks, out, lse, return_lse = _problem.plan_varlen(
         q, k, v, cu_seqlens_q, cu_seqlens_k, mask=mask, bias=bias, key_lens=key_lens,
         alibi_slopes=alibi_slopes, return_lse=return_lse, out=out, causal=causal, scale=scale,
-        window=window, softcap=softcap)
+        window=window, softcap=softcap, sinks=sinks)
     for b in range(len(cq) - 1):
         qs, ks = slice(cq[b], cq[b + 1]), slice(ck[b], ck[b + 1])
         if qs.stop == qs.start:
             continue
         _, l = attention(q[qs], k[ks], v[ks], causal=causal, scale=scale, window=window,
                          softcap=softcap, alibi_slopes=None if alibi is None else alibi[b],
-                         layout="blhd", return_lse=True, out=out[qs], backend=backend)
+                         sinks=sinks, layout="blhd", return_lse=True, out=out[qs],
+                         backend=backend)
         if lse is not None:
             lse[:, qs] = l
     return (out, lse) if return_lse else out
@@ -151,16 +154,16 @@ def paged_attention(q: ArrayLike, k_cache: ArrayLike, v_cache: ArrayLike,
                     mask: Optional[ArrayLike] = None, bias: Optional[ArrayLike] = None,
                     scale: Optional[float] = None, window: Window = None,
                     softcap: Optional[float] = None, alibi_slopes: Optional[ArrayLike] = None,
-                    layout: str = "bhld", return_lse: bool = False,
-                    out: Optional[NDArray] = None, backend: str = "auto",
-                    key_lens: None = None) -> Result:
+                    sinks: Optional[ArrayLike] = None, layout: str = "bhld",
+                    return_lse: bool = False, out: Optional[NDArray] = None,
+                    backend: str = "auto", key_lens: None = None) -> Result:
     """Attention against a paged KV cache; see
     :func:`fastqkv.reference.paged_attention`."""
     _dispatch._check_name(backend, "backend")
     p = _problem.plan_paged(
         q, k_cache, v_cache, block_table, seq_lens, causal=causal, mask=mask, bias=bias,
-        scale=scale, window=window, softcap=softcap, alibi_slopes=alibi_slopes, layout=layout,
-        return_lse=return_lse, out=out, key_lens=key_lens)
+        scale=scale, window=window, softcap=softcap, alibi_slopes=alibi_slopes, sinks=sinks,
+        layout=layout, return_lse=return_lse, out=out, key_lens=key_lens)
     return _run(p, backend)
 
 
@@ -170,7 +173,7 @@ def self_attention(x: ArrayLike, w_q: ArrayLike, w_k: ArrayLike, w_v: ArrayLike,
                    bias: Optional[ArrayLike] = None, key_lens: Optional[ArrayLike] = None,
                    scale: Optional[float] = None, window: Window = None,
                    softcap: Optional[float] = None, alibi_slopes: Optional[ArrayLike] = None,
-                   backend: str = "auto") -> NDArray:
+                   sinks: Optional[ArrayLike] = None, backend: str = "auto") -> NDArray:
     """Multi-head self-attention layer; see :func:`fastqkv.reference.self_attention`.
     Projections use NumPy matmul (float32 for half-width inputs); attention
     is the dispatched fused kernel."""
@@ -186,8 +189,8 @@ def self_attention(x: ArrayLike, w_q: ArrayLike, w_k: ArrayLike, w_v: ArrayLike,
 
     q, k, v = proj(w_q, Hq, D), proj(w_k, Hkv, D), proj(w_v, Hkv, Dv)
     o = attention(q, k, v, causal=causal, mask=mask, bias=bias, key_lens=key_lens, scale=scale,
-                  window=window, softcap=softcap, alibi_slopes=alibi_slopes, layout="blhd",
-                  backend=backend)
+                  window=window, softcap=softcap, alibi_slopes=alibi_slopes, sinks=sinks,
+                  layout="blhd", backend=backend)
     y = (o.reshape(B, L, Hq * Dv).astype(mm, copy=False) @ np.asarray(w_o).astype(mm, copy=False))
     y = y.astype(dtype, copy=False)
     return y[0] if squeeze else y

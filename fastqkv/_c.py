@@ -48,6 +48,8 @@ def probe():
 
 
 def supports(problem):
+    if problem.sinks is not None:
+        return "sinks= is not implemented in the c backend"
     if _validate.storage_name(problem.dtype) in _DTYPES:
         return None
     return f"dtype {problem.dtype} is not supported by the c backend"

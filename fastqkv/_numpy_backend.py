@@ -26,7 +26,7 @@ def compute(p):
     out, lse = reference.attention(
         p.q, p.k, p.v, mask=p.mask, bias=p.bias, key_lens=p.key_lens, scale=p.scale,
         window=(p.window_left, p.window_right), softcap=p.softcap or None,
-        alibi_slopes=p.alibi, return_lse=True, out=p.out)
+        alibi_slopes=p.alibi, sinks=p.sinks, return_lse=True, out=p.out)
     if p.lse is not None:
         p.lse[...] = lse
 

@@ -85,7 +85,11 @@ class Problem:
     caller broadcast); ``bias`` and ``alibi`` are in the accumulation dtype.
     ``window_right`` already includes ``causal`` (causal means right = 0).
     ``key_lens`` is an int64 ``(B,)`` array or None (all ``Lk``).
-    ``alibi`` is a contiguous ``(B, Hq)`` array or None.
+    ``alibi`` is a contiguous ``(B, Hq)`` array or None.  ``sinks`` is a
+    contiguous ``(Hq,)`` array in the accumulation dtype or None: one logit
+    per query head that the softmax normaliser (and the lse) counts once
+    with no value (see :mod:`fastqkv.reference`); it is not a score option,
+    so both routes take it, in their epilogue or split-KV merge.
 
     Paged KV (``block_table`` not None): ``k`` and ``v`` are the caches
     ``(num_blocks, block_size, Hkv, D)``; key ``j`` of batch ``b`` and KV
@@ -105,7 +109,7 @@ class Problem:
         "scale", "softcap", "causal", "window_left", "window_right",
         "B", "Hq", "Hkv", "Lq", "Lk", "D", "Dv", "dtype", "acc_dtype",
         "out_user", "lse_user", "copy_to", "return_lse", "layout", "ndim",
-        "block_table", "block_size", "route", "round_to",
+        "block_table", "block_size", "route", "round_to", "sinks",
     )
 
     @classmethod
@@ -121,6 +125,7 @@ class Problem:
         p.out_user = out_user; p.lse_user = lse_user; p.copy_to = copy_to  # noqa: E702
         p.return_lse = return_lse; p.layout = layout; p.ndim = ndim  # noqa: E702
         p.block_table = None; p.block_size = None; p.round_to = None  # noqa: E702
+        p.sinks = None
         p.route = _route(p) if route is None else route
         return p
 
@@ -176,7 +181,7 @@ class Problem:
         opts = []
         for name in ("causal", "window_left", "window_right", "softcap"):
             opts.append(f"{name}={getattr(self, name)}")
-        for name in ("mask", "bias", "key_lens", "alibi"):
+        for name in ("mask", "bias", "key_lens", "alibi", "sinks"):
             if getattr(self, name) is not None:
                 opts.append(name)
         return (
@@ -187,12 +192,12 @@ class Problem:
 
 
 def plan_attention(q, k, v, *, causal=False, mask=None, bias=None, key_lens=None, scale=None,
-                   window=None, softcap=None, alibi_slopes=None, layout="bhld",
+                   window=None, softcap=None, alibi_slopes=None, sinks=None, layout="bhld",
                    return_lse=False, out=None):
     """Check the arguments of :func:`fastqkv.attention`; return a Problem
     whose ``out`` (and ``lse``) are allocated and ready for a kernel."""
     c = _validate.check_attention(q, k, v, causal, mask, bias, key_lens, scale, window, softcap,
-                                  alibi_slopes, layout, return_lse, out)
+                                  alibi_slopes, layout, return_lse, out, sinks)
     B, Hq, Hkv, Lq, Lk, D, Dv = c.dims
     ndim = c.ndim
     dtype = c.q.dtype
@@ -228,11 +233,13 @@ def plan_attention(q, k, v, *, causal=False, mask=None, bias=None, key_lens=None
         lse_user = np.empty(lse_shape(B, Hq, Lq, ndim), acc)
         lse4 = lse_user.reshape(B, Hq, Lq)
 
-    return Problem._fast(
+    p = Problem._fast(
         _walkable(bhld(c.q, layout)), _walkable(bhld(c.k, layout)), _walkable(bhld(c.v, layout)),
         bhld(out_user, layout), lse4, mask, bias, c.key_lens, alibi, scale, softcap, c.causal, wl,
         wr, B, Hq, Hkv, Lq, Lk, D, Dv, dtype, acc, out_user, lse_user, copy_to, c.return_lse,
         layout, ndim)
+    p.sinks = c.sinks
+    return p
 
 
 def plan_simple(q, k, v, causal, scale, return_lse, out=None):
@@ -320,14 +327,16 @@ def _walkable_any(a):
 # attention_varlen
 
 def plan_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, *, mask, bias, key_lens, alibi_slopes,
-                return_lse, out, causal=False, scale=None, window=None, softcap=None):
+                return_lse, out, causal=False, scale=None, window=None, softcap=None,
+                sinks=None):
     """Check a packed ragged batch.  Returns
-    ``(q, k, v, cu_q, cu_k, alibi (B, Hq) or None, out, lse or None, return_lse)``
-    with ``out`` zeroed (the rows of sequences without keys) and ``lse`` -inf."""
-    q, k, v, cq, ck, alibi, return_lse = _validate.check_varlen(
+    ``(q, k, v, cu_q, cu_k, alibi (B, Hq) or None, sinks (Hq,) or None, out,
+    lse or None, return_lse)`` with ``out`` zeroed (the rows of sequences
+    without keys) and ``lse`` -inf (the sink of each head, with sinks)."""
+    q, k, v, cq, ck, alibi, sinks, return_lse = _validate.check_varlen(
         q, k, v, cu_seqlens_q, cu_seqlens_k, mask=mask, bias=bias, key_lens=key_lens,
         alibi_slopes=alibi_slopes, return_lse=return_lse, out=out, causal=causal, scale=scale,
-        window=window, softcap=softcap)
+        window=window, softcap=softcap, sinks=sinks)
     acc = _validate.acc_dtype(q.dtype)
     Hq = q.shape[1]
     if alibi is not None:
@@ -335,16 +344,20 @@ def plan_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, *, mask, bias, key_lens, al
     if out is None:
         out = np.empty((q.shape[0], Hq, v.shape[2]), q.dtype)
     out[...] = 0  # rows of empty-key sequences; rows of empty query spans do not exist
-    lse = np.full((Hq, q.shape[0]), -np.inf, acc) if return_lse else None
-    return q, k, v, cq, ck, alibi, out, lse, return_lse
+    lse = None
+    if return_lse:
+        lse = np.full((Hq, q.shape[0]), -np.inf, acc)
+        if sinks is not None:
+            lse[...] = sinks[:, None]
+    return q, k, v, cq, ck, alibi, sinks, out, lse, return_lse
 
 
 # ---------------------------------------------------------------------------
 # paged_attention
 
 def plan_paged(q, k_cache, v_cache, block_table, seq_lens, *, causal=False, mask=None, bias=None,
-               scale=None, window=None, softcap=None, alibi_slopes=None, layout="bhld",
-               return_lse=False, out=None, key_lens=None):
+               scale=None, window=None, softcap=None, alibi_slopes=None, sinks=None,
+               layout="bhld", return_lse=False, out=None, key_lens=None):
     """Check the arguments of :func:`fastqkv.paged_attention`; return a paged
     Problem (see :class:`Problem`)."""
     pages = _validate.check_paged(q, k_cache, v_cache, block_table, seq_lens, layout=layout,
@@ -352,7 +365,7 @@ def plan_paged(q, k_cache, v_cache, block_table, seq_lens, *, causal=False, mask
     kd, vd = _placeholders(pages, layout)
     p = plan_attention(
         q, kd, vd, causal=causal, mask=mask, bias=bias, key_lens=pages.seq_lens, scale=scale,
-        window=window, softcap=softcap, alibi_slopes=alibi_slopes, layout=layout,
+        window=window, softcap=softcap, alibi_slopes=alibi_slopes, sinks=sinks, layout=layout,
         return_lse=return_lse, out=out)
     return attach_pages(p, pages)
 

@@ -232,10 +232,11 @@ class Checked(NamedTuple):
     bias: Optional[np.ndarray]      # float (any float dtype), broadcastable likewise
     key_lens: Optional[np.ndarray]  # int64 (B,) within [0, Lk]
     alibi: Optional[np.ndarray]     # float (Hq,) or (B, Hq), finite in the accumulation dtype
+    sinks: Optional[np.ndarray]     # (Hq,) in the accumulation dtype, finite or -inf
 
 
 def check_attention(q, k, v, causal, mask, bias, key_lens, scale, window, softcap, alibi_slopes,
-                    layout, return_lse, out):
+                    layout, return_lse, out, sinks=None):
     """Check the arguments of :func:`fastqkv.attention` (in its order);
     return :class:`Checked`."""
     check_layout(layout)
@@ -302,6 +303,7 @@ def check_attention(q, k, v, causal, mask, bias, key_lens, scale, window, softca
         if B and (key_lens.min() < 0 or key_lens.max() > Lk):
             raise ValueError(f"key_lens must lie in [0, Lk={Lk}], got values in [{key_lens.min()}, {key_lens.max()}]")
     alibi = None if alibi_slopes is None else check_alibi(alibi_slopes, B, Hq, acc)
+    sinks = None if sinks is None else check_sinks(sinks, Hq, acc)
 
     if out is not None:
         # a bias of another dtype is read through a converted copy: no overlap
@@ -309,7 +311,19 @@ def check_attention(q, k, v, causal, mask, bias, key_lens, scale, window, softca
         check_out(out, user_shape(B, Hq, Lq, Dv, ndim, layout), q.dtype,
                   (("q", q), ("k", k), ("v", v), ("mask", mask), ("bias", bias_read)))
     return Checked(q, k, v, ndim, (B, Hq, Hkv, Lq, Lk, D, Dv), causal, return_lse, scale, softcap,
-                   window, mask, bias, key_lens, alibi)
+                   window, mask, bias, key_lens, alibi, sinks)
+
+
+def check_sinks(sinks, Hq, acc):
+    """Attention sinks: one logit per query head, as a C-contiguous ``(Hq,)``
+    array in the accumulation dtype; each finite or -inf (no sink)."""
+    s = _float_array(sinks, "sinks")
+    if s.shape != (Hq,):
+        raise ValueError(f"sinks must have shape ({Hq},): one logit per query head, got {s.shape}")
+    s = np.ascontiguousarray(s, dtype=acc)
+    if np.isnan(s).any() or (s == np.inf).any():
+        raise ValueError("sinks must be finite (or -inf for a head without a sink), got NaN or +inf")
+    return s
 
 
 def check_alibi(alibi_slopes, B, Hq, acc):
@@ -386,10 +400,12 @@ def check_options(causal, scale, window, softcap):
 
 
 def check_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, *, mask, bias, key_lens, alibi_slopes,
-                 return_lse, out, causal=False, scale=None, window=None, softcap=None):
+                 return_lse, out, causal=False, scale=None, window=None, softcap=None,
+                 sinks=None):
     """Check a packed ragged batch.  Returns ``(q, k, v, cu_q, cu_k, alibi or
-    None, return_lse)`` with ``cu_q``/``cu_k`` lists of ints and ``alibi`` the
-    caller's ``(Hq,)`` or ``(B, Hq)`` slopes."""
+    None, sinks or None, return_lse)`` with ``cu_q``/``cu_k`` lists of ints,
+    ``alibi`` the caller's ``(Hq,)`` or ``(B, Hq)`` slopes and ``sinks`` as
+    :func:`check_sinks` returns them."""
     for name, val in (("mask", mask), ("bias", bias), ("key_lens", key_lens)):
         if val is not None:
             raise ValueError(
@@ -420,11 +436,12 @@ def check_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, *, mask, bias, key_lens, a
         raise ValueError(f"cu_seqlens_q and cu_seqlens_k must have the same length (B + 1), got {len(cq)} and {len(ck)}")
     B = len(cq) - 1
     alibi = None if alibi_slopes is None else check_alibi(alibi_slopes, B, Hq, acc_dtype(q.dtype))
+    sinks = None if sinks is None else check_sinks(sinks, Hq, acc_dtype(q.dtype))
     return_lse = check_bool(return_lse, "return_lse")
     check_options(causal, scale, window, softcap)
     if out is not None:
         check_out(out, (Tq, Hq, v.shape[2]), q.dtype, (("q", q), ("k", k), ("v", v)))
-    return q, k, v, cq, ck, alibi, return_lse
+    return q, k, v, cq, ck, alibi, sinks, return_lse
 
 
 def _cu_seqlens(x, name, total):

@@ -38,6 +38,17 @@ For batch ``b``, query head ``h``, query row ``i`` and key ``j``:
   ``lse[i] = m + log(l)`` (natural log).
 * A row with no visible key (fully masked, ``Lk_b == 0`` or ``Lk == 0``)
   gives ``out = 0`` and ``lse = -inf``.
+* Attention sinks (``sinks`` of shape ``(Hq,)``, as GPT-OSS defines them):
+  ``sinks[h]`` is one more logit in every row of head ``h``, with no value:
+  ``m`` is the max over the row's visible scores and the sink, ``l`` gains
+  ``exp(sinks[h] - m)``, ``out = sum_j exp(s_j - m) v[j] / l`` and
+  ``lse = m + log(l)`` count the sink.  It is exactly attention over the
+  keys plus one always-visible key of score ``sinks[h]`` and value 0, so a
+  row with no visible key gives ``out = 0`` and ``lse = sinks[h]``; a sink
+  of ``-inf`` is no sink.  ``sinks`` is taken in the accumulation dtype and
+  must not be NaN or ``+inf``.  With :func:`merge_attention` the sink is
+  counted once: attention with ``sinks`` over the keys ``A + B`` equals the
+  merge of attention over ``A`` with ``sinks`` and over ``B`` without.
 * NaN in a visible score (from q, k, bias or scale arithmetic) makes that
   whole output row and its lse NaN; NaN or inf in a visible value row
   reaches the output through ``p * v`` (so ``0 * inf`` is NaN).  A score of
@@ -117,6 +128,10 @@ class _Dense:
         self.alibi = None
         if c.alibi is not None:
             self.alibi = np.broadcast_to(c.alibi.astype(self.acc), (self.B, self.Hq))
+        # the sink logits as a (Hq, 1, 1) float64 column (-inf: no sink)
+        self.sinks = np.full((self.Hq, 1, 1), -np.inf)
+        if c.sinks is not None:
+            self.sinks = c.sinks.astype(np.float64).reshape(self.Hq, 1, 1)
         self.c = c
 
     def key_len(self, b):
@@ -167,14 +182,15 @@ class _Dense:
         for b in range(self.B if self.Hq and self.Lq else 0):
             n = self.key_len(b)
             if n == 0:
+                lse[b] = self.sinks[..., 0]
                 continue
             s, vis = self.scores(b)
             vb = self.v[b, :, :n].astype(np.float64)[heads]            # (Hq, Lk_b, Dv)
             with np.errstate(all="ignore"):
-                m = np.max(s, axis=-1, keepdims=True)                  # NaN propagates
+                m = np.maximum(np.max(s, axis=-1, keepdims=True), self.sinks)  # NaN propagates
                 m0 = np.where(np.isneginf(m), 0.0, m)
                 e = np.exp(s - m0)                                     # 0 where invisible
-                total = np.sum(e, axis=-1, keepdims=True)
+                total = np.sum(e, axis=-1, keepdims=True) + np.exp(self.sinks - m0)
                 if np.isfinite(vb).all():
                     o = np.matmul(e, vb)
                 else:  # keep invisible keys out of the sum even when v holds NaN/inf
@@ -192,7 +208,7 @@ class _Dense:
 # public functions (same signatures as fastqkv's)
 
 def attention(q, k, v, *, causal=False, mask=None, bias=None, key_lens=None, scale=None,
-              window=None, softcap=None, alibi_slopes=None, layout="bhld",
+              window=None, softcap=None, alibi_slopes=None, sinks=None, layout="bhld",
               return_lse=False, out=None, backend=None):
     """Scaled dot-product attention; see the module docstring for semantics.
 
@@ -200,7 +216,7 @@ def attention(q, k, v, *, causal=False, mask=None, bias=None, key_lens=None, sca
     oracle.  Returns ``out`` or ``(out, lse)`` when ``return_lse``.
     """
     c = _validate.check_attention(q, k, v, causal, mask, bias, key_lens, scale, window, softcap,
-                                  alibi_slopes, layout, return_lse, out)
+                                  alibi_slopes, layout, return_lse, out, sinks)
     dense = _Dense(c, layout)
     o, lse = dense.run()
     result = _from4(o, layout, c.ndim).astype(c.q.dtype, order="C")
@@ -213,16 +229,19 @@ def attention(q, k, v, *, causal=False, mask=None, bias=None, key_lens=None, sca
 
 
 def attention_weights(q, k, *, causal=False, mask=None, bias=None, key_lens=None, scale=None,
-                      window=None, softcap=None, alibi_slopes=None, layout="bhld", backend=None):
+                      window=None, softcap=None, alibi_slopes=None, sinks=None, layout="bhld",
+                      backend=None):
     """Softmax probabilities ``(B, Hq, Lq, Lk)`` (3-D input: ``(Hq, Lq, Lk)``,
     2-D: ``(Lq, Lk)``), for inspection.
 
     Same masking options as :func:`attention`; invisible keys (including keys
     past ``key_lens``) have probability 0 and a fully masked row is all 0.
-    The dtype is float64 for float64 inputs, else float32.
+    With ``sinks`` a row sums to ``1 - exp(sinks[h] - lse)`` (the sink's
+    share is not a column).  The dtype is float64 for float64 inputs, else
+    float32.
     """
     c = _validate.check_attention(q, k, _validate.stand_in_v(k), causal, mask, bias, key_lens,
-                                  scale, window, softcap, alibi_slopes, layout, False, None)
+                                  scale, window, softcap, alibi_slopes, layout, False, None, sinks)
     dense = _Dense(c, layout)
     w = np.zeros((dense.B, dense.Hq, dense.Lq, dense.Lk), dtype=dense.acc)
     for b in range(dense.B if dense.Hq and dense.Lq else 0):
@@ -230,9 +249,10 @@ def attention_weights(q, k, *, causal=False, mask=None, bias=None, key_lens=None
         if s.shape[-1] == 0:
             continue
         with np.errstate(all="ignore"):
-            m = np.max(s, axis=-1, keepdims=True)
-            e = np.exp(s - np.where(np.isneginf(m), 0.0, m))
-            total = np.sum(e, axis=-1, keepdims=True)
+            m = np.maximum(np.max(s, axis=-1, keepdims=True), dense.sinks)
+            m0 = np.where(np.isneginf(m), 0.0, m)
+            e = np.exp(s - m0)
+            total = np.sum(e, axis=-1, keepdims=True) + np.exp(dense.sinks - m0)
             w[b, :, :, : s.shape[-1]] = np.where(total == 0, 0.0, e / np.where(total == 0, 1.0, total))
     return w[(0,) * (4 - c.ndim)]
 
@@ -268,7 +288,7 @@ def merge_attention(outs, lses, *, layout="bhld"):
 
 
 def attention_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, *, causal=False, scale=None,
-                     window=None, softcap=None, alibi_slopes=None, return_lse=False,
+                     window=None, softcap=None, alibi_slopes=None, sinks=None, return_lse=False,
                      out=None, backend=None, mask=None, bias=None, key_lens=None):
     """Attention over a packed ragged batch.
 
@@ -281,10 +301,10 @@ def attention_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, *, causal=False, scale
     ``mask``, ``bias`` and ``key_lens`` are not supported here (ragged shapes
     have no dense mask) and raise ``ValueError``.
     """
-    q, k, v, cq, ck, slopes, return_lse = _validate.check_varlen(
+    q, k, v, cq, ck, slopes, sinks, return_lse = _validate.check_varlen(
         q, k, v, cu_seqlens_q, cu_seqlens_k, mask=mask, bias=bias, key_lens=key_lens,
         alibi_slopes=alibi_slopes, return_lse=return_lse, out=out, causal=causal, scale=scale,
-        window=window, softcap=softcap)
+        window=window, softcap=softcap, sinks=sinks)
     res = np.zeros((q.shape[0], q.shape[1], v.shape[2]), q.dtype)
     lse = np.full((q.shape[1], q.shape[0]), -np.inf,
                   np.float64 if q.dtype == np.float64 else np.float32)
@@ -293,7 +313,8 @@ def attention_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, *, causal=False, scale
             seq_slopes = None if slopes is None else (slopes if slopes.ndim == 1 else slopes[b])
             o, l = attention(q[cq[b]:cq[b + 1]], k[ck[b]:ck[b + 1]], v[ck[b]:ck[b + 1]],
                              causal=causal, scale=scale, window=window, softcap=softcap,
-                             alibi_slopes=seq_slopes, layout="blhd", return_lse=True)
+                             alibi_slopes=seq_slopes, sinks=sinks, layout="blhd",
+                             return_lse=True)
             res[cq[b]:cq[b + 1]] = o
             lse[:, cq[b]:cq[b + 1]] = l
     if out is not None:
@@ -304,7 +325,8 @@ def attention_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, *, causal=False, scale
 
 def paged_attention(q, k_cache, v_cache, block_table, seq_lens, *, causal=False, mask=None,
                     bias=None, scale=None, window=None, softcap=None, alibi_slopes=None,
-                    layout="bhld", return_lse=False, out=None, backend=None, key_lens=None):
+                    sinks=None, layout="bhld", return_lse=False, out=None, backend=None,
+                    key_lens=None):
     """Attention against a paged KV cache.
 
     ``k_cache (num_blocks, block_size, Hkv, D)``, ``v_cache (num_blocks,
@@ -323,7 +345,7 @@ def paged_attention(q, k_cache, v_cache, block_table, seq_lens, *, causal=False,
     k, v = gather_pages(pages, layout)
     return attention(q, k, v, causal=causal, mask=mask, bias=bias, key_lens=pages.seq_lens,
                      scale=scale, window=window, softcap=softcap, alibi_slopes=alibi_slopes,
-                     layout=layout, return_lse=return_lse, out=out)
+                     sinks=sinks, layout=layout, return_lse=return_lse, out=out)
 
 
 def gather_pages(pages, layout):
@@ -345,7 +367,7 @@ def gather_pages(pages, layout):
 
 def self_attention(x, w_q, w_k, w_v, w_o, *, num_heads, num_kv_heads=None, causal=False,
                    mask=None, bias=None, key_lens=None, scale=None, window=None, softcap=None,
-                   alibi_slopes=None, backend=None):
+                   alibi_slopes=None, sinks=None, backend=None):
     """A multi-head self-attention layer without biases or norms.
 
     ``x (B, L, d_model)`` or ``(L, d_model)``; ``w_q (d_model, Hq*D)``,
@@ -365,6 +387,7 @@ def self_attention(x, w_q, w_k, w_v, w_o, *, num_heads, num_kv_heads=None, causa
     k = (xf @ w_k.astype(f)).reshape(B, L, Hkv, D)
     v = (xf @ w_v.astype(f)).reshape(B, L, Hkv, Dv)
     o = attention(q, k, v, causal=causal, mask=mask, bias=bias, key_lens=key_lens, scale=scale,
-                  window=window, softcap=softcap, alibi_slopes=alibi_slopes, layout="blhd")
+                  window=window, softcap=softcap, alibi_slopes=alibi_slopes, sinks=sinks,
+                  layout="blhd")
     y = (o.reshape(B, L, Hq * Dv) @ w_o.astype(f)).astype(dtype)
     return y[0] if squeeze else y

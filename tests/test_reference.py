@@ -11,8 +11,9 @@ from fastqkv import testing
 
 
 def loop_attention(q, k, v, *, causal=False, mask=None, bias=None, key_lens=None, scale=None,
-                   window=None, softcap=None, alibi=None):
-    """Independent implementation: 4-D bhld float64 inputs, plain Python loops."""
+                   window=None, softcap=None, alibi=None, sinks=None):
+    """Independent implementation: 4-D bhld float64 inputs, plain Python loops;
+    a sink is one more term of the normaliser with no value."""
     B, Hq, Lq, D = q.shape
     Hkv, Lk, Dv = k.shape[1], k.shape[2], v.shape[3]
     scale = 1 / math.sqrt(D) if scale is None else scale
@@ -44,10 +45,12 @@ def loop_attention(q, k, v, *, causal=False, mask=None, bias=None, key_lens=None
                         s -= float(alibi[h]) * abs(ip - j)
                     if s != -math.inf:
                         terms.append((s, j))
+                sink = -math.inf if sinks is None else float(sinks[h])
                 if not terms:
+                    lse[b, h, i] = sink
                     continue
-                m = max(s for s, _ in terms)
-                tot = sum(math.exp(s - m) for s, _ in terms)
+                m = max(max(s for s, _ in terms), sink)
+                tot = sum(math.exp(s - m) for s, _ in terms) + math.exp(sink - m)
                 for s, j in terms:
                     out[b, h, i] += math.exp(s - m) / tot * v[b, g, j]
                 lse[b, h, i] = m + math.log(tot)
@@ -301,3 +304,91 @@ def test_inputs_not_modified(rng):
     for case in testing.generate_cases(quick=True):
         testing.check_case(case, "numpy")
     assert fastqkv.reference.attention is R.attention
+
+
+# ---------------------------------------------------------------------------
+# attention sinks
+
+def test_sinks_match_loop_implementation(rng):
+    q = rng.standard_normal((2, 4, 5, 8))
+    k = rng.standard_normal((2, 2, 9, 8))
+    v = rng.standard_normal((2, 2, 9, 3))
+    sinks = np.array([0.5, -2.0, 3.0, -np.inf])
+    kl = np.array([9, 4])
+    got, glse = R.attention(q, k, v, sinks=sinks, causal=True, key_lens=kl, return_lse=True)
+    want, wlse = loop_attention(q, k, v, sinks=sinks, causal=True, key_lens=kl)
+    np.testing.assert_allclose(got, want, rtol=1e-12, atol=1e-14)
+    np.testing.assert_allclose(glse, wlse, rtol=1e-12)
+
+
+def test_sink_is_a_key_with_zero_value(rng):
+    """A sink equals one more always-visible key whose score is the sink and
+    whose value row is 0 (built here with a zero key and a bias column)."""
+    q = rng.standard_normal((1, 3, 4, 6))
+    k = rng.standard_normal((1, 3, 7, 6))
+    v = rng.standard_normal((1, 3, 7, 5))
+    sinks = rng.standard_normal(3) * 2
+    k1 = np.concatenate([k, np.zeros((1, 3, 1, 6))], axis=2)
+    v1 = np.concatenate([v, np.zeros((1, 3, 1, 5))], axis=2)
+    bias = np.zeros((1, 3, 4, 8))
+    bias[..., 7] = sinks[None, :, None]
+    got, glse = R.attention(q, k, v, sinks=sinks, softcap=5.0, return_lse=True)
+    # softcap applies to scale*q.k only; the extra key's q.k is 0, capped to 0
+    want, wlse = R.attention(q, k1, v1, bias=bias, softcap=5.0, return_lse=True)
+    np.testing.assert_allclose(got, want, rtol=1e-13, atol=1e-15)
+    np.testing.assert_allclose(glse, wlse, rtol=1e-13)
+
+
+def test_sinks_merge_counts_the_sink_once(rng):
+    q = rng.standard_normal((2, 4, 3, 8))
+    k = rng.standard_normal((2, 2, 11, 8))
+    v = rng.standard_normal((2, 2, 11, 5))
+    sinks = rng.standard_normal(4)
+    o1, l1 = R.attention(q, k[:, :, :4], v[:, :, :4], sinks=sinks, return_lse=True)
+    o2, l2 = R.attention(q, k[:, :, 4:], v[:, :, 4:], return_lse=True)
+    o, lse = R.merge_attention([o1, o2], [l1, l2])
+    ow, lw = R.attention(q, k, v, sinks=sinks, return_lse=True)
+    np.testing.assert_allclose(o, ow, rtol=1e-13, atol=1e-15)
+    np.testing.assert_allclose(lse, lw, rtol=1e-13)
+
+
+def test_sinks_fully_masked_rows_and_no_keys():
+    q = np.ones((1, 2, 3, 4))
+    k = np.ones((1, 2, 5, 4))
+    v = np.ones((1, 2, 5, 4))
+    sinks = np.array([1.5, -np.inf])
+    out, lse = R.attention(q, k, v, mask=np.zeros(5, bool), sinks=sinks, return_lse=True)
+    assert (out == 0).all()
+    np.testing.assert_array_equal(lse, np.broadcast_to(sinks[None, :, None], (1, 2, 3)))
+    out, lse = R.attention(q, k[:, :, :0], v[:, :, :0], sinks=sinks, return_lse=True)
+    assert (out == 0).all()
+    np.testing.assert_array_equal(lse, np.broadcast_to(sinks[None, :, None], (1, 2, 3)))
+    # -inf everywhere is no sink
+    a = R.attention(q, k, v, sinks=np.full(2, -np.inf), return_lse=True)
+    b = R.attention(q, k, v, return_lse=True)
+    np.testing.assert_array_equal(a[0], b[0])
+    np.testing.assert_array_equal(a[1], b[1])
+
+
+def test_sinks_weights_leave_the_sink_share_out(rng):
+    q = rng.standard_normal((2, 3, 4))
+    k = rng.standard_normal((2, 6, 4))
+    sinks = np.array([0.3, -1.0])
+    w = R.attention_weights(q, k, sinks=sinks)
+    _, lse = R.attention(q, k, k, sinks=sinks, return_lse=True)
+    np.testing.assert_allclose(w.sum(-1), 1 - np.exp(sinks[:, None] - lse), rtol=1e-12)
+
+
+def test_sinks_varlen_and_paged_follow_dense(rng):
+    sinks = rng.standard_normal(4)
+    seqs_q = [rng.standard_normal((n, 4, 8)) for n in (3, 0, 5)]
+    seqs_k = [rng.standard_normal((n, 2, 8)) for n in (6, 4, 0)]
+    q, cq = testing.varlen_pack(seqs_q)
+    k, ck = testing.varlen_pack(seqs_k)
+    out, lse = R.attention_varlen(q, k, k, cq, ck, causal=True, sinks=sinks, return_lse=True)
+    o0, l0 = R.attention(seqs_q[0], seqs_k[0], seqs_k[0], layout="blhd", causal=True,
+                         sinks=sinks, return_lse=True)
+    np.testing.assert_allclose(out[:3], o0, rtol=1e-13)
+    np.testing.assert_allclose(lse[:, :3], l0, rtol=1e-13)
+    assert (out[3:] == 0).all()                                   # the keyless sequence
+    np.testing.assert_array_equal(lse[:, 3:], np.broadcast_to(sinks[:, None], (4, 5)))

@@ -59,6 +59,11 @@ BAD_ATTENTION = [
     ("alibi-shape", (Q, K, V), {"alibi_slopes": np.ones(3)}, ValueError, "alibi_slopes"),
     ("alibi-nan", (Q, K, V), {"alibi_slopes": np.full(4, np.nan)}, ValueError, "alibi_slopes"),
     ("alibi-int", (Q, K, V), {"alibi_slopes": np.ones(4, int)}, TypeError, "alibi_slopes"),
+    ("sinks-shape", (Q, K, V), {"sinks": np.ones(2, f32)}, ValueError, "sinks"),
+    ("sinks-per-batch", (Q, K, V), {"sinks": np.ones((2, 4), f32)}, ValueError, "sinks"),
+    ("sinks-nan", (Q, K, V), {"sinks": np.array([0, np.nan, 0, 0])}, ValueError, "sinks"),
+    ("sinks-plus-inf", (Q, K, V), {"sinks": np.array([0, np.inf, 0, 0])}, ValueError, "sinks"),
+    ("sinks-int", (Q, K, V), {"sinks": np.ones(4, int)}, TypeError, "sinks"),
     ("out-list", (Q, K, V), {"out": [[0.0]]}, TypeError, "out"),
     ("out-dtype", (Q, K, V), {"out": np.zeros((2, 4, 3, 6), np.float64)}, TypeError, "out"),
     ("out-shape", (Q, K, V), {"out": np.zeros((2, 4, 3, 8), f32)}, ValueError, "out"),
@@ -105,6 +110,7 @@ BAD_VARLEN = [
     ("key-lens-given", (TQ, TK, TV, CQ, CK), {"key_lens": np.ones(2, int)}, ValueError, "key_lens"),
     ("varlen-gqa", (np.zeros((3, 3, 8), f32), TK, TV, CQ, CK), {}, ValueError, "multiple"),
     ("varlen-dtype", (TQ, TK.astype(np.float64), TV, CQ, CK), {}, TypeError, "dtype"),
+    ("varlen-sinks-shape", (TQ, TK, TV, CQ, CK), {"sinks": np.zeros(2, f32)}, ValueError, "sinks"),
 ]
 
 
