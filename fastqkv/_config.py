@@ -8,8 +8,10 @@ CPU they were tuned on); this file holds what the Python layer decides.
 ENV_BACKEND = "FASTQKV_BACKEND"          # force a backend for backend="auto"
 ENV_NUM_THREADS = "FASTQKV_NUM_THREADS"  # default thread count
 ENV_ISA = "FASTQKV_ISA"                  # force a compiled ISA variant of the C backend
+ENV_TUNE_FILE = "FASTQKV_TUNE_FILE"      # where `fastqkv tune` writes and auto reads its table
 
-# Order in which backend="auto" tries the backends: fastest first.
+# Order in which backend="auto" tries the backends for a call class that
+# `fastqkv tune` has not measured on this machine (fastqkv._tune).
 AUTO_ORDER = ("c", "numba", "numpy")
 
 # A call of at most STREAM_MAX_LQ query positions without mask, bias,
@@ -18,14 +20,6 @@ AUTO_ORDER = ("c", "numba", "numpy")
 # kernel (Problem.route); the C driver keeps a decode step's query positions
 # in one work item.
 STREAM_MAX_LQ = 16
-
-# A decode step with at least DECODE_MIN_KV_BYTES of K/V to read, on the CPU
-# vendors listed in DECODE_ORDER_VENDORS, goes through DECODE_ORDER (the
-# backend whose streaming kernel read K/V faster there, see docs/tuning.md,
-# "Dispatch"); everywhere else (and for every other call) auto uses AUTO_ORDER.
-DECODE_ORDER = ("numba", "c", "numpy")
-DECODE_ORDER_VENDORS = ("AuthenticAMD",)
-DECODE_MIN_KV_BYTES = 32 << 20
 
 # A call of at least this many multiply-adds (B*Hq*Lq*Lk*(D+Dv)) made from
 # the main thread runs its kernel on a helper thread while the main thread

@@ -17,7 +17,9 @@ A backend is a module exposing
 
 ``backend="auto"`` resolves, in order: :func:`use_backend` (per context),
 :func:`set_backend` (process-wide), ``$FASTQKV_BACKEND``, then the first
-available backend of ``_config.AUTO_ORDER`` that supports the call.
+available backend that supports the call in the order :mod:`fastqkv._tune`
+gives for its call class: measured on this machine by ``fastqkv tune``, else
+``_config.AUTO_ORDER``.
 """
 
 from __future__ import annotations
@@ -29,7 +31,7 @@ import os
 import threading
 from typing import NamedTuple
 
-from . import _config
+from . import _config, _tune
 
 __all__ = ["BackendInfo", "backends", "set_backend", "use_backend", "get_backend",
            "set_num_threads", "get_num_threads", "resolve", "BACKEND_MODULES"]
@@ -55,8 +57,7 @@ _modules: dict = {}
 _global_backend = None
 _context_backend = contextvars.ContextVar("fastqkv_backend", default=None)
 _num_threads = None
-_auto_candidates: list = []   # (name, module) of the available backends, in AUTO_ORDER
-_decode_candidates: list = []  # the same in decode_order()
+_probed_all: list = []         # True once every backend of AUTO_ORDER was probed
 
 
 def _probe(name):
@@ -133,52 +134,19 @@ def _require(name):
     return name
 
 
-def cpu_vendor():
-    """The CPU vendor string (``GenuineIntel``, ``AuthenticAMD``, ...) from
-    /proc/cpuinfo, or "" where that is not available."""
-    if not _vendor_cache:
-        vendor = ""
-        try:
-            with open("/proc/cpuinfo", encoding="ascii", errors="replace") as f:
-                for line in f:
-                    if line.startswith("vendor_id"):
-                        vendor = line.split(":", 1)[1].strip()
-                        break
-        except OSError:
-            pass
-        _vendor_cache.append(vendor)
-    return _vendor_cache[0]
-
-
-_vendor_cache: list = []
-
-
-def decode_order():
-    """The backend order auto uses for memory-bound decode on this CPU."""
-    if cpu_vendor() in _config.DECODE_ORDER_VENDORS:
-        return _config.DECODE_ORDER
-    return _config.AUTO_ORDER
-
-
-def _streaming_decode(p):
-    """Whether ``p`` is a memory-bound decode call (see decode_order())."""
-    if not p.decode_step:
-        return False
-    keys = p.B * p.Lk if p.key_lens is None else int(p.key_lens.sum())
-    return keys * p.Hkv * (p.D + p.Dv) * p.dtype.itemsize >= _config.DECODE_MIN_KV_BYTES
-
-
 def resolve(backend, problem):
     """The backend module that runs ``problem`` and its name."""
     if backend == "auto":
         pinned = _context_backend.get() or _global_backend or _env_backend()
         if pinned is None:
-            if not _auto_candidates:
-                _auto_candidates.extend((n, _modules[n]) for n in _config.AUTO_ORDER if _probe(n).available)
-                _decode_candidates.extend((n, _modules[n]) for n in decode_order()
-                                          if _probe(n).available)
-            for name, mod in (_decode_candidates if _streaming_decode(problem) else _auto_candidates):
-                if mod.supports(problem) is None:
+            if not _probed_all:
+                for n in _config.AUTO_ORDER:
+                    _probe(n)
+                _probed_all.append(True)
+            modules = _modules
+            for name in _tune.order(problem, _num_threads or get_num_threads()):
+                mod = modules.get(name)
+                if mod is not None and mod.supports(problem) is None:
                     return mod, name
             raise RuntimeError("no backend supports this call")  # numpy supports all
         backend = pinned

@@ -1,4 +1,4 @@
-"""Command line: ``fastqkv info | check | bench`` (also ``python -m fastqkv``)."""
+"""Command line: ``fastqkv info | check | bench | tune`` (also ``python -m fastqkv``)."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import platform
 import sys
 import time
 
-from . import _config, _dispatch
+from . import _config, _dispatch, _tune
 
 __all__ = ["main"]
 
@@ -21,10 +21,11 @@ def cmd_info(args):
     print(f"python {platform.python_version()} ({sys.executable}), numpy {np.__version__}, "
           f"machine {platform.machine()}")
     print(f"threads: {_dispatch.get_num_threads()} (set_num_threads / ${_config.ENV_NUM_THREADS})")
-    print(f"backend for 'auto': {_dispatch.get_backend()} "
-          f"(order {', '.join(_config.AUTO_ORDER)}; large decode {', '.join(_dispatch.decode_order())} "
-          f"on this {_dispatch.cpu_vendor() or 'unknown'} CPU; ${_config.ENV_BACKEND} overrides)")
-    for name in (_config.ENV_BACKEND, _config.ENV_NUM_THREADS, _config.ENV_ISA):
+    print(f"backend for 'auto': {_dispatch.get_backend()} (per call class: the order measured by "
+          f"`fastqkv tune`, else {', '.join(_config.AUTO_ORDER)}; ${_config.ENV_BACKEND} overrides)")
+    for line in _tune.describe(_dispatch.get_num_threads()):
+        print(line)
+    for name in (_config.ENV_BACKEND, _config.ENV_NUM_THREADS, _config.ENV_ISA, _config.ENV_TUNE_FILE):
         if name in os.environ:
             print(f"  ${name}={os.environ[name]}")
     print("backends:")
@@ -86,6 +87,20 @@ def cmd_bench(args):
     return _bench.main(args)
 
 
+def cmd_tune(args):
+    threads = args.threads or _dispatch.get_num_threads()
+    path = _tune.tune_file()
+    print(f"fastqkv tune: timing the backends per call class at {threads} threads "
+          f"({'quick' if args.quick else 'full'}); the first run compiles Numba kernels once")
+    t0 = time.perf_counter()
+    entry = _tune.tune(threads=threads, quick=args.quick,
+                       progress=lambda line: print(f"  {line}", flush=True))
+    print(f"wrote {len(entry['order'])} classes to {path} in {time.perf_counter() - t0:.0f} s")
+    for line in _tune.describe(threads)[1:]:
+        print(line)
+    return 0
+
+
 def build_parser():
     p = argparse.ArgumentParser(prog="fastqkv", description="fused CPU attention: info, checks, benchmarks")
     sub = p.add_subparsers(dest="command", required=True)
@@ -94,6 +109,9 @@ def build_parser():
     c.add_argument("--backend", action="append", help="check only this backend (repeatable)")
     c.add_argument("--quick", action="store_true", help="a smaller case list")
     c.add_argument("--seed", type=int, default=0)
+    t = sub.add_parser("tune", help="time the backends per call class; auto then follows the result")
+    t.add_argument("--quick", action="store_true", help="float32/bfloat16 and the smaller sizes only")
+    t.add_argument("--threads", type=int, default=None, help="thread count to tune for (default: current)")
     b = sub.add_parser("bench", help="benchmark the shape classes against the machine and peers")
     try:
         from . import _bench
@@ -105,7 +123,7 @@ def build_parser():
 
 def main(argv=None):
     args = build_parser().parse_args(argv)
-    handler = {"info": cmd_info, "check": cmd_check, "bench": cmd_bench}[args.command]
+    handler = {"info": cmd_info, "check": cmd_check, "bench": cmd_bench, "tune": cmd_tune}[args.command]
     try:
         return handler(args)
     except KeyboardInterrupt:

@@ -26,6 +26,22 @@ def _outside_the_source_tree(tmp_path_factory):
     os.chdir(old)
 
 
+@pytest.fixture(autouse=True, scope="session")
+def _no_tune_file(tmp_path_factory):
+    """auto takes its neutral order: a tune file the machine's user wrote
+    (``fastqkv tune``) would make the backend it picks depend on that file."""
+    old = os.environ.get("FASTQKV_TUNE_FILE")
+    os.environ["FASTQKV_TUNE_FILE"] = str(tmp_path_factory.mktemp("tune") / "none.json")
+    from fastqkv import _tune
+    _tune.forget()
+    yield
+    if old is None:
+        del os.environ["FASTQKV_TUNE_FILE"]
+    else:
+        os.environ["FASTQKV_TUNE_FILE"] = old
+    _tune.forget()
+
+
 @pytest.fixture
 def rng():
     return np.random.default_rng(1234)

@@ -1,4 +1,4 @@
-"""The command line: info and check."""
+"""The command line: info, check and tune."""
 
 import subprocess
 import sys
@@ -14,6 +14,24 @@ def test_info_lists_backends(capsys):
     for name in fastqkv.backends():
         assert name in out
     assert "threads" in out
+    assert "no entry for this machine" in out          # the tests run without a tune file
+
+
+def test_tune_then_info_prints_the_table(capsys, monkeypatch, tmp_path):
+    from fastqkv import _tune
+    monkeypatch.setenv("FASTQKV_TUNE_FILE", str(tmp_path / "t.json"))
+    monkeypatch.setattr(_tune, "representatives",
+                        lambda quick=False: [("decode/float32/tiny/plain", (1, 2, 1, 1, 16, 8),
+                                              "float32", "plain")])
+    _tune.forget()
+    try:
+        assert cli.main(["tune", "--quick"]) == 0
+        assert "wrote 1 classes" in capsys.readouterr().out
+        assert cli.main(["info"]) == 0
+        out = capsys.readouterr().out
+        assert "decode/float32/tiny/plain" in out and str(tmp_path / "t.json") in out
+    finally:
+        _tune.forget()
 
 
 def test_check_passes_on_numpy(capsys):

@@ -1,5 +1,6 @@
 """Backend registry, selection, overrides and thread count."""
 
+import json
 import os
 import subprocess
 import sys
@@ -8,7 +9,7 @@ import numpy as np
 import pytest
 
 import fastqkv
-from fastqkv import _dispatch
+from fastqkv import _config, _dispatch, _tune
 
 
 def test_backends_report_every_backend():
@@ -93,27 +94,92 @@ def test_import_does_not_import_numba():
     assert r.stdout.strip() == "False", r.stderr
 
 
-def test_auto_prefers_the_streaming_order_for_large_decode():
-    from fastqkv import _config
-    small = np.zeros((1, 4, 1, 64), np.float32)
-    big_kv = np.zeros((1, 1, _config.DECODE_MIN_KV_BYTES // (2 * 64 * 4), 64), np.float32)
-    p_small = fastqkv._problem.plan_attention(small, small[:, :1], small[:, :1])
-    p_big = fastqkv._problem.plan_attention(small, big_kv, big_kv)
-    p_masked = fastqkv._problem.plan_attention(small, big_kv, big_kv, mask=np.ones(big_kv.shape[2], bool))
-    assert not _dispatch._streaming_decode(p_small)
-    assert _dispatch._streaming_decode(p_big)
-    assert not _dispatch._streaming_decode(p_masked)
-    avail = [n for n in _dispatch.decode_order() if fastqkv.backends()[n].available]
-    assert _dispatch.resolve("auto", p_big)[1] == avail[0]
+def _tune_file(tmp_path, monkeypatch, doc):
+    """Point auto at a tune file holding ``doc`` (a str is written as is)."""
+    path = tmp_path / "tune.json"
+    path.write_text(doc if isinstance(doc, str) else json.dumps(doc))
+    monkeypatch.setenv("FASTQKV_TUNE_FILE", str(path))
+    _tune.forget()
+    return path
 
 
-def test_decode_order_follows_the_cpu_vendor(monkeypatch):
-    from fastqkv import _config
-    for vendor in _config.DECODE_ORDER_VENDORS:
-        monkeypatch.setattr(_dispatch, "_vendor_cache", [vendor])
-        assert _dispatch.decode_order() == _config.DECODE_ORDER
-    for vendor in ("GenuineIntel", ""):
-        monkeypatch.setattr(_dispatch, "_vendor_cache", [vendor])
-        assert _dispatch.decode_order() == _config.AUTO_ORDER
-    monkeypatch.setattr(_dispatch, "_vendor_cache", [])
-    assert isinstance(_dispatch.cpu_vendor(), str)
+def _decode_problem():
+    q = np.zeros((1, 4, 1, 64), np.float32)
+    k = np.zeros((1, 1, 64, 64), np.float32)
+    return fastqkv._problem.plan_attention(q, k, k)
+
+
+AVAILABLE = [n for n, i in fastqkv.backends().items() if i.available]
+
+
+@pytest.mark.skipif(len(AVAILABLE) < 2, reason="needs two available backends")
+def test_auto_follows_the_measured_table(tmp_path, monkeypatch):
+    p = _decode_problem()
+    cls = _tune.class_name(_tune.call_class(p))
+    assert cls == "decode/float32/tiny/plain"
+    threads = fastqkv.get_num_threads()
+    for first in AVAILABLE:
+        order = [first] + [n for n in AVAILABLE if n != first]
+        doc = {"format": _tune.FORMAT,
+               "machines": {_tune.machine_key(threads): {"order": {cls: order}}}}
+        _tune_file(tmp_path, monkeypatch, doc)
+        try:
+            assert _dispatch.resolve("auto", p)[1] == first
+            # another thread count has no entry: the neutral order
+            assert _tune.order(p, threads + 1) == _config.AUTO_ORDER
+        finally:
+            _tune.forget()
+
+
+@pytest.mark.parametrize("doc", [
+    "{not json",
+    {"format": 999, "machines": {}},
+    {"format": 1, "machines": "x"},
+    "KEY",
+], ids=["corrupt", "future-format", "bad-machines", "bad-order"])
+def test_a_bad_tune_file_is_ignored_with_one_warning(tmp_path, monkeypatch, doc):
+    threads = fastqkv.get_num_threads()
+    if doc == "KEY":
+        doc = {"format": 1, "machines": {_tune.machine_key(threads): {"order": {"decode/x/tiny": 3}}}}
+    _tune_file(tmp_path, monkeypatch, doc)
+    p = _decode_problem()
+    try:
+        with pytest.warns(RuntimeWarning, match="ignoring the tune file") as rec:
+            assert _tune.order(p, threads) == _config.AUTO_ORDER
+            _tune.order(p, threads + 1)
+        assert len(rec) == 1
+    finally:
+        _tune.forget()
+
+
+def test_a_foreign_or_stale_entry_is_not_used(tmp_path, monkeypatch):
+    threads = fastqkv.get_num_threads()
+    key = _tune.machine_key(threads)
+    stale = key.replace(f"fastqkv {fastqkv.__version__}", "fastqkv 0.0.1")
+    doc = {"format": 1, "machines": {stale: {"order": {"decode/float32/tiny/plain": ["numpy"]}},
+                                     "Other CPU | c:avx512 | threads 2 | x": {"order": {}}}}
+    _tune_file(tmp_path, monkeypatch, doc)
+    try:
+        assert _tune.order(_decode_problem(), threads) == _config.AUTO_ORDER
+    finally:
+        _tune.forget()
+
+
+def test_tune_writes_an_entry_auto_uses(tmp_path, monkeypatch):
+    path = _tune_file(tmp_path, monkeypatch, {"format": 1, "machines": {"elsewhere": {"order": {}}}})
+    lines = []
+    try:
+        entry = _tune.tune(quick=True, progress=lines.append, budget=0.001,
+                           only=["decode/float32/tiny/plain", "encoder/float32/small/options"])
+        doc = json.loads(path.read_text())
+        assert set(doc["machines"]) == {"elsewhere", _tune.machine_key(fastqkv.get_num_threads())}
+        assert set(entry["order"]) == {"decode/float32/tiny/plain", "encoder/float32/small/options"}
+        assert len(lines) == 2
+        fast = [n for n in AVAILABLE if n != "numpy"]
+        for order in entry["order"].values():
+            assert sorted(order) == sorted(fast)
+        p = _decode_problem()
+        assert _tune.order(p, fastqkv.get_num_threads())[: len(fast)] == \
+            tuple(entry["order"]["decode/float32/tiny/plain"])
+    finally:
+        _tune.forget()

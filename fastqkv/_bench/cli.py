@@ -18,7 +18,7 @@ import sys
 import time
 from dataclasses import asdict
 
-from .. import _dispatch
+from .. import _dispatch, _tune
 from .cases import Skip, shape_classes
 from .checks import check
 from .inputs import make_inputs
@@ -50,6 +50,8 @@ def add_arguments(p):
     p.add_argument("--json", metavar="PATH", help="write all results and machine info as JSON")
     p.add_argument("--plot", metavar="PATH", help="write a PNG of each backend against the machine limits")
     p.add_argument("--no-progress", action="store_true", help="plain progress lines, no progress bar")
+    p.add_argument("--no-tune", action="store_true",
+                   help="do not run `fastqkv tune` first when auto has no measured table for this machine")
 
 
 def time_runner(t, size, repeats=None, frac=1.0):
@@ -229,6 +231,14 @@ def _run(args, size, threads, names, cases):
           f"{machine['sgemm_method']}); dgemm {machine['dgemm_gflops']:.1f} GFLOP/s")
     print(f"  read bandwidth {machine['bandwidth_gbs']:.1f} GB/s (best {machine['bandwidth_gbs_best']:.1f}; "
           f"{machine['bandwidth_method']})")
+    if "auto" in names and size != "tiny" and not args.no_tune and _tune.table(threads) is None:
+        print(f"auto has no measured table for this machine at {threads} threads: "
+              f"running `fastqkv tune{' --quick' if size == 'quick' else ''}` once "
+              f"(written to {_tune.tune_file()})")
+        t_tune = time.perf_counter()
+        entry = _tune.tune(threads=threads, quick=size == "quick",
+                           progress=lambda line: print(f"  tune {line}", flush=True))
+        print(f"  tuned {len(entry['order'])} call classes in {time.perf_counter() - t_tune:.0f} s")
     notice = numba_compile_notice(names)
     compiling = None if notice is None else [notice]
     want_bar = not args.no_progress and sys.stdout.isatty()
