@@ -3,7 +3,8 @@
 Every case of :func:`fastqkv.testing.generate_cases` runs at 1 and 2 threads;
 the extra cases below sweep head dims, lengths, GQA ratios, strides and the
 numerical corner cases that need the fused kernel's tile logic (several key
-and query tiles, partially visible tiles, invisible non-finite values).
+and query tiles, partially visible tiles, invisible non-finite values), and
+attention sinks in the tiled kernel's epilogue (rows without keys included).
 """
 
 import subprocess
@@ -248,3 +249,68 @@ def test_visible_nan_behind_zero_weight_many_tiles(tiny, force):
     case = testing.Case("alibi-underflow-masked", q, k, v,
                         {"scale": 0.01, "alibi_slopes": np.array([0.45]), "mask": mask})
     testing.check_case(case, BACKEND, num_threads=2)
+
+
+# ---------------------------------------------------------------------------
+# attention sinks on the tiled kernel
+
+def _sinks(rng, Hq):
+    """One sink logit per query head, of either sign, head 1 without one (-inf)."""
+    sinks = rng.standard_normal(Hq) * 3
+    sinks[1] = -np.inf
+    return sinks
+
+
+@pytest.mark.parametrize("tiles", ["default-tiles", "small-tiles"])
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("Hkv", [8, 2, 1], ids=["mha", "gqa4", "mqa"])
+def test_sinks_prefill(Hkv, dtype, tiles, force):
+    """Causal prefill, a chunk after a cache (one batch without keys) and a
+    windowed call with a bias, each with a sink per query head: the sink
+    counted once per row in the epilogue of every item, prepacked or not."""
+    if tiles == "small-tiles":
+        force(rows=8, keys=8, decode_keys=12)
+    rng = np.random.default_rng(40 + Hkv)
+    sinks = _sinks(rng, 8)
+    for case in (_case("causal", rng, 2, 8, Hkv, 70, 70, 32, dtype=dtype, causal=True, sinks=sinks),
+                 _case("chunk-keyless", rng, 2, 8, Hkv, 40, 300, 16, dtype=dtype, causal=True,
+                       key_lens=np.array([300, 0]), sinks=sinks),
+                 _case("window-bias", rng, 1, 8, Hkv, 50, 90, 16, dtype=dtype, window=(20, 5),
+                       bias=rng.standard_normal((50, 90)), sinks=sinks)):
+        assert fastqkv._problem.plan_attention(case.q, case.k, case.v, **case.kwargs).route == "tile"
+        for threads in THREADS:
+            testing.check_case(case, BACKEND, num_threads=threads)
+
+
+def test_sinks_dominant_and_no_sink_is_exact():
+    """A sink far above every score leaves the output near 0 and lse near
+    the sink; sinks of -inf give bit for bit the result without sinks."""
+    rng = np.random.default_rng(41)
+    q, k, v = (rng.standard_normal(s).astype(np.float32) for s in ((1, 4, 30, 16), (1, 2, 30, 16), (1, 2, 30, 16)))
+    _compare(q, k, v, causal=True, sinks=np.full(4, 60.0))
+    base, base_lse = fastqkv.attention(q, k, v, causal=True, return_lse=True, backend=BACKEND)
+    out, lse = fastqkv.attention(q, k, v, causal=True, sinks=np.full(4, -np.inf), return_lse=True,
+                                 backend=BACKEND)
+    assert np.array_equal(out, base) and np.array_equal(lse, base_lse)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_sinks_fully_masked_rows(dtype):
+    """Rows that see no key (a mask all False for some rows; a key-padding
+    mask all False for batch 1, read as a length of 0) give 0 and lse = the
+    sink of their head (-inf for head 1, which has none)."""
+    rng = np.random.default_rng(42)
+    q = rng.standard_normal((2, 4, 6, 16)).astype(dtype)
+    k = rng.standard_normal((2, 2, 40, 16)).astype(dtype)
+    v = rng.standard_normal((2, 2, 40, 16)).astype(dtype)
+    sinks = _sinks(rng, 4)
+    mask = rng.random((2, 4, 6, 40)) < 0.5
+    mask[:, :, 2] = False
+    out, lse = _compare(q, k, v, mask=mask, sinks=sinks)
+    assert np.all(out[:, :, 2] == 0)
+    assert np.array_equal(lse[:, :, 2], np.broadcast_to(sinks.astype(lse.dtype)[None, :], (2, 4)))
+    padding = np.ones((2, 1, 1, 40), bool)
+    padding[1] = False
+    out, lse = _compare(q, k, v, mask=padding, sinks=sinks)
+    assert np.all(out[1] == 0)
+    assert np.array_equal(lse[1], np.broadcast_to(sinks.astype(lse.dtype)[:, None], (4, 6)))

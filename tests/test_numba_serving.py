@@ -1,6 +1,7 @@
 """The numba backend's serving paths against the NumPy oracle: the streaming
 kernel (decode, split-KV with the in-call merge, ragged ``key_lens``), paged
-KV caches (decode and prefill with a cache) and float16/bfloat16 storage.
+KV caches (decode and prefill with a cache), float16/bfloat16 storage and
+attention sinks (counted once per row, in the merge of the splits).
 
 Splits and chunks are forced small through the ``force`` fixture's
 ``split_keys``, ``stream_keys`` and ``decode_stream_keys`` (runtime arguments:
@@ -260,3 +261,85 @@ def test_supports_and_features():
     for dt in HALF:
         z = np.zeros((1, 2, 3), testing.as_dtype(dt))
         assert _numba.supports(fastqkv._problem.plan_attention(z, z, z)) is None
+
+
+# ---------------------------------------------------------------------------
+# attention sinks: counted once per row, in the merge of the split partials
+
+def _sinks(rng, Hq):
+    """One sink logit per query head, of either sign, head 1 without one (-inf)."""
+    sinks = rng.standard_normal(Hq) * 3
+    sinks[1] = -np.inf
+    return sinks
+
+
+@pytest.mark.parametrize("nsplit", [0, 1, 3, 7], ids=["auto", "split1", "split3", "split7"])
+@pytest.mark.parametrize("Hq", [8, 16], ids=["G4", "G8"])
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+def test_sinks_decode(dtype, Hq, nsplit, forced):
+    """Decode over ragged lengths (one of 0) with the longest sequence cut
+    into ``nsplit`` KV splits (0: the kernel's choice): the sink is counted
+    once, whatever the number of splits; the row path (G4) and the
+    transposed one (G8)."""
+    Lk = 210
+    forced(-(-Lk // nsplit) if nsplit else 0, 12)
+    dt = testing.as_dtype(dtype)
+    rng = np.random.default_rng(50 + Hq)
+    q, k, v = _qkv(rng, 3, Hq, 2, 1, Lk, 32, dt)
+    kl = np.array([Lk, 0, 77])
+    sinks = _sinks(rng, Hq)
+    assert fastqkv._problem.plan_attention(q, k, v, key_lens=kl, sinks=sinks).route == "stream"
+    _check(q, k, v, key_lens=kl, sinks=sinks)
+    out, lse = _run(q, k, v, key_lens=kl, sinks=sinks)
+    assert np.all(out[1] == 0)
+    assert np.array_equal(lse[1, :, 0], sinks.astype(lse.dtype))
+    _check(q, k, v, key_lens=kl, sinks=sinks, window=(40, -1))
+
+
+@pytest.mark.parametrize("split", [0, 30])
+def test_sinks_splits_agree(split, forced):
+    """With sinks, split and unsplit decodes agree (the partials leave the sink out)."""
+    rng = np.random.default_rng(51)
+    q, k, v = _qkv(rng, 2, 16, 4, 1, 500, 64)
+    kl = np.array([500, 123])
+    sinks = _sinks(rng, 16)
+    forced(1000)
+    base, lse0 = _run(q, k, v, key_lens=kl, sinks=sinks)
+    forced(split, 16)
+    out, lse = _run(q, k, v, key_lens=kl, sinks=sinks)
+    testing.assert_close(out, base, np.float32, what="out")
+    testing.assert_close(lse, lse0, np.float32, what="lse")
+
+
+@pytest.mark.parametrize("Lq", [1, 24], ids=["decode", "chunk"])
+def test_sinks_paged(Lq, forced):
+    """A paged cache, decode and a causal chunk, with sinks."""
+    forced(40 if Lq == 1 else 0, 16)
+    rng = np.random.default_rng(52)
+    q, k, v = _qkv(rng, 3, 8, 2, Lq, 150, 32)
+    kl = np.array([150, 61, 30])
+    kc, vc, bt = testing.paged_cache(k, v, 16, rng, kl)
+    _check_paged(q, kc, vc, bt, kl, sinks=_sinks(rng, 8), causal=Lq > 1)
+
+
+@pytest.mark.parametrize("dtype", HALF)
+@pytest.mark.parametrize("split", [0, 40])
+def test_sinks_half(dtype, split, forced):
+    """float16 / bfloat16 storage with sinks: decode (the streaming kernel,
+    dense and paged) and a masked prefill (widened to the tiled kernel)."""
+    forced(split, 16)
+    dt = testing.as_dtype(dtype)
+    rng = np.random.default_rng(53)
+    q, k, v = _qkv(rng, 2, 8, 2, 1, 300, 64, dt)
+    kl = np.array([300, 0])
+    sinks = _sinks(rng, 8)
+    _check(q, k, v, key_lens=kl, sinks=sinks)
+    kc, vc, bt = testing.paged_cache(k, v, 16, rng, kl)
+    _check_paged(q, kc, vc, bt, kl, sinks=sinks)
+    q, k, v = _qkv(rng, 1, 8, 2, 20, 60, 32, dt)
+    mask = rng.random((1, 8, 20, 60)) < 0.6
+    mask[0, :, 3] = False
+    out, lse = _run(q, k, v, mask=mask, sinks=sinks)
+    assert np.all(out[0, :, 3].astype(np.float32) == 0)
+    assert np.array_equal(lse[0, :, 3], sinks.astype(np.float32))
+    _check(q, k, v, mask=mask, sinks=sinks)

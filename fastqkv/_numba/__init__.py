@@ -76,8 +76,6 @@ def supports(problem):
     if storage_name(problem.dtype) not in _SUPPORTED:
         return (f"dtype {problem.dtype} is not supported by the numba backend "
                 "(float16, bfloat16, float32 and float64 only)")
-    if problem.sinks is not None:
-        return "sinks= is not implemented in the numba backend"
     return None
 
 

@@ -26,6 +26,7 @@ HAS_BIAS = 4
 HAS_KEY_LENS = 8
 HAS_ALIBI = 16
 PAGED = 32            # streaming driver only: K/V are a paged cache
+HAS_SINKS = 64
 
 
 @njit(nogil=True, cache=True, inline="always")
@@ -63,6 +64,7 @@ class TileCall(NamedTuple):
     bias: object        #: (B, Hq, Lq, Lk) added to the scores when HAS_BIAS, else a dummy
     key_lens: object    #: (B,) int64 keys of each batch when HAS_KEY_LENS, else a dummy
     alibi: object       #: (B, Hq) ALiBi slopes when HAS_ALIBI, else a dummy
+    sinks: object       #: (Hq,) sink logits when HAS_SINKS, else a dummy
     sc: float           #: scale of the scores
     softcap: float      #: > 0: scores capped by ``softcap * tanh(s / softcap)``
     wl: int             #: window: keys up to wl before the aligned position (-1: unbounded)

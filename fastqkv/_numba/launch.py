@@ -31,7 +31,7 @@ from numba import njit, types
 from .. import _config
 from .._validate import storage_name
 from . import tuning
-from .call import HAS_ALIBI, HAS_BIAS, HAS_KEY_LENS, HAS_LSE, HAS_MASK, PAGED
+from .call import HAS_ALIBI, HAS_BIAS, HAS_KEY_LENS, HAS_LSE, HAS_MASK, HAS_SINKS, PAGED
 from .prefill import _attention_py, _layout
 from .stream import _chunk_room, _stream_layout, _stream_py
 from .vec import KIND_BF16, KIND_F16, KIND_FLOAT
@@ -51,7 +51,7 @@ def _signature(dt):
         arr(dt, 4, True), arr(dt, 4, True), arr(dt, 4, True),      # q, k, v
         arr(dt, 4, False), arr(dt, 3, False),                      # out, lse
         arr(types.boolean, 4, True), arr(dt, 4, True),             # mask, bias
-        arr(i64, 1, True), arr(dt, 2, True),                       # key_lens, alibi
+        arr(i64, 1, True), arr(dt, 2, True), arr(dt, 1, True),     # key_lens, alibi, sinks
         dt, dt, i64, i64, i64, i64, i64, i64,       # scale, softcap, wl, wr, flags, qt, kt, nthreads
         types.Array(dt, 1, "C"), types.Array(types.boolean, 1, "C"),   # workspace
         types.Array(i64, 1, "C"))                                       # work queue
@@ -69,7 +69,7 @@ def _stream_signature(st):
     return types.void(
         arr(st, 4, True), arr(st, 4, True), arr(st, 4, True),      # q, k, v (or the caches)
         arr(st, 4, False), arr(acc, 3, False),                     # out, lse
-        arr(i64, 1, True), arr(i64, 2, True),                      # key_lens, block_table
+        arr(i64, 1, True), arr(i64, 2, True), arr(acc, 1, True),   # key_lens, block_table, sinks
         acc, i64, i64, i64, i64,                                   # scale, wl, wr, flags, kind
         i64, i64, i64, i64, i64,                                   # qt, skt, hpi, split, nthreads
         types.Array(acc, 1, "C"), types.Array(i64, 1, "C"))        # workspace, queue
@@ -118,7 +118,7 @@ def stream_driver(dtype):
 _DUMMIES = {}
 _BT_DUMMY = np.zeros((1, 1), np.int64)
 _OPTIONAL = (("lse", HAS_LSE), ("mask", HAS_MASK), ("bias", HAS_BIAS),
-             ("key_lens", HAS_KEY_LENS), ("alibi", HAS_ALIBI))
+             ("key_lens", HAS_KEY_LENS), ("alibi", HAS_ALIBI), ("sinks", HAS_SINKS))
 
 
 def _dummies(dt):
@@ -130,6 +130,7 @@ def _dummies(dt):
             bias=np.zeros((1, 1, 1, 1), dt),
             key_lens=np.zeros(1, np.int64),
             alibi=np.zeros((1, 1), dt),
+            sinks=np.zeros(1, dt),
         )
         _DUMMIES[dt] = d
     return d
@@ -347,6 +348,10 @@ def _run_stream(p, num_threads):
     if p.block_table is not None:
         flags |= PAGED
         bt = p.block_table
+    sinks = dm["sinks"]
+    if p.sinks is not None:
+        flags |= HAS_SINKS
+        sinks = p.sinks
     g = p.Hq // p.Hkv
     qt = min(p.Lq, max(1, tuning.ROWS // g))
     hpi = heads_per_item(p)
@@ -362,7 +367,7 @@ def _run_stream(p, num_threads):
     n = _threads_for(num_threads, items, work)
     part, per = _stream_layout.py_func(p.B, p.Hq, p.Lq, g, p.D, p.Dv, qt, skt, hpi, max(ns))
     ws, _, queue = _workspace(acc, part + n * per, 0, 4 + p.B + n * 4 * _chunk_room(skt))
-    _call_threads(n, fn, q, k, v, out, lse, key_lens, bt, acc.type(p.scale), int(p.window_left),
+    _call_threads(n, fn, q, k, v, out, lse, key_lens, bt, sinks, acc.type(p.scale), int(p.window_left),
                   int(p.window_right), flags, kind, qt, skt, hpi, split, n, ws, queue)
     if tmp is not None:
         p.out[...] = tmp
@@ -403,7 +408,7 @@ def _run_general(p, num_threads):
     per, nkp, nvp, nbad = _layout(p.B, p.Hkv, p.Lq, p.Lk, g, p.D, p.Dv, qt, kt, n)
     ws, wsb, queue = _workspace(dt, nkp + nvp + n * per, nbad)
     _call_threads(n, fn, p.q, p.k, p.v, out, args["lse"], args["mask"], args["bias"], args["key_lens"],
-                  args["alibi"], T(p.scale), T(p.softcap),
+                  args["alibi"], args["sinks"], T(p.scale), T(p.softcap),
                   int(p.window_left), int(p.window_right), flags, qt, kt, n, ws, wsb, queue)
     if tmp is not None:
         p.out[...] = tmp

@@ -2,7 +2,7 @@
 
 Contract: ``_attention_py`` is the parallel driver compiled by
 :func:`.launch.driver` (float32 / float64, every option: mask, bias, ALiBi,
-softcap, window, key lengths, lse); it fills ``out`` (and ``lse``) from
+softcap, window, key lengths, sinks, lse); it fills ``out`` (and ``lse``) from
 validated inputs, all scratch cut from the caller's workspace (sized by
 ``_layout``).
 
@@ -25,15 +25,13 @@ validated inputs, all scratch cut from the caller's workspace (sized by
 
 from __future__ import annotations
 
-import math
-
 import numpy as np
 from numba import njit, prange
 
-from .call import (HAS_ALIBI, HAS_BIAS, HAS_KEY_LENS, HAS_LSE, HAS_MASK, PackedKV, TileCall, TileScratch, _a16,
-                   _carve16)
+from .call import (HAS_ALIBI, HAS_BIAS, HAS_KEY_LENS, HAS_LSE, HAS_MASK, HAS_SINKS, PackedKV, TileCall,
+                   TileScratch, _a16, _carve16)
 from .micro_tile import _abt_tile, _pv_rows, _pv_tile, _qk_tile
-from .softmax import _scores_options, _softmax_tile, _window
+from .softmax import _scores_options, _sink_fold, _softmax_tile, _window
 from .tuning import MR, NR
 from .vec import FASTMATH, _as_c, _borrow, _fetch_add, _fill
 
@@ -158,7 +156,7 @@ def _work_item(call, pkv, scr, b, kvh, i0, i1, kt):
     place or packed per MR-row block, K^T panels of NR keys); smaller ones (decode with
     options) the 4 x 4 dot-product blocks of ``_abt_tile`` with K and V rows
     read in place when they are contiguous."""
-    q, k, v, out, lse, mask, bias, key_lens, alibi, sc, softcap, wl, wr, flags = call
+    q, k, v, out, lse, mask, bias, key_lens, alibi, sinks, sc, softcap, wl, wr, flags = call
     prepacked, kp, vp, bad = pkv
     qs, ks, vs, s, o, m, l, alpha = scr
     T = s.dtype.type
@@ -283,22 +281,20 @@ def _work_item(call, pkv, scr, b, kvh, i0, i1, kt):
             _pv_rows(s, vs, o, alpha, M, n, dvp)
 
     has_lse = (flags & HAS_LSE) != 0
+    has_sinks = (flags & HAS_SINKS) != 0
     for r in range(M):
         h = kvh * g + r // nq
         i = i0 + r % nq
-        ll = l[r]
+        f, x = _sink_fold(m[r], l[r], sinks, h, has_sinks)
         dst = out[b, h, i]
-        if ll == 0:
+        if x == ninf:                   # neither a visible key nor a sink: 0, whatever O holds
             for c in range(dv):
                 dst[c] = 0
-            if has_lse:
-                lse[b, h, i] = ninf
         else:
-            inv = T(1) / ll
             for c in range(dv):
-                dst[c] = o[r, c] * inv
-            if has_lse:
-                lse[b, h, i] = m[r] + math.log(ll)
+                dst[c] = o[r, c] * f
+        if has_lse:
+            lse[b, h, i] = x
 
 
 @njit(nogil=True, cache=True, inline="always")
@@ -325,7 +321,7 @@ def _layout(B, Hkv, Lq, Lk, g, d, dv, qt, kt, nt):
     return per, B * Hkv * ntile * ktp * d, B * Hkv * ntile * ktp * dvp, B * Hkv * ntile
 
 
-def _attention_py(q, k, v, out, lse, mask, bias, key_lens, alibi, sc, softcap, wl, wr, flags,
+def _attention_py(q, k, v, out, lse, mask, bias, key_lens, alibi, sinks, sc, softcap, wl, wr, flags,
                   qt, kt, nthreads, ws, wsb, queue):
     """Parallel driver.  When a KV head serves several query tiles, its K
     (as K^T panels) and V tiles are packed once first, in parallel over ``(b, kv
@@ -393,7 +389,8 @@ def _attention_py(q, k, v, out, lse, mask, bias, key_lens, alibi, sc, softcap, w
         l, at = _carve16(mine, at, mpmax)
         alpha, at = _carve16(mine, at, mpmax)
         call = TileCall(_borrow(q), _borrow(k), _borrow(v), _borrow(out), _borrow(lse), _borrow(mask),
-                        _borrow(bias), _borrow(key_lens), _borrow(alibi), sc, softcap, wl, wr, flags)
+                        _borrow(bias), _borrow(key_lens), _borrow(alibi), _borrow(sinks), sc, softcap, wl, wr,
+                        flags)
         pkv = PackedKV(prepacked, _borrow(kp), _borrow(vp), _borrow(bad))
         scr = TileScratch(_borrow(qs), _borrow(ks), _borrow(vs), _borrow(s), _borrow(o), _borrow(m),
                           _borrow(l), _borrow(alpha))

@@ -15,6 +15,8 @@ threads.
   ``S^T``, rows in vector lanes): one online-softmax step, ``exp(S - m)``
   left in place.  Row maxima use ``_maximum``, so NaN scores propagate;
   rows with no visible key keep ``m = -inf``, ``l = 0``.
+* ``_sink_fold``: the end of a row: its normaliser and lse from ``m`` and
+  ``l``, with the row's attention sink counted once.
 """
 
 from __future__ import annotations
@@ -199,3 +201,25 @@ def _softmax_t(st, ldt, n, rows, sc, m, l, alpha, mx):
             x = _exp(sr[r] - mx[r])
             sr[r] = x
             l[r] += x
+
+
+@njit(nogil=True, cache=True, inline="always")
+def _sink_fold(m, l, sinks, h, has_sinks):
+    """``(f, lse)`` of an output row of query head ``h`` with running max
+    ``m`` and sum ``l``: ``out = f * O`` and its log-sum-exp, the sink logit
+    ``s = sinks[h]`` (when ``has_sinks``; else -inf, no sink) counted once as
+    one more key of value 0: ``M = max(m, s)``, ``a = exp(m - M)``,
+    ``L = l a + exp(s - M)``, ``f = a / L``, ``lse = M + log(L)``.  A row
+    without a visible key gets ``f = 0`` and ``lse = s``; ``lse`` is -inf
+    only when there is neither a visible key nor a sink (``out`` is then
+    0).  NaN in ``m`` propagates.  Without a sink ``f = 1 / l`` and ``lse =
+    m + log(l)`` exactly."""
+    T = sinks.dtype.type
+    ninf = T(-np.inf)
+    s = sinks[h] if has_sinks else ninf
+    mx = _maximum(m, s)
+    if mx == ninf:
+        return T(0), ninf
+    a = _exp(m - mx)
+    ll = l * a + _exp(s - mx)
+    return a / ll, T(mx + math.log(ll))

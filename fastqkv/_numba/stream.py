@@ -17,20 +17,19 @@ a paged cache read in place, all scratch cut from the caller's workspace
   gathered and widened into thread scratch and done row by row.
 * Splits write unnormalised partials ``(O, m, l)``; a second parallel pass
   merges them through their max / sum (``_merge_row``: exact; empty splits
-  have ``m = -inf``, ``l = 0``).
+  have ``m = -inf``, ``l = 0``) and counts the attention sink, once per
+  row, there only (one split included).
 """
 
 from __future__ import annotations
-
-import math
 
 import numpy as np
 from numba import njit, prange
 from numba.extending import register_jitable
 
-from .call import HAS_KEY_LENS, HAS_LSE, PAGED, Chunk, Partials, StreamCall, StreamScratch, _carve
+from .call import HAS_KEY_LENS, HAS_LSE, HAS_SINKS, PAGED, Chunk, Partials, StreamCall, StreamScratch, _carve
 from .micro_stream import _pv_tail, _qk_direct, _spv, _sqk, _sqkt
-from .softmax import _exp, _softmax_t, _softmax_tile, _window
+from .softmax import _exp, _sink_fold, _softmax_t, _softmax_tile, _window
 from .tuning import MRS, NV_PV, PF_BYTES, SKB, SQC, VBYTES
 from .vec import FASTMATH, KIND_F16, KIND_FLOAT, _as_c, _borrow, _fetch_add, _fill, _maximum, _put, _widen
 
@@ -359,9 +358,11 @@ def _stream_item(call, scr, part, b, kv0, hpi, i0, i1, sidx, split, skt):
 
 
 @njit(nogil=True, cache=True)
-def _merge_row(po, pm, pl, R0, ns, dst, kind, has_lse, lse, b, h, i):
+def _merge_row(po, pm, pl, R0, ns, dst, kind, has_lse, lse, sinks, has_sinks, b, h, i):
     """Combine the ``ns`` partials of one output row (exact: weights
-    ``exp(m_s - max m)``); no visible key: 0 and lse -inf; NaN propagates."""
+    ``exp(m_s - max m)``), the sink of head ``h`` counted once
+    (:func:`.softmax._sink_fold`); no visible key: 0 and lse the sink
+    (-inf without one); NaN propagates."""
     T = po.dtype.type
     ninf = T(-np.inf)
     mx = ninf
@@ -372,20 +373,21 @@ def _merge_row(po, pm, pl, R0, ns, dst, kind, has_lse, lse, b, h, i):
         for c in range(dv):
             _put(dst, c, T(0), kind)
         if has_lse:
-            lse[b, h, i] = ninf
+            lse[b, h, i] = _sink_fold(mx, T(0), sinks, h, has_sinks)[1]
         return
     ll = T(0)
     for t in range(ns):
         w = _exp(pm[R0 + t] - mx)
         pm[R0 + t] = w
         ll += w * pl[R0 + t]
+    f, x = _sink_fold(mx, ll, sinks, h, has_sinks)
     for c in range(dv):
         acc = T(0)
         for t in range(ns):
             acc += pm[R0 + t] * po[R0 + t, c]
-        _put(dst, c, acc / ll, kind)
+        _put(dst, c, acc * f, kind)
     if has_lse:
-        lse[b, h, i] = mx + math.log(ll)
+        lse[b, h, i] = x
 
 
 @njit(nogil=True, cache=True)
@@ -416,7 +418,7 @@ def _scratch_rows(M):
     return (M + 15) & ~15 if M >= 8 else (M + 3) & ~3
 
 
-def _stream_py(q, k, v, out, lse, key_lens, bt, sc, wl, wr, flags, kind, qt, skt, hpi, split,
+def _stream_py(q, k, v, out, lse, key_lens, bt, sinks, sc, wl, wr, flags, kind, qt, skt, hpi, split,
                nthreads, ws, queue):
     """Parallel driver of the streaming kernel: ``prange`` over threads taking
     work items ``(b, group of hpi KV heads, query tile, split)`` from an
@@ -429,7 +431,8 @@ def _stream_py(q, k, v, out, lse, key_lens, bt, sc, wl, wr, flags, kind, qt, skt
     :data:`.launch.STREAM_SIGNATURES`): ``q``, ``k``, ``v``, ``key_lens``,
     ``bt``, ``sc``, ``wl``, ``wr``, ``flags``, ``kind`` as the fields of
     :class:`.StreamCall`; ``out`` (B, Hq, Lq, Dv) and ``lse`` (B, Hq, Lq,
-    when HAS_LSE) the results; ``qt`` query positions per work item;
+    when HAS_LSE) the results; ``sinks`` (Hq,) the sink logits when
+    HAS_SINKS, counted in the merge only; ``qt`` query positions per work item;
     ``skt`` keys per chunk; ``hpi`` KV heads per item; ``split`` keys per
     KV split; ``nthreads`` threads at most; ``ws`` the workspace (partials,
     then per-thread scratch, :func:`_stream_layout`); ``queue`` as above."""
@@ -503,6 +506,7 @@ def _stream_py(q, k, v, out, lse, key_lens, bt, sc, wl, wr, flags, kind, qt, skt
             i0 = qtile * qt
             _stream_item(call, scr, part, b, kv0, hpi, i0, min(i0 + qt, Lq), sidx, split, skt)
     has_lse = (flags & HAS_LSE) != 0
+    has_sinks = (flags & HAS_SINKS) != 0
     rows = B * Hq * Lq
     for t in prange(nt):
         for row in range(t, rows, nt):
@@ -512,4 +516,4 @@ def _stream_py(q, k, v, out, lse, key_lens, bt, sc, wl, wr, flags, kind, qt, skt
             lkb = key_lens[b] if has_kl else k.shape[2]
             ns = max(1, (lkb + split - 1) // split)
             _merge_row(po, pm, pl, row * nsmax, ns, _borrow(out)[b, h, i], kind, has_lse,
-                       _borrow(lse), b, h, i)
+                       _borrow(lse), _borrow(sinks), has_sinks, b, h, i)
