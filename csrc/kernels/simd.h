@@ -108,6 +108,9 @@ AI FQ_T N(hsum)(V x)
 #endif
 }
 
+/* scalar max that keeps a NaN from either side (a row max stays NaN) */
+AI FQ_T N(nanmax)(FQ_T a, FQ_T b) { return (a != a || a > b) ? a : b; }
+
 /* Transposed reduction: x[0..FQ_VLC) -> one vector whose lane j is the sum
  * of the lanes of x[fq_bitrev(j)] (callers place their j-th accumulator at
  * x[bitrev(j)] to get the sums in order): log2(VL) levels of two shuffles and
