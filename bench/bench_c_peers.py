@@ -162,8 +162,9 @@ def overhead(repeat=2000):
     p = plan(inp, out=out)
     run = median_seconds(lambda: _c.run(p, 2), repeat, warmup=100)
     from fastqkv import _ckernels
-    raw = median_seconds(lambda: _ckernels.attention(q, k, v, out, None, None, None, None, None, 0.125, 0.0,
-                                                     -1, -1, 2, 1, None, 0), repeat, warmup=100)
+    raw = median_seconds(lambda: _ckernels.attention(q, k, v, out, None, None, None, None, None, None,
+                                                     0.125, 0.0, -1, -1, 2, 1, None, 0),
+                         repeat, warmup=100)
     return full, run, raw
 
 

@@ -41,6 +41,7 @@ typedef struct fq_problem {
     int64_t sb[4];
     const int64_t *key_lens;         /* NULL or (B,) within [0, Lk] */
     const char *alibi;               /* NULL or contiguous (B,Hq) */
+    const char *sinks;               /* NULL or contiguous (Hq,) in the accumulation dtype */
     double scale, softcap;           /* softcap 0 = off */
     int64_t wl, wr;                  /* window, -1 = unbounded; causal is wr = 0 */
     /* tiling, chosen by the driver */

@@ -168,14 +168,14 @@ static int64_t last_stride(PyArrayObject *a)
     return PyArray_ITEMSIZE(a);
 }
 
-/* attention(q, k, v, out, lse, mask, bias, key_lens, alibi,
+/* attention(q, k, v, out, lse, mask, bias, key_lens, alibi, sinks,
  *           scale, softcap, window_left, window_right, num_threads, route
  *           [, block_table, block_size]) */
 static PyObject *py_attention(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
 {
     (void)self;
-    if (nargs != 15 && nargs != 17) {
-        PyErr_SetString(PyExc_TypeError, "attention() takes 15 or 17 positional arguments");
+    if (nargs != 16 && nargs != 18) {
+        PyErr_SetString(PyExc_TypeError, "attention() takes 16 or 18 positional arguments");
         return NULL;
     }
     if (!current_isa) {
@@ -183,7 +183,7 @@ static PyObject *py_attention(PyObject *self, PyObject *const *args, Py_ssize_t 
         return NULL;
     }
     PyArrayObject *q = as_arr(args[0], "q"), *k, *v, *out, *lse = NULL, *mask = NULL, *bias = NULL,
-                  *kl = NULL, *alibi = NULL, *bt = NULL;
+                  *kl = NULL, *alibi = NULL, *sinks = NULL, *bt = NULL;
     if (!q || !(k = as_arr(args[1], "k")) || !(v = as_arr(args[2], "v")) || !(out = as_arr(args[3], "out")))
         return NULL;
     if (args[4] != Py_None && !(lse = as_arr(args[4], "lse")))
@@ -196,17 +196,19 @@ static PyObject *py_attention(PyObject *self, PyObject *const *args, Py_ssize_t 
         return NULL;
     if (args[8] != Py_None && !(alibi = as_arr(args[8], "alibi")))
         return NULL;
-    double scale = PyFloat_AsDouble(args[9]);
-    double softcap = PyFloat_AsDouble(args[10]);
-    long long wl = PyLong_AsLongLong(args[11]);
-    long long wr = PyLong_AsLongLong(args[12]);
-    long nthreads = PyLong_AsLong(args[13]);
-    long route = PyLong_AsLong(args[14]);
+    if (args[9] != Py_None && !(sinks = as_arr(args[9], "sinks")))
+        return NULL;
+    double scale = PyFloat_AsDouble(args[10]);
+    double softcap = PyFloat_AsDouble(args[11]);
+    long long wl = PyLong_AsLongLong(args[12]);
+    long long wr = PyLong_AsLongLong(args[13]);
+    long nthreads = PyLong_AsLong(args[14]);
+    long route = PyLong_AsLong(args[15]);
     long long bsize = 0;
-    if (nargs == 17 && args[15] != Py_None) {
-        if (!(bt = as_arr(args[15], "block_table")))
+    if (nargs == 18 && args[16] != Py_None) {
+        if (!(bt = as_arr(args[16], "block_table")))
             return NULL;
-        bsize = PyLong_AsLongLong(args[16]);
+        bsize = PyLong_AsLongLong(args[17]);
     }
     if (PyErr_Occurred())
         return NULL;
@@ -221,7 +223,7 @@ static PyObject *py_attention(PyObject *self, PyObject *const *args, Py_ssize_t 
         PyErr_SetString(PyExc_TypeError, "the c backend computes float16, bfloat16, float32 and float64 only");
         return NULL;
     }
-    /* lse, bias and alibi are in the accumulation dtype */
+    /* lse, bias, alibi and sinks are in the accumulation dtype */
     int acc_tn = dt == FQ_F64 ? NPY_FLOAT64 : NPY_FLOAT32;
     if (check_view(q, "q", tn, 4) || check_view(k, "k", tn, 4) || check_view(v, "v", tn, 4) ||
         check_view(out, "out", tn, 4) || unit_last(q, "q") || unit_last(k, "k") ||
@@ -307,6 +309,15 @@ static PyObject *py_attention(PyObject *self, PyObject *const *args, Py_ssize_t 
             return NULL;
         }
     }
+    if (sinks) {
+        npy_intp sshape[1] = {Hq};
+        if (check_view(sinks, "sinks", acc_tn, 1) || same_shape(sinks, "sinks", sshape, 1))
+            return NULL;
+        if (!PyArray_IS_C_CONTIGUOUS(sinks)) {
+            PyErr_SetString(PyExc_ValueError, "sinks must be C-contiguous");
+            return NULL;
+        }
+    }
     if (kl) {
         if (PyArray_TYPE(kl) != NPY_INT64 || PyArray_NDIM(kl) != 1 || PyArray_DIM(kl, 0) != B ||
             !PyArray_IS_C_CONTIGUOUS(kl)) {
@@ -363,6 +374,7 @@ static PyObject *py_attention(PyObject *self, PyObject *const *args, Py_ssize_t 
     }
     p.key_lens = kl ? (const int64_t *)PyArray_DATA(kl) : NULL;
     p.alibi = alibi ? PyArray_BYTES(alibi) : NULL;
+    p.sinks = sinks ? PyArray_BYTES(sinks) : NULL;
     p.scale = scale; p.softcap = softcap; p.wl = wl; p.wr = wr;
 
     if (Lk == 0) {
@@ -581,9 +593,10 @@ static PyMethodDef methods[] = {
     {"set_splits", py_set_splits, METH_O,
      "set_splits(n): test hook; key splits of streaming calls, 0 = automatic"},
     {"attention", (PyCFunction)(void (*)(void))py_attention, METH_FASTCALL,
-     "attention(q, k, v, out, lse, mask, bias, key_lens, alibi, scale, softcap, "
+     "attention(q, k, v, out, lse, mask, bias, key_lens, alibi, sinks, scale, softcap, "
      "window_left, window_right, num_threads, route[, block_table, block_size]): fill out "
-     "(and lse) of a validated problem on route 0 (tiled) or 1 (streaming)"},
+     "(and lse) of a validated problem on route 0 (tiled) or 1 (streaming); sinks: None "
+     "or a C-contiguous (Hq,) array in the accumulation dtype"},
     {"isa", py_isa, METH_NOARGS, "the ISA variant in use (None if $FASTQKV_ISA is unusable)"},
     {"isa_error", py_isa_error, METH_NOARGS, "why no ISA variant is usable, or None"},
     {"isa_compiled", py_isa_compiled, METH_NOARGS, "ISA variants compiled into this build"},

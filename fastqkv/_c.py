@@ -48,8 +48,6 @@ def probe():
 
 
 def supports(problem):
-    if problem.sinks is not None:
-        return "sinks= is not implemented in the c backend"
     if _validate.storage_name(problem.dtype) in _DTYPES:
         return None
     return f"dtype {problem.dtype} is not supported by the c backend"
@@ -58,7 +56,7 @@ def supports(problem):
 def run(p, num_threads):
     """Fill ``p.out`` (and ``p.lse``) of a prepared Problem on its route."""
     _ckernels.attention(p.q, p.k, p.v, p.out, p.lse, p.mask, p.bias, p.key_lens, p.alibi,
-                        p.scale, p.softcap, p.window_left, p.window_right, num_threads,
+                        p.sinks, p.scale, p.softcap, p.window_left, p.window_right, num_threads,
                         _ROUTE[p.route], p.block_table, p.block_size)
 
 

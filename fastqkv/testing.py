@@ -221,6 +221,20 @@ def _dense_cases(dtype, rng, quick):
            strides="transposed", out_strided=True)
         mk("long-decode-gqa8", 1, 16, 2, 1, 1000, 64)
         mk("L113-D1", 1, 1, 1, 113, 113, 1, causal=True)
+    # sinks=: drawn from their own stream (the cases above keep their data)
+    srng = rng.spawn(1)[0]
+    full = srng.random((1, 2, 15, 23)) < 0.6
+    full[0, 1, 4, :] = False                    # one fully masked row
+    for name, shape, kw in (
+            ("gqa4-causal", (1, 8, 2, 33, 33, 64), dict(causal=True)),
+            ("key-lens-causal", (3, 4, 2, 6, 64, 32), dict(key_lens=np.array([0, 5, 64]), causal=True)),
+            ("mask-full", (1, 2, 1, 15, 23, 8), dict(mask=full)),
+            ("softcap-alibi-window", (2, 4, 2, 12, 31, 16),
+             dict(softcap=5.0, alibi_slopes=np.array([0.5, 0.25, 0.125, 0.0625]), window=(6, 2))),
+            ("gqa8-decode", (2, 8, 1, 1, 300, 128), dict(causal=True)),
+            ("nan-q-row", (1, 2, 2, 5, 12, 8), {})):
+        add(_with_sinks(make_case(f"{n}-sinks-{name}", srng, *shape, dtype=dtype, **kw), srng))
+    c[-1].q[0, 1, 2, 3] = np.nan                # NaN row 2 of head 1
     return c
 
 
@@ -308,6 +322,16 @@ def _with_key_lens(case, key_lens):
     return case
 
 
+def _with_sinks(case, rng):
+    """``case`` with ``sinks=``: a float32 logit ~N(0, 2^2) per query head,
+    the last head's -inf (no sink)."""
+    heads = case.q.shape[-2 if case.fn == "attention_varlen" or case.kwargs.get("layout") == "blhd" else -3]
+    sinks = (2 * rng.standard_normal(heads)).astype(np.float32)
+    sinks[-1] = -np.inf
+    case.kwargs["sinks"] = sinks
+    return case
+
+
 def _decode_cases(dtype, rng, quick):
     """Few query positions over many keys: the shapes the streaming kernels
     take and split over the keys (forced split counts exercise empty and
@@ -343,6 +367,15 @@ def _decode_cases(dtype, rng, quick):
     for name, shape, key_lens, kw in shapes:
         case = make_case(f"{n}-decode-{name}", rng, *shape, dtype=dtype, **kw)
         c.append(case if key_lens is None else _with_key_lens(case, key_lens))
+    # sinks=: drawn from their own stream (the cases above keep their data)
+    srng = rng.spawn(1)[0]
+    for name, shape, key_lens, kw in (
+            ("gqa4-ragged-causal", (3, 8, 2, 1, 200, 32, 32), [200, 0, 77], dict(causal=True)),
+            ("mqa32-ragged", (2, 32, 1, 1, 150, 80, 72), [150, 37], {}),
+            ("gqa4-spec5-window", (2, 8, 2, 5, 300, 32, 32), [300, 7], dict(causal=True, window=(20, 0))),
+            ("gqa16-spec3-causal", (1, 32, 2, 3, 200, 80, 80), [200], dict(causal=True))):
+        case = make_case(f"{n}-decode-sinks-{name}", srng, *shape, dtype=dtype, **kw)
+        c.append(_with_sinks(_with_key_lens(case, key_lens), srng))
     return c
 
 
@@ -398,6 +431,15 @@ def _paged_cases(dtype, rng, quick):
     add(_paged_case(f"{n}-paged-decode-long", rng, dtype, (2, 8, 2, 1, 300, 32), [300, 17], 16))
     add(_paged_case(f"{n}-paged-decode-Dv", rng, dtype, (2, 8, 2, 1, 120, 32), [120, 33], 16, Dv=24))
     add(_paged_case(f"{n}-paged-prefill-cache", rng, dtype, (2, 8, 2, 20, 120, 32), [120, 40], 16, causal=True))
+    # sinks=: drawn from their own stream (the cases above keep their data)
+    srng = rng.spawn(1)[0]
+    for name, shape, seq, bs, kw in (
+            ("gqa4-decode", (2, 8, 2, 1, 100, 32), [100, 0], 16, {}),
+            ("mqa32-decode-causal", (2, 32, 1, 1, 100, 32), [100, 61], 7, dict(causal=True)),
+            ("gqa4-chunk-prefill", (2, 8, 2, 20, 90, 16), [90, 41], 3, dict(causal=True)),
+            ("blhd-window", (2, 4, 2, 3, 50, 8), [50, 9], 8,
+             dict(layout="blhd", causal=True, window=(4, 0)))):
+        add(_with_sinks(_paged_case(f"{n}-paged-sinks-{name}", srng, dtype, shape, seq, bs, **kw), srng))
     return c
 
 
@@ -418,6 +460,11 @@ def _varlen_cases(dtype, rng, quick):
         c += [mk("softcap-scale", [4, 11], [20, 11], 2, 2, 16, softcap=4.0, scale=0.7),
               mk("alibi", [5, 1, 3], [5, 70, 9], 4, 2, 8, causal=True, alibi_slopes=np.array([0.5, 0.2, 0.1, 0.05])),
               mk("long-prefill", [130], [130], 2, 1, 32, causal=True)]
+    # sinks=: mk draws from rng, rebound to a stream of their own (the cases
+    # above keep their data)
+    rng = rng.spawn(1)[0]
+    c += [_with_sinks(mk("sinks-mqa4-causal-empty", [2, 0, 1, 4], [5, 3, 0, 4], 4, 1, 8, causal=True), rng),
+          _with_sinks(mk("sinks-gqa2-window", [7, 1, 30], [7, 50, 30], 4, 2, 16, 12, window=(9, 3)), rng)]
     return c
 
 

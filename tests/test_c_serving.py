@@ -106,11 +106,77 @@ def test_module_checks_block_table():
     for bad in (np.zeros((1, 2), np.int32), np.zeros((2, 2), np.int64), np.zeros(2, np.int64),
                 np.zeros((1, 4), np.int64)[:, ::2]):
         with pytest.raises(ValueError, match="block_table"):
-            _ckernels.attention(q, kc, kc, out, None, None, None, lens, None, 1.0, 0.0, -1, -1, 1,
-                                1, bad, 4)
+            _ckernels.attention(q, kc, kc, out, None, None, None, lens, None, None, 1.0, 0.0, -1,
+                                -1, 1, 1, bad, 4)
     with pytest.raises(ValueError, match="key_lens"):
-        _ckernels.attention(q, kc, kc, out, None, None, None, np.array([9]), None, 1.0, 0.0, -1, -1,
-                            1, 1, np.zeros((1, 2), np.int64), 4)
+        _ckernels.attention(q, kc, kc, out, None, None, None, np.array([9]), None, None, 1.0, 0.0,
+                            -1, -1, 1, 1, np.zeros((1, 2), np.int64), 4)
+
+
+# ---------------------------------------------------------------------------
+# attention sinks
+
+SINK_DTYPES = ["float32", "float64"] + [d.name for d in testing.half_dtypes()]
+
+
+def _sinks(rng, Hq):
+    sinks = (2 * rng.standard_normal(Hq)).astype(np.float32)
+    sinks[Hq // 2] = -np.inf                    # a head without a sink
+    return sinks
+
+
+@pytest.mark.parametrize("splits", [1, 3, 7])
+@pytest.mark.parametrize("dt", SINK_DTYPES)
+def test_sinks_split_kv_dense_and_paged(dt, splits, isa, force):
+    """sinks= with a forced split count (the sink counted once, in the merge)
+    equals the oracle, dense and paged; the rows of a zero-length sequence
+    give out = 0 and lse = their head's sink exactly."""
+    rng = np.random.default_rng(14)
+    sinks = _sinks(rng, 8)
+    lens = np.array([700, 0, 300])
+    case = testing.make_case("sinks-split", rng, 3, 8, 2, 1, 700, 64, dtype=testing.as_dtype(dt),
+                             key_lens=lens, causal=True, sinks=sinks)
+    kc, vc, table = testing.paged_cache(case.k, case.v, 16, rng, lens)
+    paged = testing.Case("sinks-split-paged", case.q, kc, vc, {"causal": True, "sinks": sinks},
+                         fn="paged_attention", args=(table, lens))
+    force(splits=splits)
+    for c in (case, paged):
+        out, lse = testing.check_case(c, backend="c", num_threads=2)
+        assert np.all(out[1].astype(np.float64) == 0)
+        np.testing.assert_array_equal(lse[1, :, 0], sinks.astype(lse.dtype))
+
+
+@pytest.mark.parametrize("route", ["tile", "stream"])
+@pytest.mark.parametrize("dt", SINK_DTYPES)
+def test_sinks_rows_without_keys_give_the_sink(dt, route, isa, force):
+    """Rows that see no key (a zero-length sequence; causal rows before a
+    short sequence's first key) give out = 0 and lse = the sink exactly, on
+    both routes and with the tiled kernel skipping their key tiles."""
+    rng = np.random.default_rng(15)
+    sinks = _sinks(rng, 4)
+    case = testing.make_case("sinks-keyless", rng, 3, 4, 2, 6, 40, 16, dtype=testing.as_dtype(dt),
+                             key_lens=np.array([0, 3, 40]), causal=True, sinks=sinks)
+    force(route=route, splits=3)
+    out, lse = testing.check_case(case, backend="c", num_threads=2)
+    for b, rows in ((0, slice(0, 6)), (1, slice(0, 3))):
+        assert np.all(out[b, :, rows].astype(np.float64) == 0)
+        want = np.broadcast_to(sinks.astype(lse.dtype)[:, None], (4, rows.stop))
+        np.testing.assert_array_equal(lse[b, :, rows], want)
+
+
+def test_module_checks_sinks():
+    """_ckernels refuses a sinks array it could read out of bounds or
+    misread: not the accumulation dtype, not (Hq,), not contiguous."""
+    from fastqkv import _ckernels
+
+    q = np.zeros((1, 4, 1, 8), np.float32)
+    k = np.zeros((1, 2, 5, 8), np.float32)
+    out = np.zeros_like(q)
+    for bad, err in ((np.zeros(4, np.float64), TypeError), (np.zeros(3, np.float32), ValueError),
+                     (np.zeros(8, np.float32)[::2], ValueError)):
+        with pytest.raises(err, match="sinks"):
+            _ckernels.attention(q, k, k, out, None, None, None, None, None, bad, 1.0, 0.0, -1, -1,
+                                1, 1)
 
 
 # ---------------------------------------------------------------------------

@@ -1,11 +1,13 @@
 /* The vector vocabulary of the kernels, written once with GNU C vector
- * extensions.  Each ISA translation unit defines FQ_VBYTES (16 = SSE2/NEON
+ * extensions, and the scalar helpers of their row epilogues.  Each ISA translation unit defines FQ_VBYTES (16 = SSE2/NEON
  * baseline, 32 = AVX2, 64 = AVX-512) and is compiled with that ISA's flags,
  * so the same source becomes xmm, ymm or zmm code.  FMA comes from
  * -ffp-contract=fast on a*b+c (the AVX2/AVX-512 units are built with -mfma).
  *
  * Included by attn_tile.inc once per element type with FQ_T set.  Names are
  * suffixed with FQ_SFX (f32/f64) so both instantiations live in one unit. */
+
+#include <math.h>
 
 #define FQ_CAT_(a, b) a##_##b
 #define FQ_CAT(a, b) FQ_CAT_(a, b)
@@ -106,6 +108,33 @@ AI FQ_T N(hsum)(V x)
 #else
     return (h[0] + h[2]) + (h[1] + h[3]);
 #endif
+}
+
+/* scalar max that keeps a NaN from either side (a row max stays NaN) */
+AI FQ_T N(nanmax)(FQ_T a, FQ_T b) { return (a != a || a > b) ? a : b; }
+
+/* A row's normalisation from its running max m and sum l (l == 0: no
+ * visible key; m is then not used) with the sink logit s of its head folded
+ * in (-inf: no sink, the plain O / l): returns the factor of the row's
+ * unnormalised O and sets *lse.  The sink is one more logit without a
+ * value: M = max(m, s), a = exp(m - M), L = l*a + exp(s - M), out = O*a/L,
+ * lse = M + log(L); NaN in m stays NaN.  A row without a visible key gets
+ * factor 0 and lse = s. */
+AI FQ_T N(rownorm)(FQ_T m, FQ_T l, FQ_T s, FQ_T *lse)
+{
+    if (l == 0) {
+        *lse = s;
+        return 0;
+    }
+    if (s == -(FQ_T)INFINITY) {
+        *lse = m + (FQ_T)log((double)l);
+        return 1 / l;
+    }
+    const FQ_T M = N(nanmax)(m, s);
+    const FQ_T a = (FQ_T)exp((double)(m - M));
+    const FQ_T L = l * a + (FQ_T)exp((double)(s - M));
+    *lse = M + (FQ_T)log((double)L);
+    return a / L;
 }
 
 /* Transposed reduction: x[0..FQ_VLC) -> one vector whose lane j is the sum
