@@ -113,13 +113,24 @@ AI FQ_T N(hsum)(V x)
 /* scalar max that keeps a NaN from either side (a row max stays NaN) */
 AI FQ_T N(nanmax)(FQ_T a, FQ_T b) { return (a != a || a > b) ? a : b; }
 
+/* the sink logit s folded into a row with visible keys (running max m,
+ * sum l > 0): one more logit without a value, M = max(m, s),
+ * a = exp(m - M), L = l*a + exp(s - M); returns a/L (out = O*a/L) and sets
+ * *lse = M + log(L); NaN in m stays NaN.  Out of line, so that the code
+ * the compiler makes of the kernels' loops does not depend on it */
+static __attribute__((noinline)) FQ_T N(sinkfold)(FQ_T m, FQ_T l, FQ_T s, FQ_T *lse)
+{
+    const FQ_T M = N(nanmax)(m, s);
+    const FQ_T a = (FQ_T)exp((double)(m - M));
+    const FQ_T L = l * a + (FQ_T)exp((double)(s - M));
+    *lse = M + (FQ_T)log((double)L);
+    return a / L;
+}
+
 /* A row's normalisation from its running max m and sum l (l == 0: no
- * visible key; m is then not used) with the sink logit s of its head folded
- * in (-inf: no sink, the plain O / l): returns the factor of the row's
- * unnormalised O and sets *lse.  The sink is one more logit without a
- * value: M = max(m, s), a = exp(m - M), L = l*a + exp(s - M), out = O*a/L,
- * lse = M + log(L); NaN in m stays NaN.  A row without a visible key gets
- * factor 0 and lse = s. */
+ * visible key; m is then not used) with the sink logit s of its head (-inf:
+ * no sink, the plain O / l): returns the factor of the row's unnormalised
+ * O and sets *lse.  A row without a visible key gets factor 0 and lse = s. */
 AI FQ_T N(rownorm)(FQ_T m, FQ_T l, FQ_T s, FQ_T *lse)
 {
     if (l == 0) {
@@ -130,11 +141,7 @@ AI FQ_T N(rownorm)(FQ_T m, FQ_T l, FQ_T s, FQ_T *lse)
         *lse = m + (FQ_T)log((double)l);
         return 1 / l;
     }
-    const FQ_T M = N(nanmax)(m, s);
-    const FQ_T a = (FQ_T)exp((double)(m - M));
-    const FQ_T L = l * a + (FQ_T)exp((double)(s - M));
-    *lse = M + (FQ_T)log((double)L);
-    return a / L;
+    return N(sinkfold)(m, l, s, lse);
 }
 
 /* Transposed reduction: x[0..FQ_VLC) -> one vector whose lane j is the sum
