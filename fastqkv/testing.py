@@ -171,6 +171,14 @@ def generate_cases(quick=False, seed=0, dtypes=("float32", "float64"), kinds=("d
     return cases
 
 
+def _substream(rng):
+    """A generator of its own spawned from ``rng``'s seed without advancing
+    ``rng`` (``Generator.spawn``, which NumPy has from 1.25 on)."""
+    bits = rng.bit_generator
+    seq = getattr(bits, "seed_seq", None) or bits._seed_seq
+    return np.random.Generator(type(bits)(seq.spawn(1)[0]))
+
+
 def _dense_cases(dtype, rng, quick):
     n = dtype.name
     c = []
@@ -222,7 +230,7 @@ def _dense_cases(dtype, rng, quick):
         mk("long-decode-gqa8", 1, 16, 2, 1, 1000, 64)
         mk("L113-D1", 1, 1, 1, 113, 113, 1, causal=True)
     # sinks=: drawn from their own stream (the cases above keep their data)
-    srng = rng.spawn(1)[0]
+    srng = _substream(rng)
     full = srng.random((1, 2, 15, 23)) < 0.6
     full[0, 1, 4, :] = False                    # one fully masked row
     for name, shape, kw in (
@@ -368,7 +376,7 @@ def _decode_cases(dtype, rng, quick):
         case = make_case(f"{n}-decode-{name}", rng, *shape, dtype=dtype, **kw)
         c.append(case if key_lens is None else _with_key_lens(case, key_lens))
     # sinks=: drawn from their own stream (the cases above keep their data)
-    srng = rng.spawn(1)[0]
+    srng = _substream(rng)
     for name, shape, key_lens, kw in (
             ("gqa4-ragged-causal", (3, 8, 2, 1, 200, 32, 32), [200, 0, 77], dict(causal=True)),
             ("mqa32-ragged", (2, 32, 1, 1, 150, 80, 72), [150, 37], {}),
@@ -432,7 +440,7 @@ def _paged_cases(dtype, rng, quick):
     add(_paged_case(f"{n}-paged-decode-Dv", rng, dtype, (2, 8, 2, 1, 120, 32), [120, 33], 16, Dv=24))
     add(_paged_case(f"{n}-paged-prefill-cache", rng, dtype, (2, 8, 2, 20, 120, 32), [120, 40], 16, causal=True))
     # sinks=: drawn from their own stream (the cases above keep their data)
-    srng = rng.spawn(1)[0]
+    srng = _substream(rng)
     for name, shape, seq, bs, kw in (
             ("gqa4-decode", (2, 8, 2, 1, 100, 32), [100, 0], 16, {}),
             ("mqa32-decode-causal", (2, 32, 1, 1, 100, 32), [100, 61], 7, dict(causal=True)),
@@ -462,7 +470,7 @@ def _varlen_cases(dtype, rng, quick):
               mk("long-prefill", [130], [130], 2, 1, 32, causal=True)]
     # sinks=: mk draws from rng, rebound to a stream of their own (the cases
     # above keep their data)
-    rng = rng.spawn(1)[0]
+    rng = _substream(rng)
     c += [_with_sinks(mk("sinks-mqa4-causal-empty", [2, 0, 1, 4], [5, 3, 0, 4], 4, 1, 8, causal=True), rng),
           _with_sinks(mk("sinks-gqa2-window", [7, 1, 30], [7, 50, 30], 4, 2, 16, 12, window=(9, 3)), rng)]
     return c

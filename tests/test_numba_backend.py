@@ -314,3 +314,27 @@ def test_sinks_fully_masked_rows(dtype):
     out, lse = _compare(q, k, v, mask=padding, sinks=sinks)
     assert np.all(out[1] == 0)
     assert np.array_equal(lse[1], np.broadcast_to(sinks.astype(lse.dtype)[:, None], (4, 6)))
+
+
+@pytest.mark.parametrize("native", [True, False], ids=["llvm.maximum", "compare-select"])
+def test_maximum_propagates_nan_in_both_lowerings(monkeypatch, native):
+    """The row maximum keeps NaN with llvm.maximum and with the
+    compare-and-select form older LLVMs get."""
+    from numba import njit
+
+    from fastqkv._numba import vec
+    monkeypatch.setattr(vec, "_LLVM_MAXIMUM", native)
+
+    @njit(cache=False)
+    def row_max(x):
+        m = -np.inf
+        for i in range(x.shape[0]):
+            m = vec._maximum(m, x[i])
+        return m
+
+    for dt in (np.float32, np.float64):
+        x = np.array([1.0, -np.inf, 3.0, 2.0], dt)
+        assert row_max(x) == 3.0
+        x[1] = np.nan
+        assert np.isnan(row_max(x))
+        assert row_max(np.full(3, -np.inf, dt)) == -np.inf

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import numpy as np
 from llvmlite import ir
+from llvmlite.binding import llvm_version_info
 from numba import njit, types
 from numba.core import cgutils
 from numba.extending import intrinsic, overload
@@ -72,14 +73,24 @@ def _bits_as_f32(typingctx, x):
     return types.float32(types.int32), codegen
 
 
+# LLVM selects llvm.maximum for x86 from version 17 on; older LLVMs (the
+# llvmlite of numba < 0.62) abort with "Cannot select ... fmaximum"
+_LLVM_MAXIMUM = llvm_version_info >= (17,)
+
+
 @intrinsic
 def _maximum(typingctx, a, b):
-    """IEEE ``maximum``: NaN if either is NaN (``llvm.maximum``, vectorisable)."""
+    """IEEE ``maximum``: NaN if either is NaN, vectorisable: ``llvm.maximum``
+    where LLVM lowers it, else compare-and-select."""
     if not (isinstance(a, types.Float) and a == b):
         return None
 
     def codegen(context, builder, signature, args):
         lty = context.get_value_type(signature.return_type)
+        x, y = args
+        if not _LLVM_MAXIMUM:
+            bigger = builder.select(builder.fcmp_ordered(">", x, y), x, y)
+            return builder.select(builder.fcmp_unordered("uno", x, y), builder.fadd(x, y), bigger)
         name = "llvm.maximum.f32" if lty == ir.FloatType() else "llvm.maximum.f64"
         fn = cgutils.get_or_insert_function(builder.module, ir.FunctionType(lty, [lty, lty]), name)
         return builder.call(fn, args)
