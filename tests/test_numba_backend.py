@@ -327,8 +327,8 @@ def test_maximum_propagates_nan_in_both_lowerings(monkeypatch, native):
 
     @njit(cache=False)
     def row_max(x):
-        m = -np.inf
-        for i in range(x.shape[0]):
+        m = x[0]
+        for i in range(1, x.shape[0]):
             m = vec._maximum(m, x[i])
         return m
 
@@ -336,5 +336,7 @@ def test_maximum_propagates_nan_in_both_lowerings(monkeypatch, native):
         x = np.array([1.0, -np.inf, 3.0, 2.0], dt)
         assert row_max(x) == 3.0
         x[1] = np.nan
+        assert np.isnan(row_max(x))
+        x[1], x[0] = 0.0, np.nan
         assert np.isnan(row_max(x))
         assert row_max(np.full(3, -np.inf, dt)) == -np.inf
