@@ -98,7 +98,9 @@ int fastqkv_attention(const fastqkv_args *a, char *msg, size_t n)
                     "the number of query heads (%lld) must be a multiple of the number of "
                     "key/value heads (%lld)", (long long)Hq, (long long)Hkv);
 
-    /* the four (B, H, L, D) views */
+    /* the four (B, H, L, D) views; element sizes are powers of two, so
+     * alignment is tested with masks (a division costs more than all the
+     * checks of a call together) */
     const size_t item = dt == FQ_F64 ? 8 : dt == FQ_F32 ? 4 : 2;
     const size_t acc = dt == FQ_F64 ? 8 : 4;
     const int64_t *strides[4] = {a->q_strides, a->k_strides, a->v_strides, a->out_strides};
@@ -111,7 +113,7 @@ int fastqkv_attention(const fastqkv_args *a, char *msg, size_t n)
         const int used = i == 1 || i == 2 ? have_keys : have_rows;
         if (!ptrs[i] && used)
             return fail(msg, n, FASTQKV_EVALUE, "%s must not be NULL", ARR4[i]);
-        if ((uintptr_t)ptrs[i] % item)
+        if ((uintptr_t)ptrs[i] & (item - 1))
             return fail(msg, n, FASTQKV_EVALUE, "%s must be aligned to its element size (%d bytes)",
                         ARR4[i], (int)item);
         for (int d = 0; d < 4; d++)
@@ -123,7 +125,7 @@ int fastqkv_attention(const fastqkv_args *a, char *msg, size_t n)
                         "%s must have a unit last stride (%s_strides[3] = 1), got %lld",
                         ARR4[i], ARR4[i], (long long)strides[i][3]);
     }
-    if ((uintptr_t)a->lse % acc)
+    if ((uintptr_t)a->lse & (acc - 1))
         return fail(msg, n, FASTQKV_EVALUE, "lse must be aligned to its element size (%d bytes)", (int)acc);
 
     /* scalar options, as fastqkv._validate.check_attention */
@@ -161,10 +163,10 @@ int fastqkv_attention(const fastqkv_args *a, char *msg, size_t n)
             return fail(msg, n, FASTQKV_EVALUE, "bias_strides[%d] is out of range, got %lld", d,
                         (long long)a->bias_strides[d]);
     }
-    if ((uintptr_t)a->bias % acc)
+    if ((uintptr_t)a->bias & (acc - 1))
         return fail(msg, n, FASTQKV_EVALUE, "bias must be aligned to its element size (%d bytes)", (int)acc);
     if (a->key_lens) {
-        if ((uintptr_t)a->key_lens % sizeof(int64_t))
+        if ((uintptr_t)a->key_lens & (sizeof(int64_t) - 1))
             return fail(msg, n, FASTQKV_EVALUE, "key_lens must be aligned to its element size (8 bytes)");
         int64_t lo = 0, hi = 0;
         for (int64_t b = 0; b < B; b++) {
@@ -182,7 +184,7 @@ int fastqkv_attention(const fastqkv_args *a, char *msg, size_t n)
     for (int i = 0; i < 2; i++) {
         if (!vecs[i])
             continue;
-        if ((uintptr_t)vecs[i] % acc)
+        if ((uintptr_t)vecs[i] & (acc - 1))
             return fail(msg, n, FASTQKV_EVALUE, "%s must be aligned to its element size (%d bytes)",
                         vec_names[i], (int)acc);
         const int64_t len = i == 0 ? B * Hq : Hq;
