@@ -17,6 +17,7 @@ a warning is printed, the package installs without the extension, and
 
 import os
 import platform
+import re
 import shlex
 import sys
 import tempfile
@@ -120,24 +121,32 @@ class GracefulBuildExt(build_ext):
         return super().get_output_mapping()
 
 
+def _version():
+    """The package version (pyproject.toml), compiled in for the C API's version()."""
+    here = os.path.dirname(os.path.abspath(__file__))
+    with open(os.path.join(here, "pyproject.toml"), encoding="utf-8") as f:
+        match = re.search(r'^version\s*=\s*"([^"]+)"', f.read(), re.M)
+    return match.group(1) if match else "unknown"
+
+
 def _extension():
-    sources = ["csrc/module.c", "csrc/driver.c", "csrc/cpu_features.c",
+    sources = ["csrc/module.c", "csrc/capi.c", "csrc/driver.c", "csrc/cpu_features.c",
                "csrc/kernels/attn_generic.c", "csrc/kernels/attn_avx2.c",
                "csrc/kernels/attn_avx512.c"]
     try:
-        include = [_numpy_include(), "csrc"]
+        include = [_numpy_include(), "csrc", "fastqkv/include"]
     except ImportError:
-        include = ["csrc"]
+        include = ["csrc", "fastqkv/include"]
     return Extension(
         "fastqkv._ckernels",
         sources=sources,
         include_dirs=include,
-        define_macros=[],
+        define_macros=[("FQ_VERSION", '"%s"' % _version())],
         extra_compile_args=BASE_FLAGS,
         libraries=["m"] if os.name == "posix" else [],
         extra_link_args=["-pthread"] if os.name == "posix" else [],
-        depends=["csrc/fastqkv.h", "csrc/kernels/simd.h", "csrc/kernels/attn_tile.inc",
-                 "csrc/kernels/attn_isa.inc", "csrc/kernels/attn_stream.inc",
+        depends=["csrc/fastqkv.h", "fastqkv/include/fastqkv/fastqkv_api.h", "csrc/kernels/simd.h",
+                 "csrc/kernels/attn_tile.inc", "csrc/kernels/attn_isa.inc", "csrc/kernels/attn_stream.inc",
                  "csrc/kernels/attn_half.inc"],
     )
 

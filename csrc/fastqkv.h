@@ -1,7 +1,9 @@
-/* fastqkv C backend: the problem description shared by module.c, driver.c
- * and the per-ISA kernels.  The Python wrapper validates every argument and
- * chooses the kernel (the route); module.c re-checks only what protects
- * memory; the driver and the kernels trust it. */
+/* fastqkv C backend: the problem description shared by module.c, capi.c,
+ * driver.c and the per-ISA kernels.  The Python wrapper validates every
+ * argument and chooses the kernel (the route); module.c re-checks only what
+ * protects memory.  capi.c, the C API's entry point, has no wrapper before
+ * it: it checks every argument and chooses the route itself.  The driver and
+ * the kernels trust both. */
 #ifndef FASTQKV_H
 #define FASTQKV_H
 
@@ -101,6 +103,18 @@ extern const fq_isa fq_isa_avx2;
 #if FQ_HAVE_AVX512
 extern const fq_isa fq_isa_avx512;
 #endif
+
+/* module.c: the ISA variant in use (NULL when none is usable, fq_isa_error
+ * says why) and fastqkv._config.STREAM_MAX_LQ, both set at import */
+const fq_isa *fq_current_isa(void);
+const char *fq_isa_error(void);
+int64_t fq_stream_maxq(void);
+
+/* capi.c: the C API's entry point (fastqkv/include/fastqkv/fastqkv_api.h)
+ * and fastqkv's version string */
+struct fastqkv_args;
+int fastqkv_attention(const struct fastqkv_args *args, char *message, size_t message_size);
+const char *fq_version(void);
 
 /* cpu_features.c */
 int fq_cpu_has_avx2_fma(void);

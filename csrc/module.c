@@ -13,6 +13,8 @@
 #include <string.h>
 
 #include "fastqkv.h"
+#define FASTQKV_NO_IMPORT
+#include "fastqkv/fastqkv_api.h"
 
 static const fq_isa *const compiled_isas[] = {
 #if FQ_HAVE_AVX512
@@ -30,6 +32,12 @@ static const fq_isa *current_isa = NULL;
 static char isa_error[512];
 /* fastqkv._config.STREAM_MAX_LQ, read at import */
 static int64_t stream_maxq;
+
+const fq_isa *fq_current_isa(void) { return current_isa; }
+
+const char *fq_isa_error(void) { return isa_error[0] ? isa_error : "no usable ISA variant"; }
+
+int64_t fq_stream_maxq(void) { return stream_maxq; }
 
 static int cpu_supports(const char *name)
 {
@@ -179,7 +187,7 @@ static PyObject *py_attention(PyObject *self, PyObject *const *args, Py_ssize_t 
         return NULL;
     }
     if (!current_isa) {
-        PyErr_SetString(PyExc_RuntimeError, isa_error[0] ? isa_error : "no usable ISA variant");
+        PyErr_SetString(PyExc_RuntimeError, fq_isa_error());
         return NULL;
     }
     PyArrayObject *q = as_arr(args[0], "q"), *k, *v, *out, *lse = NULL, *mask = NULL, *bias = NULL,
@@ -634,11 +642,26 @@ static int read_stream_maxq(void)
     return 0;
 }
 
+/* the C API table (fastqkv/include/fastqkv/fastqkv_api.h), exported as the
+ * capsule _C_API */
+static const fastqkv_api c_api = {
+    FASTQKV_API_VERSION, (int64_t)sizeof(fastqkv_api), fq_version, fastqkv_attention,
+};
+
 PyMODINIT_FUNC PyInit__ckernels(void)
 {
     import_array();
     if (read_stream_maxq())
         return NULL;
     select_isa();
-    return PyModule_Create(&moddef);
+    PyObject *m = PyModule_Create(&moddef);
+    if (!m)
+        return NULL;
+    PyObject *cap = PyCapsule_New((void *)&c_api, "fastqkv._ckernels._C_API", NULL);
+    if (!cap || PyModule_AddObject(m, "_C_API", cap)) {
+        Py_XDECREF(cap);
+        Py_DECREF(m);
+        return NULL;
+    }
+    return m;
 }

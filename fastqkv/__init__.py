@@ -5,6 +5,8 @@ max-subtracted online softmax; ``fastqkv.reference`` is the NumPy oracle that
 defines the semantics.
 """
 
+import os as _os
+
 from . import reference
 from ._api import (attention, attention_varlen, attention_weights, merge_attention,
                    paged_attention, self_attention)
@@ -13,8 +15,16 @@ from ._dispatch import (BackendInfo, backends, get_backend, get_num_threads, set
 
 __version__ = "0.1.0"
 
+
+def get_include():
+    """The directory of fastqkv's C API headers: ``#include <fastqkv/fastqkv_api.h>``
+    (and the Cython declarations ``fastqkv/fastqkv_api.pxd``) with this directory
+    on the include path, as ``numpy.get_include()``."""
+    return _os.path.join(_os.path.dirname(_os.path.abspath(__file__)), "include")
+
+
 __all__ = [
     "attention", "attention_varlen", "paged_attention", "merge_attention", "attention_weights",
     "self_attention", "reference", "backends", "BackendInfo", "set_backend", "use_backend",
-    "get_backend", "set_num_threads", "get_num_threads", "warmup", "__version__",
+    "get_backend", "set_num_threads", "get_num_threads", "warmup", "get_include", "__version__",
 ]

@@ -80,7 +80,7 @@ print("asan_check: c backend", info.reason, "from", c._ckernels.__file__)
 EOF
 
 TESTS=()
-for t in tests/test_c_backend.py tests/test_c_serving.py; do
+for t in tests/test_c_backend.py tests/test_c_serving.py tests/test_capi.py; do
     [ -f "$t" ] && TESTS+=("$t")
 done
 for t in tests/test_reliability_badinput.py tests/test_reliability_numerics.py \
