@@ -121,22 +121,39 @@ def _lookup_entry():
     return ctypes.c_void_p.from_address(table + 24).value, None
 
 
+_ENTRY_TYPE = ctypes.CFUNCTYPE(ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_size_t)
+_stand_in = []                   # keeps the callback below alive
+
+
 def entry_status():
-    """``(address, reason)``: the C entry point that jitted calls link to
-    (registered with LLVM on first use), or None and why it is missing."""
+    """``(address, reason)``: the C entry point that jitted calls link to,
+    or None and why it is missing.  The first call registers the symbol
+    with LLVM: the entry point, or where it is missing a stand-in that
+    fails with the reason (a function compiled with cache=True where the C
+    API existed then raises instead of calling address 0)."""
     if not _entry:
+        import llvmlite.binding as llvm
         addr, reason = _lookup_entry()
-        if addr:
-            import llvmlite.binding as llvm
-            llvm.add_symbol(_SYMBOL, addr)
+        symbol = addr
+        if addr is None:
+            text = ("fastqkv.attention inside @njit needs the C API of fastqkv._ckernels: "
+                    + reason).encode()
+
+            def stand_in(args, message, size):
+                if size:
+                    ctypes.memmove(message, text[:size - 1] + b"\0", min(len(text) + 1, size))
+                return _EISA
+            _stand_in.append(_ENTRY_TYPE(stand_in))
+            symbol = ctypes.cast(_stand_in[0], ctypes.c_void_p).value
+        llvm.add_symbol(_SYMBOL, symbol)
         _entry.append((addr, reason))
     return _entry[0]
 
 
 def _init():
     """Numba's extension entry point: importing this module registered the
-    overload; link the C entry point for functions loaded from Numba's cache."""
-    entry_status()
+    overload (and linked the C entry point, for functions loaded from
+    Numba's cache)."""
 
 
 # ---------------------------------------------------------------------------
@@ -775,3 +792,7 @@ def _make_impl(q, mask, bias, key_lens, scale, window, softcap, alibi_slopes, si
         copy_back(out, out_k)
         return result(out_user, lse)
     return impl
+
+
+# functions loaded from Numba's cache call the entry point by its symbol
+entry_status()
