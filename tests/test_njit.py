@@ -320,3 +320,38 @@ def test_numbas_entry_point_registers_the_overload(tmp_path):
     r = subprocess.run([sys.executable, "-c", _ENTRY_POINT], capture_output=True, text=True,
                        env=env, cwd=hs.TESTS_DIR, timeout=300)
     assert r.returncode == 0 and r.stdout.split() == ["1"], r.stdout + r.stderr
+
+
+_CACHED_USER = '''
+import numba
+import fastqkv
+import fastqkv._njit
+
+@numba.njit(cache=True)
+def step(q, k, v, out):
+    return fastqkv.attention(q, k, v, causal=True, out=out)
+'''
+
+_CACHED_RUN = '''
+import numpy as np
+import cached_user
+q = np.arange(48, dtype=np.float32).reshape(1, 2, 3, 8) / 48
+out = np.empty_like(q)
+cached_user.step(q, q, q, out)
+print(sum(cached_user.step.stats.cache_hits.values()), repr(out.tobytes()))
+'''
+
+
+def test_a_function_cached_on_disk_calls_the_entry_point_in_a_new_process(tmp_path):
+    """cache=True: the machine code links the entry point by name, which a
+    new process registers again (an address baked in would be stale)."""
+    (tmp_path / "cached_user.py").write_text(_CACHED_USER)
+    env = hs.child_env()
+    env["PYTHONPATH"] = os.pathsep.join([str(tmp_path), env.get("PYTHONPATH", "")])
+    env["NUMBA_CACHE_DIR"] = str(tmp_path / "cache")
+    runs = [subprocess.run([sys.executable, "-c", _CACHED_RUN], capture_output=True, text=True,
+                           env=env, cwd=str(tmp_path), timeout=600) for _ in range(2)]
+    for r in runs:
+        assert r.returncode == 0, r.stdout + r.stderr
+    (hits0, out0), (hits1, out1) = (r.stdout.split(" ", 1) for r in runs)
+    assert (hits0, hits1) == ("0", "1") and out0 == out1
