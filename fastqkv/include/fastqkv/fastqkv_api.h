@@ -49,7 +49,8 @@ enum {
  * fill it as an int64 array of FASTQKV_ARGS_WORDS words (doubles stored by
  * their bits).  Strides count ELEMENTS (of the array's own dtype), not bytes;
  * 0 is a broadcast axis.  Fields left 0 by `fastqkv_args a = {0}` are the
- * defaults, except scale (NaN = default) and num_threads (>= 1). */
+ * defaults (NULL = no such option), except scale (NaN for the default),
+ * window_left and window_right (-1 = unbounded) and num_threads (>= 1). */
 typedef struct fastqkv_args {
     int64_t struct_size;          /* sizeof(fastqkv_args) of the caller: 8 * FASTQKV_ARGS_WORDS */
     int64_t dtype;                /* FASTQKV_F32/F64/F16/BF16: storage of q, k, v and out */
