@@ -67,7 +67,7 @@ import numba
 import numpy as np
 from llvmlite import ir
 from numba import types
-from numba.core import cgutils, errors
+from numba.core import cgutils
 from numba.extending import intrinsic, overload, register_jitable
 
 from . import _api, _config, _dispatch, _validate
@@ -162,9 +162,12 @@ def _init():
 @intrinsic
 def _frame(typingctx):
     """A pointer to ``_FRAME_WORDS`` int64 words on the caller's stack (in
-    its entry block: one frame per function, not per loop iteration)."""
+    its entry block: one frame per function, not per loop iteration), left
+    uninitialised: every call writes the words it passes (cgutils.alloca_once
+    would zero 7 KB per call)."""
     def codegen(context, builder, signature, args):
-        buf = cgutils.alloca_once(builder, ir.ArrayType(ir.IntType(64), _FRAME_WORDS))
+        with builder.goto_entry_block():
+            buf = builder.alloca(ir.ArrayType(ir.IntType(64), _FRAME_WORDS))
         return builder.bitcast(buf, ir.IntType(64).as_pointer())
     return types.CPointer(types.int64)(), codegen
 
@@ -184,11 +187,12 @@ def _call_entry(typingctx, frame):
 
 
 @intrinsic
-def _keep_alive(typingctx, arrays):
-    """Uses ``arrays`` (a tuple): copies made for the call live until here."""
+def _keep_alive(typingctx, a, b, c, d, e, f, g, h):
+    """Uses its arguments (borrowed: no reference counting): the copies made
+    for the call live until here."""
     def codegen(context, builder, signature, args):
         return context.get_dummy_value()
-    return types.none(arrays), codegen
+    return types.none(a, b, c, d, e, f, g, h), codegen
 
 
 # ---------------------------------------------------------------------------
@@ -760,13 +764,14 @@ def _make_impl(q, mask, bias, key_lens, scale, window, softcap, alibi_slopes, si
         sinks_ok, sinks_k = put_sinks(w, frame, sinks, B, Hq)
         out_ok, out_user, out_k = get_out(out, q, B, Hq, Lq, Dv)
         if not (ok and bias_ok and lens_ok and alibi_ok and sinks_ok and out_ok):
+            fault, fault_msg = 1, "fastqkv.attention inside @njit: the shapes do not fit together"
+        elif not disjoint(out, q, k, v, mask, bias):
+            fault, fault_msg = 0, ""                # extents overlap: Python's exact test decides
+        else:
+            fault, fault_msg = -1, ""
+        if fault >= 0:
             _python_check(q, k, v, causal, mask, bias, key_lens, scale, window, softcap,
-                          alibi_slopes, sinks, layout, return_lse, out, backend, 1,
-                          "fastqkv.attention inside @njit: the shapes do not fit together")
-        if not disjoint(out, q, k, v, mask, bias):
-            # extents overlap: Python's exact test decides
-            _python_check(q, k, v, causal, mask, bias, key_lens, scale, window, softcap,
-                          alibi_slopes, sinks, layout, return_lse, out, backend, 0, "")
+                          alibi_slopes, sinks, layout, return_lse, out, backend, fault, fault_msg)
         put_view(w, 24, out_k)
         lse = make_lse(w, B, Hq, Lq)
         w[0] = 8 * ARGS_WORDS
@@ -786,7 +791,7 @@ def _make_impl(q, mask, bias, key_lens, scale, window, softcap, alibi_slopes, si
         w[47] = wr
         w[48] = 1
         status = _call_entry(fp)
-        _keep_alive((q4, k4, v4, out_k, bias_k, lens_k, alibi_k, sinks_k))
+        _keep_alive(q4, k4, v4, out_k, bias_k, lens_k, alibi_k, sinks_k)
         if status != _OK:
             _raise_status(status, frame[_MSG_AT:_ALIBI_AT].view(np.uint8))
         copy_back(out, out_k)
