@@ -7,7 +7,8 @@ checks and the kernel, without the overload's work).
 
     python bench/bench_njit.py [--calls 20000] [--repeat 7]
 
-Prints the best of ``repeat`` runs of each, in microseconds per call.
+Prints the best of ``repeat`` rounds (the three take turns in each), in
+microseconds per call.
 """
 
 from __future__ import annotations
@@ -53,19 +54,22 @@ def _words(q, k, v, out):
     return w
 
 
-def _best(fn, calls, repeat):
-    best = np.inf
+def _best(fns, calls, repeat):
+    """Microseconds per call of each ``fn(n)`` (n calls), the best of
+    ``repeat`` rounds in which the functions take turns."""
+    best = [np.inf] * len(fns)
     for _ in range(repeat):
-        t = time.perf_counter()
-        fn(calls)
-        best = min(best, time.perf_counter() - t)
-    return best / calls * 1e6
+        for i, (fn, n) in enumerate(zip(fns, calls)):
+            t = time.perf_counter()
+            fn(n)
+            best[i] = min(best[i], (time.perf_counter() - t) / n)
+    return [b * 1e6 for b in best]
 
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--calls", type=int, default=20000)
-    ap.add_argument("--repeat", type=int, default=7)
+    ap.add_argument("--repeat", type=int, default=15)
     args = ap.parse_args(argv)
     rng = np.random.default_rng(0)
     q = rng.standard_normal((1, 1, 1, 64)).astype(np.float32)
@@ -80,9 +84,8 @@ def main(argv=None):
         for _ in range(n):
             fastqkv.attention(q, k, v, out=out, backend="c")
 
-    py = _best(python, args.calls // 4, args.repeat)
-    nj = _best(lambda n: _njit_loop(q, k, v, out, n), args.calls, args.repeat)
-    entry = _best(lambda n: _entry_loop(words, n), args.calls, args.repeat)
+    py, nj, entry = _best([python, lambda n: _njit_loop(q, k, v, out, n), lambda n: _entry_loop(words, n)],
+                          [args.calls // 10, args.calls, args.calls], args.repeat)
     print(f"python  fastqkv.attention(..., out=out, backend='c'): {py:7.3f} us/call")
     print(f"@njit   fastqkv.attention(..., out=out):              {nj:7.3f} us/call "
           f"({nj / py:.2f}x python, {nj - entry:+.3f} us over the entry point)")
