@@ -42,17 +42,21 @@ KINDS = ("decode", "prefill", "encoder")
 OPTIONS = ("plain", "paged", "options")
 
 
+_B0, _B1, _B2 = SIZE_BOUNDS
+
+
 def call_class(p):
     """The class of a planned Problem, as a hashable tuple ``(kind, dtype
     name, size index, options index)``."""
     work = p.B * p.Hq * p.Lq * p.Lk * (p.D + p.Dv)
-    size = 0 if work < SIZE_BOUNDS[0] else 1 if work < SIZE_BOUNDS[1] else \
-        2 if work < SIZE_BOUNDS[2] else 3
+    size = 0 if work < _B0 else 1 if work < _B1 else 2 if work < _B2 else 3
+    paged = p.block_table is not None
     if p.route == "stream":
-        return 0, storage_name(p.dtype), size, 0 if p.block_table is None else 1
-    kind = 1 if p.window_right >= 0 or p.window_left >= 0 else 2
-    dtype = "float64" if p.dtype.char == "d" else "float32"
-    return kind, dtype, size, 2 if p.has_score_options else (0 if p.block_table is None else 1)
+        return 0, storage_name(p.dtype), size, paged
+    opts = 2 if (p.mask is not None or p.bias is not None or p.alibi is not None or p.softcap) \
+        else paged
+    return (1 if p.window_right >= 0 or p.window_left >= 0 else 2,
+            "float64" if p.dtype.char == "d" else "float32", size, opts)
 
 
 def class_name(cls):
@@ -129,7 +133,8 @@ def _read(path):
 
 def table(threads):
     """``{class tuple: (backend, ...)}`` measured on this machine at
-    ``threads`` threads, or None when the tune file has no such entry."""
+    ``threads`` threads (each order completed by ``_config.AUTO_ORDER``),
+    or None when the tune file has no such entry."""
     if threads in _loaded:
         return _loaded[threads]
     path = tune_file()
@@ -138,10 +143,11 @@ def table(threads):
         entry = _read(path).get(machine_key(threads))
         if entry is not None:
             result = {}
-            for name, order in entry["order"].items():
-                if not all(isinstance(b, str) for b in order):
-                    raise ValueError(f"class {name!r} lists {order!r}")
-                result[_parse_class(name)] = tuple(order)
+            for name, measured in entry["order"].items():
+                if not all(isinstance(b, str) for b in measured):
+                    raise ValueError(f"class {name!r} lists {measured!r}")
+                result[_parse_class(name)] = tuple(measured) + tuple(
+                    n for n in _config.AUTO_ORDER if n not in measured)
     except (ValueError, KeyError, TypeError, AttributeError) as exc:
         _warn_once(f"fastqkv: ignoring the tune file {path}: {exc}; "
                    f"run `fastqkv tune` to measure this machine again")
@@ -150,27 +156,23 @@ def table(threads):
     return result
 
 
-_orders = {}          # (threads, class tuple) -> backend names
+_UNREAD = object()
 
 
 def order(p, threads):
-    """The backend names auto tries for Problem ``p``, fastest first."""
-    key = (threads, call_class(p))
-    names = _orders.get(key)
-    if names is None:
-        names = _config.AUTO_ORDER
+    """The backend names auto tries for Problem ``p``, fastest first (the
+    class is computed only when this machine has a measured table)."""
+    t = _loaded.get(threads, _UNREAD)
+    if t is _UNREAD:
         t = table(threads)
-        measured = None if t is None else t.get(key[1])
-        if measured is not None:
-            names = tuple(measured) + tuple(n for n in _config.AUTO_ORDER if n not in measured)
-        _orders[key] = names
-    return names
+    if t is None:
+        return _config.AUTO_ORDER
+    return t.get(call_class(p), _config.AUTO_ORDER)
 
 
 def forget():
     """Drop what was read from the tune file (it is read again on next use)."""
     _loaded.clear()
-    _orders.clear()
     _warned.clear()
 
 
