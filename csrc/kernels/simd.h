@@ -1,11 +1,14 @@
 /* The vector vocabulary of the kernels, written once with GNU C vector
- * extensions, and the scalar helpers of their row epilogues.  Each ISA translation unit defines FQ_VBYTES (16 = SSE2/NEON
- * baseline, 32 = AVX2, 64 = AVX-512) and is compiled with that ISA's flags,
- * so the same source becomes xmm, ymm or zmm code.  FMA comes from
- * -ffp-contract=fast on a*b+c (the AVX2/AVX-512 units are built with -mfma).
+ * extensions, and the scalar helpers of their row epilogues.  Each ISA
+ * translation unit defines FQ_VBYTES (16 = SSE2/NEON baseline, 32 = AVX2,
+ * 64 = AVX-512) and is compiled with that ISA's flags, so the same source
+ * becomes xmm, ymm or zmm code.  FMA comes from -ffp-contract=fast on
+ * a*b+c (the AVX2/AVX-512 units are built with -mfma).
  *
- * Included by attn_tile.inc once per element type with FQ_T set.  Names are
- * suffixed with FQ_SFX (f32/f64) so both instantiations live in one unit. */
+ * Included once per accumulation type with FQ_T set: by attn_tile.inc
+ * (float32/float64 storage) and attn_half.inc (float16/bfloat16 storage,
+ * accumulated in float32).  Names are suffixed with FQ_SFX so every
+ * instantiation lives in one unit. */
 
 #include <math.h>
 
