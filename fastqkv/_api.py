@@ -41,6 +41,7 @@ def attention(q: ArrayLike, k: ArrayLike, v: ArrayLike, *, causal: bool = False,
               key_lens: Optional[ArrayLike] = None, scale: Optional[float] = None,
               window: Window = None, softcap: Optional[float] = None,
               alibi_slopes: Optional[ArrayLike] = None, sinks: Optional[ArrayLike] = None,
+              k_scale: Optional[ArrayLike] = None, v_scale: Optional[ArrayLike] = None,
               layout: str = "bhld", return_lse: bool = False, out: Optional[NDArray] = None,
               backend: str = "auto") -> Result:
     """Fused attention ``softmax(scale * q k^T + bias) v``.
@@ -48,6 +49,8 @@ def attention(q: ArrayLike, k: ArrayLike, v: ArrayLike, *, causal: bool = False,
     Semantics are those of :func:`fastqkv.reference.attention` (its module
     docstring is normative).  ``backend`` is ``"auto"`` or a name from
     :func:`fastqkv.backends`.  Returns ``out`` or ``(out, lse)``.
+    Quantized ``k``/``v`` (int8, float8_e4m3fn, float8_e5m2) come with their
+    float32 ``k_scale``/``v_scale`` (see :func:`fastqkv.quantize_kv`).
 
     Ctrl-C stops a long call of the ``c`` or ``numba`` backend within a work
     item and raises KeyboardInterrupt; the inputs are untouched, but ``out=``
@@ -55,7 +58,7 @@ def attention(q: ArrayLike, k: ArrayLike, v: ArrayLike, *, causal: bool = False,
     """
     if (mask is None and bias is None and key_lens is None and window is None and softcap is None
             and alibi_slopes is None and sinks is None and layout == "bhld"
-            and type(backend) is str):
+            and k_scale is None and v_scale is None and type(backend) is str):
         p = _problem.plan_simple(q, k, v, causal, scale, return_lse, out)
         if p is not None:
             mod, name = _dispatch.resolve(backend, p)
@@ -64,8 +67,8 @@ def attention(q: ArrayLike, k: ArrayLike, v: ArrayLike, *, causal: bool = False,
     _dispatch._check_name(backend, "backend")
     p = _problem.plan_attention(
         q, k, v, causal=causal, mask=mask, bias=bias, key_lens=key_lens, scale=scale,
-        window=window, softcap=softcap, alibi_slopes=alibi_slopes, sinks=sinks, layout=layout,
-        return_lse=return_lse, out=out)
+        window=window, softcap=softcap, alibi_slopes=alibi_slopes, sinks=sinks, k_scale=k_scale,
+        v_scale=v_scale, layout=layout, return_lse=return_lse, out=out)
     return _run(p, backend)
 
 
@@ -74,18 +77,20 @@ def attention_weights(q: ArrayLike, k: ArrayLike, *, causal: bool = False,
                       key_lens: Optional[ArrayLike] = None, scale: Optional[float] = None,
                       window: Window = None, softcap: Optional[float] = None,
                       alibi_slopes: Optional[ArrayLike] = None,
-                      sinks: Optional[ArrayLike] = None, layout: str = "bhld",
-                      backend: str = "auto") -> NDArray:
+                      sinks: Optional[ArrayLike] = None, k_scale: Optional[ArrayLike] = None,
+                      layout: str = "bhld", backend: str = "auto") -> NDArray:
     """Softmax probabilities ``(B, Hq, Lq, Lk)`` for inspection; see
     :func:`fastqkv.reference.attention_weights`.  The normaliser comes from
     the dispatched fused pass's lse; scores are recomputed with NumPy."""
     v = _validate.stand_in_v(k)
     _, lse = attention(q, k, v, causal=causal, mask=mask, bias=bias, key_lens=key_lens,
                        scale=scale, window=window, softcap=softcap, alibi_slopes=alibi_slopes,
-                       sinks=sinks, layout=layout, return_lse=True, backend=backend)
+                       sinks=sinks, k_scale=k_scale, v_scale=k_scale, layout=layout,
+                       return_lse=True, backend=backend)
     p = _problem.plan_attention(
         q, k, v, causal=causal, mask=mask, bias=bias, key_lens=key_lens, scale=scale,
-        window=window, softcap=softcap, alibi_slopes=alibi_slopes, layout=layout)
+        window=window, softcap=softcap, alibi_slopes=alibi_slopes, k_scale=k_scale,
+        v_scale=k_scale, layout=layout)
     acc = p.acc_dtype.type
     w = np.zeros((p.B, p.Hq, p.Lq, p.Lk), dtype=p.acc_dtype)
     lse4 = np.asarray(lse).reshape(p.B, p.Hq, p.Lq)
@@ -101,7 +106,10 @@ def _scores(p, b, dtype):
     """Scores ``(Hq, Lq, Lk_b)`` of batch ``b`` of Problem ``p`` in ``dtype``
     (the accumulation type), score options applied, invisible keys -inf."""
     lkb = p.Lk if p.key_lens is None else int(p.key_lens[b])
-    kb = p.k[b, :, :lkb].astype(dtype)[np.arange(p.Hq) // p.group]
+    kb = p.k[b, :, :lkb].astype(dtype)
+    if p.k_scale is not None:
+        kb = kb * p.k_scale[b, :, :lkb, None].astype(dtype)
+    kb = kb[np.arange(p.Hq) // p.group]
     with np.errstate(all="ignore"):
         s = np.matmul(p.q[b].astype(dtype), kb.transpose(0, 2, 1)) * dtype(p.scale)
         if p.softcap:
@@ -126,24 +134,26 @@ def attention_varlen(q: ArrayLike, k: ArrayLike, v: ArrayLike, cu_seqlens_q: Arr
                      cu_seqlens_k: ArrayLike, *, causal: bool = False,
                      scale: Optional[float] = None, window: Window = None,
                      softcap: Optional[float] = None, alibi_slopes: Optional[ArrayLike] = None,
-                     sinks: Optional[ArrayLike] = None, return_lse: bool = False,
+                     sinks: Optional[ArrayLike] = None, k_scale: Optional[ArrayLike] = None,
+                     v_scale: Optional[ArrayLike] = None, return_lse: bool = False,
                      out: Optional[NDArray] = None, backend: str = "auto", mask: None = None,
                      bias: None = None, key_lens: None = None) -> Result:
     """Attention over a packed ragged batch; see
     :func:`fastqkv.reference.attention_varlen`."""
     _dispatch._check_name(backend, "backend")
-    q, k, v, cq, ck, alibi, sinks, out, lse, return_lse = _problem.plan_varlen(
+    q, k, v, cq, ck, alibi, sinks, out, lse, return_lse, k_scale, v_scale = _problem.plan_varlen(
         q, k, v, cu_seqlens_q, cu_seqlens_k, mask=mask, bias=bias, key_lens=key_lens,
         alibi_slopes=alibi_slopes, return_lse=return_lse, out=out, causal=causal, scale=scale,
-        window=window, softcap=softcap, sinks=sinks)
+        window=window, softcap=softcap, sinks=sinks, k_scale=k_scale, v_scale=v_scale)
     for b in range(len(cq) - 1):
         qs, ks = slice(cq[b], cq[b + 1]), slice(ck[b], ck[b + 1])
         if qs.stop == qs.start:
             continue
         _, l = attention(q[qs], k[ks], v[ks], causal=causal, scale=scale, window=window,
                          softcap=softcap, alibi_slopes=None if alibi is None else alibi[b],
-                         sinks=sinks, layout="blhd", return_lse=True, out=out[qs],
-                         backend=backend)
+                         sinks=sinks, k_scale=_validate.scale_rows(k_scale, ks),
+                         v_scale=_validate.scale_rows(v_scale, ks),
+                         layout="blhd", return_lse=True, out=out[qs], backend=backend)
         if lse is not None:
             lse[:, qs] = l
     return (out, lse) if return_lse else out
@@ -154,7 +164,8 @@ def paged_attention(q: ArrayLike, k_cache: ArrayLike, v_cache: ArrayLike,
                     mask: Optional[ArrayLike] = None, bias: Optional[ArrayLike] = None,
                     scale: Optional[float] = None, window: Window = None,
                     softcap: Optional[float] = None, alibi_slopes: Optional[ArrayLike] = None,
-                    sinks: Optional[ArrayLike] = None, layout: str = "bhld",
+                    sinks: Optional[ArrayLike] = None, k_scale: Optional[ArrayLike] = None,
+                    v_scale: Optional[ArrayLike] = None, layout: str = "bhld",
                     return_lse: bool = False, out: Optional[NDArray] = None,
                     backend: str = "auto", key_lens: None = None) -> Result:
     """Attention against a paged KV cache; see
@@ -163,7 +174,8 @@ def paged_attention(q: ArrayLike, k_cache: ArrayLike, v_cache: ArrayLike,
     p = _problem.plan_paged(
         q, k_cache, v_cache, block_table, seq_lens, causal=causal, mask=mask, bias=bias,
         scale=scale, window=window, softcap=softcap, alibi_slopes=alibi_slopes, sinks=sinks,
-        layout=layout, return_lse=return_lse, out=out, key_lens=key_lens)
+        k_scale=k_scale, v_scale=v_scale, layout=layout, return_lse=return_lse, out=out,
+        key_lens=key_lens)
     return _run(p, backend)
 
 

@@ -8,7 +8,8 @@ checks the planner's normalisation against the oracle's semantics.
 from . import reference
 
 # it reads no paged cache; it applies score options at every storage dtype
-FEATURES = frozenset({"half_options"})
+# and reads quantized K/V with their scales
+FEATURES = frozenset({"half_options", "quant", "quant_options"})
 
 
 def probe():
@@ -26,7 +27,8 @@ def compute(p):
     out, lse = reference.attention(
         p.q, p.k, p.v, mask=p.mask, bias=p.bias, key_lens=p.key_lens, scale=p.scale,
         window=(p.window_left, p.window_right), softcap=p.softcap or None,
-        alibi_slopes=p.alibi, sinks=p.sinks, return_lse=True, out=p.out)
+        alibi_slopes=p.alibi, sinks=p.sinks, k_scale=p.k_scale, v_scale=p.v_scale,
+        return_lse=True, out=p.out)
     if p.lse is not None:
         p.lse[...] = lse
 

@@ -9,7 +9,7 @@ arrays are 4-D ``(B, H, L, D)`` views a kernel can walk, with ``out`` (and
 ``"stream"``, the streaming decode kernel) and, in :func:`prepare`, turns a
 problem into one that route can run (a paged cache with score options
 gathered dense, float16/bfloat16 storage with score options widened to
-float32).  Backends trust a Problem and follow its route.  Nothing here
+float32, quantized K/V dequantized for a kernel that does not read them).  Backends trust a Problem and follow its route.  Nothing here
 copies an input unless a kernel could not walk it (non-unit last stride,
 unaligned data, a stride that is not a whole number of elements).
 """
@@ -52,13 +52,13 @@ def force_route(route):
 
 
 def _route(p):
-    """The kernel that runs ``p``.  The streaming kernel reads paged caches
-    and half storage but applies no score options; the tiled kernel applies
-    them but reads only dense float32/float64 (prepare() makes such copies;
-    the float dtypes of two bytes are float16 and bfloat16)."""
+    """The kernel that runs ``p``.  The streaming kernel reads paged caches,
+    half storage and quantized K/V but applies no score options; the tiled
+    kernel applies them but reads only dense float32/float64 (prepare() makes
+    such copies; the float dtypes of two bytes are float16 and bfloat16)."""
     if p.has_score_options:
         return "tile"
-    if p.block_table is not None or p.dtype.itemsize == 2:
+    if p.block_table is not None or p.dtype.itemsize == 2 or p.k_scale is not None:
         return "stream"
     return _dense_route(p.Lq)
 
@@ -99,6 +99,15 @@ class Problem:
     A backend that lists ``"paged"`` in its ``FEATURES`` receives such
     problems on the streaming route; others get a dense gathered copy.
 
+    Quantized K/V (``k_scale`` not None): ``k`` and ``v`` hold int8 or
+    float8 (one dtype, see :data:`fastqkv._validate.QUANT_DTYPES`) and
+    ``dtype`` is q's; ``k_scale``/``v_scale`` are float32 views ``(B, Hkv,
+    Lk)`` (paged: ``(num_blocks, block_size, Hkv)``), zero strides for one
+    scale per KV head; key ``j`` is ``k[..., j, :] * k_scale[..., j]``.  A
+    backend listing ``"quant"`` receives them on the streaming route with
+    float32 q/out (``"quant_options"``: on the tiled route too); others get
+    dequantized float32 copies.
+
     ``route`` is the kernel that runs the call (see :func:`_route`);
     ``round_to`` is None, or the half-width output a widened problem's
     float32 ``out`` is rounded into by :meth:`result`.
@@ -109,7 +118,7 @@ class Problem:
         "scale", "softcap", "causal", "window_left", "window_right",
         "B", "Hq", "Hkv", "Lq", "Lk", "D", "Dv", "dtype", "acc_dtype",
         "out_user", "lse_user", "copy_to", "return_lse", "layout", "ndim",
-        "block_table", "block_size", "route", "round_to", "sinks",
+        "block_table", "block_size", "route", "round_to", "sinks", "k_scale", "v_scale",
     )
 
     @classmethod
@@ -125,7 +134,7 @@ class Problem:
         p.out_user = out_user; p.lse_user = lse_user; p.copy_to = copy_to  # noqa: E702
         p.return_lse = return_lse; p.layout = layout; p.ndim = ndim  # noqa: E702
         p.block_table = None; p.block_size = None; p.round_to = None  # noqa: E702
-        p.sinks = None
+        p.sinks = p.k_scale = p.v_scale = None
         p.route = _route(p) if route is None else route
         return p
 
@@ -181,7 +190,7 @@ class Problem:
         opts = []
         for name in ("causal", "window_left", "window_right", "softcap"):
             opts.append(f"{name}={getattr(self, name)}")
-        for name in ("mask", "bias", "key_lens", "alibi", "sinks"):
+        for name in ("mask", "bias", "key_lens", "alibi", "sinks", "k_scale"):
             if getattr(self, name) is not None:
                 opts.append(name)
         return (
@@ -192,12 +201,12 @@ class Problem:
 
 
 def plan_attention(q, k, v, *, causal=False, mask=None, bias=None, key_lens=None, scale=None,
-                   window=None, softcap=None, alibi_slopes=None, sinks=None, layout="bhld",
-                   return_lse=False, out=None):
+                   window=None, softcap=None, alibi_slopes=None, sinks=None, k_scale=None,
+                   v_scale=None, layout="bhld", return_lse=False, out=None):
     """Check the arguments of :func:`fastqkv.attention`; return a Problem
     whose ``out`` (and ``lse``) are allocated and ready for a kernel."""
     c = _validate.check_attention(q, k, v, causal, mask, bias, key_lens, scale, window, softcap,
-                                  alibi_slopes, layout, return_lse, out, sinks)
+                                  alibi_slopes, layout, return_lse, out, sinks, k_scale, v_scale)
     B, Hq, Hkv, Lq, Lk, D, Dv = c.dims
     ndim = c.ndim
     dtype = c.q.dtype
@@ -239,6 +248,10 @@ def plan_attention(q, k, v, *, causal=False, mask=None, bias=None, key_lens=None
         wr, B, Hq, Hkv, Lq, Lk, D, Dv, dtype, acc, out_user, lse_user, copy_to, c.return_lse,
         layout, ndim)
     p.sinks = c.sinks
+    if c.k_scale is not None:
+        p.k_scale, p.v_scale = (_walkable_any(_validate.scale_bhl(x, (B, Hkv, Lk), ndim, layout))
+                                for x in (c.k_scale, c.v_scale))
+        p.route = _route(p)
     return p
 
 
@@ -328,15 +341,16 @@ def _walkable_any(a):
 
 def plan_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, *, mask, bias, key_lens, alibi_slopes,
                 return_lse, out, causal=False, scale=None, window=None, softcap=None,
-                sinks=None):
+                sinks=None, k_scale=None, v_scale=None):
     """Check a packed ragged batch.  Returns
     ``(q, k, v, cu_q, cu_k, alibi (B, Hq) or None, sinks (Hq,) or None, out,
-    lse or None, return_lse)`` with ``out`` zeroed (the rows of sequences
-    without keys) and ``lse`` -inf (the sink of each head, with sinks)."""
-    q, k, v, cq, ck, alibi, sinks, return_lse = _validate.check_varlen(
+    lse or None, return_lse, k_scale, v_scale)`` with ``out`` zeroed (the rows
+    of sequences without keys) and ``lse`` -inf (the sink of each head, with
+    sinks); the scales as the caller gave them (None for float K/V)."""
+    q, k, v, cq, ck, alibi, sinks, return_lse, k_scale, v_scale = _validate.check_varlen(
         q, k, v, cu_seqlens_q, cu_seqlens_k, mask=mask, bias=bias, key_lens=key_lens,
         alibi_slopes=alibi_slopes, return_lse=return_lse, out=out, causal=causal, scale=scale,
-        window=window, softcap=softcap, sinks=sinks)
+        window=window, softcap=softcap, sinks=sinks, k_scale=k_scale, v_scale=v_scale)
     acc = _validate.acc_dtype(q.dtype)
     Hq = q.shape[1]
     if alibi is not None:
@@ -349,7 +363,7 @@ def plan_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, *, mask, bias, key_lens, al
         lse = np.full((Hq, q.shape[0]), -np.inf, acc)
         if sinks is not None:
             lse[...] = sinks[:, None]
-    return q, k, v, cq, ck, alibi, sinks, out, lse, return_lse
+    return q, k, v, cq, ck, alibi, sinks, out, lse, return_lse, k_scale, v_scale
 
 
 # ---------------------------------------------------------------------------
@@ -357,16 +371,18 @@ def plan_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, *, mask, bias, key_lens, al
 
 def plan_paged(q, k_cache, v_cache, block_table, seq_lens, *, causal=False, mask=None, bias=None,
                scale=None, window=None, softcap=None, alibi_slopes=None, sinks=None,
-               layout="bhld", return_lse=False, out=None, key_lens=None):
+               k_scale=None, v_scale=None, layout="bhld", return_lse=False, out=None,
+               key_lens=None):
     """Check the arguments of :func:`fastqkv.paged_attention`; return a paged
     Problem (see :class:`Problem`)."""
     pages = _validate.check_paged(q, k_cache, v_cache, block_table, seq_lens, layout=layout,
-                                  key_lens=key_lens)
+                                  key_lens=key_lens, k_scale=k_scale, v_scale=v_scale)
     kd, vd = _placeholders(pages, layout)
+    ones = None if pages.k_scale is None else np.ones(pages.k_cache.shape[2], _F32)
     p = plan_attention(
         q, kd, vd, causal=causal, mask=mask, bias=bias, key_lens=pages.seq_lens, scale=scale,
-        window=window, softcap=softcap, alibi_slopes=alibi_slopes, sinks=sinks, layout=layout,
-        return_lse=return_lse, out=out)
+        window=window, softcap=softcap, alibi_slopes=alibi_slopes, sinks=sinks, k_scale=ones,
+        v_scale=ones, layout=layout, return_lse=return_lse, out=out)
     return attach_pages(p, pages)
 
 
@@ -378,6 +394,11 @@ def attach_pages(p, pages):
     p.v = _walkable(pages.v_cache)
     p.block_table = pages.block_table
     p.block_size = pages.block_size
+    if pages.k_scale is not None:
+        shape = pages.k_cache.shape[:3]
+        p.k_scale, p.v_scale = (
+            _walkable_any(np.broadcast_to(x if x.ndim == 3 else x[None, None], shape))
+            for x in (pages.k_scale, pages.v_scale))
     p.route = _route(p)
     return p
 
@@ -402,7 +423,17 @@ def prepare(p, features=()):
     backend listing ``features``: a paged cache on the tiled route, or for a
     backend without ``"paged"``, becomes a dense gathered copy; half storage
     on the tiled route becomes float32 copies (rounded back by
-    :meth:`Problem.result`) unless the backend lists ``"half_options"``."""
+    :meth:`Problem.result`) unless the backend lists ``"half_options"``.
+    Quantized K/V become dequantized float32 copies unless the backend lists
+    ``"quant"`` (on the tiled route: ``"quant_options"``); if it does, half
+    q and out become float32 (q is small beside the cache)."""
+    if p.k_scale is not None:
+        if "quant" not in features or (p.route == "tile" and "quant_options" not in features):
+            if p.block_table is not None:
+                densify_pages(p)
+            _dequantize(p)
+        elif p.dtype.itemsize == 2 and "half_options" not in features:
+            _widen(p, kv=False)
     if p.block_table is not None and (p.route == "tile" or "paged" not in features):
         densify_pages(p)
     if p.route == "tile" and p.dtype.itemsize == 2 and "half_options" not in features:
@@ -411,26 +442,48 @@ def prepare(p, features=()):
 
 
 def densify_pages(p):
-    """Replace a paged Problem's caches by dense gathered (B, Hkv, Lk, D) copies."""
+    """Replace a paged Problem's caches (and scales) by dense gathered
+    (B, Hkv, Lk, D) copies (scales (B, Hkv, Lk), 1 past each sequence)."""
     bs = p.block_size
     kc, vc = p.k, p.v
     k = np.zeros((p.B, p.Hkv, p.Lk, kc.shape[3]), kc.dtype)
     v = np.zeros((p.B, p.Hkv, p.Lk, vc.shape[3]), vc.dtype)
+    scales = [] if p.k_scale is None else [(s, np.ones((p.B, p.Hkv, p.Lk), _F32))
+                                           for s in (p.k_scale, p.v_scale)]
     for b in range(p.B):
         n = int(p.key_lens[b])
         blocks = p.block_table[b, : -(-n // bs)]
         if n:
             k[b, :, :n] = kc[blocks].reshape(-1, p.Hkv, kc.shape[3])[:n].transpose(1, 0, 2)
             v[b, :, :n] = vc[blocks].reshape(-1, p.Hkv, vc.shape[3])[:n].transpose(1, 0, 2)
+            for src, dst in scales:
+                dst[b, :, :n] = src[blocks].reshape(-1, p.Hkv)[:n].T
     p.k, p.v = k, v
+    if scales:
+        p.k_scale, p.v_scale = (dst for _, dst in scales)
     p.block_table = p.block_size = None
     return p
 
 
-def _widen(p):
-    """Replace a half-storage Problem's q/k/v/out by float32 copies; C order
-    (astype's order "K" can leave a broadcast, zero-stride axis innermost)."""
-    p.q, p.k, p.v = (np.ascontiguousarray(x, dtype=_F32) for x in (p.q, p.k, p.v))
+def _dequantize(p):
+    """Replace a dense quantized Problem's K/V by float32 copies
+    ``k * k_scale`` (and widen half q/out, see :func:`_widen`)."""
+    with np.errstate(all="ignore"):  # scales past key_lens are never read
+        p.k, p.v = (np.multiply(x, s[..., None], dtype=_F32)
+                    for x, s in ((p.k, p.k_scale), (p.v, p.v_scale)))
+    p.k_scale = p.v_scale = None
+    if p.dtype.itemsize == 2:
+        _widen(p)
+    return p
+
+
+def _widen(p, kv=True):
+    """Replace a half-storage Problem's q/k/v/out (``kv=False``: q/out) by
+    float32 copies; C order (astype's order "K" can leave a broadcast,
+    zero-stride axis innermost)."""
+    p.q = np.ascontiguousarray(p.q, dtype=_F32)
+    if kv:
+        p.k, p.v = (np.ascontiguousarray(x, dtype=_F32) for x in (p.k, p.v))
     p.round_to = p.out
     p.out = np.empty(p.out.shape, _F32)
     p.dtype = _F32

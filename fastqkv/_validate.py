@@ -25,6 +25,11 @@ from . import _config
 # fastqkv never imports ml_dtypes (a caller holding such an array already has).
 HALF_DTYPES = ("float16", "bfloat16")
 FLOAT_DTYPES = ("float32", "float64") + HALF_DTYPES
+# Quantized KV storage (one byte per value, with float32 scales): int8 and
+# ml_dtypes' float8 types, recognised by name like bfloat16.  The queries of
+# such a call are float32, float16 or bfloat16.
+QUANT_DTYPES = ("int8", "float8_e4m3fn", "float8_e5m2")
+QUANT_Q_DTYPES = ("float32",) + HALF_DTYPES
 
 
 def bfloat16():
@@ -62,6 +67,22 @@ def is_float_dtype(dtype):
     return storage_name(dtype) in FLOAT_DTYPES
 
 
+def is_quant_dtype(dtype):
+    return storage_name(dtype) in QUANT_DTYPES
+
+
+def quant_dtype(name):
+    """The NumPy dtype of a quantized storage name, importing ml_dtypes for
+    the float8 ones; raises ImportError naming the package without it."""
+    if name == "int8":
+        return np.dtype(np.int8)
+    try:
+        import ml_dtypes
+    except ImportError:  # ml_dtypes is optional
+        raise ImportError(f"{name} needs ml_dtypes (pip install ml_dtypes)") from None
+    return np.dtype(getattr(ml_dtypes, name))
+
+
 def as_array(x, name):
     """View ``x`` as an ndarray without a copy where NumPy can."""
     if isinstance(x, np.ndarray):
@@ -90,6 +111,72 @@ def _float_array(x, name):
     if not a.dtype.isnative:                 # kernels read native byte order
         a = a.astype(a.dtype.newbyteorder("="))
     return a
+
+
+def _kv_array(x, name, q_dtype):
+    """K or V (or a cache of them): q's float dtype, or a quantized dtype."""
+    a = as_array(x, name)
+    if is_quant_dtype(a.dtype):
+        if storage_name(q_dtype) not in QUANT_Q_DTYPES:
+            raise TypeError(f"{name} of dtype {a.dtype} (quantized) needs q of dtype "
+                            f"{', '.join(QUANT_Q_DTYPES)}, got q {q_dtype}")
+        return a
+    return _float_array(a, name)
+
+
+def _check_kv_dtypes(q, k, v, kname="k", vname="v"):
+    """q/k/v dtypes: one float dtype, or quantized k and v of one dtype."""
+    if is_quant_dtype(k.dtype) or is_quant_dtype(v.dtype):
+        if k.dtype != v.dtype:
+            raise TypeError(f"{kname} and {vname} must share one quantized dtype "
+                            f"({', '.join(QUANT_DTYPES)}), got {k.dtype} and {v.dtype}")
+        return True
+    if k.dtype != q.dtype or v.dtype != q.dtype:
+        raise TypeError(
+            f"q, {kname} and {vname} must share one dtype, got q {q.dtype}, {kname} {k.dtype}, {vname} {v.dtype}"
+        )
+    return False
+
+
+def check_kv_scales(quantized, k_scale, v_scale, kv_dtype, want, per_head, kname="k"):
+    """The scales of a quantized K/V: float32 arrays of shape ``want`` (one
+    per stored token and head) or ``(Hkv,) = per_head``, or both None when
+    K/V are not quantized.  Returns them as arrays (values are checked by
+    :func:`check_scale_values` over the keys a call reads)."""
+    if not quantized:
+        for name, s in (("k_scale", k_scale), ("v_scale", v_scale)):
+            if s is not None:
+                raise TypeError(f"{name} is only for quantized {kname} and v "
+                                f"({', '.join(QUANT_DTYPES)}), got {kname} of dtype {kv_dtype}")
+        return None, None
+    out = []
+    for name, s in (("k_scale", k_scale), ("v_scale", v_scale)):
+        if s is None:
+            raise TypeError(f"{kname} and v of dtype {kv_dtype} need {name}= (float32 scales; "
+                            "fastqkv.quantize_kv returns them)")
+        s = as_array(s, name)
+        if s.dtype != _F32:
+            raise TypeError(f"{name} must be a float32 array, got dtype {s.dtype}")
+        if s.shape != tuple(want) and s.shape != tuple(per_head):
+            raise ValueError(f"{name} must have shape {tuple(want)} (one scale per token and KV head) "
+                             f"or {tuple(per_head)} (one per KV head), got {s.shape}")
+        if not s.dtype.isnative:
+            s = s.astype(s.dtype.newbyteorder("="))
+        out.append(s)
+    return tuple(out)
+
+
+def check_scale_values(scales, parts):
+    """Every scale a call reads must be finite and > 0: ``parts`` yields the
+    read parts of each scale array (a scale array itself when all of it is
+    read)."""
+    for name, s in zip(("k_scale", "v_scale"), scales):
+        for part in parts(s):
+            if part.size == 0:
+                continue
+            lo, hi = part.min(), part.max()
+            if not (lo > 0 and hi < np.inf):
+                raise ValueError(f"{name} must be finite and > 0 for every key read, got values in [{lo}, {hi}]")
 
 
 def bhld(a, layout):
@@ -233,20 +320,22 @@ class Checked(NamedTuple):
     key_lens: Optional[np.ndarray]  # int64 (B,) within [0, Lk]
     alibi: Optional[np.ndarray]     # float (Hq,) or (B, Hq), finite in the accumulation dtype
     sinks: Optional[np.ndarray]     # (Hq,) in the accumulation dtype, finite or -inf
+    k_scale: Optional[np.ndarray] = None  # float32 k.shape[:-1] or (Hkv,); quantized K/V only
+    v_scale: Optional[np.ndarray] = None
 
 
 def check_attention(q, k, v, causal, mask, bias, key_lens, scale, window, softcap, alibi_slopes,
-                    layout, return_lse, out, sinks=None):
+                    layout, return_lse, out, sinks=None, k_scale=None, v_scale=None,
+                    scale_values=True):
     """Check the arguments of :func:`fastqkv.attention` (in its order);
-    return :class:`Checked`."""
+    return :class:`Checked`.  ``scale_values=False`` leaves the values of
+    ``k_scale``/``v_scale`` to the caller (a paged call checks them on its
+    cache)."""
     check_layout(layout)
     q = _float_array(q, "q")
-    k = _float_array(k, "k")
-    v = _float_array(v, "v")
-    if k.dtype != q.dtype or v.dtype != q.dtype:
-        raise TypeError(
-            f"q, k and v must share one dtype, got q {q.dtype}, k {k.dtype}, v {v.dtype}"
-        )
+    k = _kv_array(k, "k", q.dtype)
+    v = _kv_array(v, "v", q.dtype)
+    quantized = _check_kv_dtypes(q, k, v)
     ndim = q.ndim
     if ndim not in (2, 3, 4):
         raise ValueError(f"q must be 2-D, 3-D or 4-D, got {ndim}-D with shape {q.shape}")
@@ -304,6 +393,13 @@ def check_attention(q, k, v, causal, mask, bias, key_lens, scale, window, softca
             raise ValueError(f"key_lens must lie in [0, Lk={Lk}], got values in [{key_lens.min()}, {key_lens.max()}]")
     alibi = None if alibi_slopes is None else check_alibi(alibi_slopes, B, Hq, acc)
     sinks = None if sinks is None else check_sinks(sinks, Hq, acc)
+    k_scale, v_scale = check_kv_scales(quantized, k_scale, v_scale, k.dtype, k.shape[:-1], (Hkv,))
+    if quantized and scale_values:
+        full_s = [scale_bhl(x, (B, Hkv, Lk), ndim, layout) for x in (k_scale, v_scale)]
+        if key_lens is None:
+            check_scale_values((k_scale, v_scale), lambda x: (x,))
+        else:
+            check_scale_values(full_s, lambda x: (x[b, :, :n] for b, n in enumerate(key_lens.tolist())))
 
     if out is not None:
         # a bias of another dtype is read through a converted copy: no overlap
@@ -311,7 +407,16 @@ def check_attention(q, k, v, causal, mask, bias, key_lens, scale, window, softca
         check_out(out, user_shape(B, Hq, Lq, Dv, ndim, layout), q.dtype,
                   (("q", q), ("k", k), ("v", v), ("mask", mask), ("bias", bias_read)))
     return Checked(q, k, v, ndim, (B, Hq, Hkv, Lq, Lk, D, Dv), causal, return_lse, scale, softcap,
-                   window, mask, bias, key_lens, alibi, sinks)
+                   window, mask, bias, key_lens, alibi, sinks, k_scale, v_scale)
+
+
+def scale_bhl(s, shape, ndim, layout):
+    """The ``(B, Hkv, Lk) = shape`` view of a checked K/V scale array of a
+    K of rank ``ndim``: one per token and head (``k.shape[:-1]`` in
+    ``layout``) or one per KV head."""
+    if s.ndim == ndim - 1:
+        return np.broadcast_to(bhld(s[..., None], layout)[..., 0], shape)
+    return np.broadcast_to(s[None, :, None], shape)
 
 
 def check_sinks(sinks, Hq, acc):
@@ -339,7 +444,7 @@ def stand_in_v(k):
     """A zero-stride V of head dim 1 matching ``k``, so that the checks of an
     attention call can check ``(q, k)`` alone (attention_weights)."""
     k = as_array(k, "k")
-    if not is_float_dtype(k.dtype):
+    if not (is_float_dtype(k.dtype) or is_quant_dtype(k.dtype)):
         return k
     shape = list(k.shape)
     if shape:
@@ -401,11 +506,12 @@ def check_options(causal, scale, window, softcap):
 
 def check_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, *, mask, bias, key_lens, alibi_slopes,
                  return_lse, out, causal=False, scale=None, window=None, softcap=None,
-                 sinks=None):
+                 sinks=None, k_scale=None, v_scale=None):
     """Check a packed ragged batch.  Returns ``(q, k, v, cu_q, cu_k, alibi or
-    None, sinks or None, return_lse)`` with ``cu_q``/``cu_k`` lists of ints,
-    ``alibi`` the caller's ``(Hq,)`` or ``(B, Hq)`` slopes and ``sinks`` as
-    :func:`check_sinks` returns them."""
+    None, sinks or None, return_lse, k_scale, v_scale)`` with ``cu_q``/``cu_k``
+    lists of ints, ``alibi`` the caller's ``(Hq,)`` or ``(B, Hq)`` slopes,
+    ``sinks`` as :func:`check_sinks` returns them and the scales (quantized
+    K/V) as :func:`check_kv_scales` does."""
     for name, val in (("mask", mask), ("bias", bias), ("key_lens", key_lens)):
         if val is not None:
             raise ValueError(
@@ -413,10 +519,9 @@ def check_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, *, mask, bias, key_lens, a
                 f"{name}); use cu_seqlens_k for lengths or call attention per sequence"
             )
     q = _float_array(q, "q")
-    k = _float_array(k, "k")
-    v = _float_array(v, "v")
-    if k.dtype != q.dtype or v.dtype != q.dtype:
-        raise TypeError(f"q, k and v must share one dtype, got q {q.dtype}, k {k.dtype}, v {v.dtype}")
+    k = _kv_array(k, "k", q.dtype)
+    v = _kv_array(v, "v", q.dtype)
+    quantized = _check_kv_dtypes(q, k, v)
     for name, a in (("q", q), ("k", k), ("v", v)):
         if a.ndim != 3:
             raise ValueError(f"{name} must be 3-D (total, heads, head_dim) for attention_varlen, got shape {a.shape}")
@@ -437,11 +542,20 @@ def check_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, *, mask, bias, key_lens, a
     B = len(cq) - 1
     alibi = None if alibi_slopes is None else check_alibi(alibi_slopes, B, Hq, acc_dtype(q.dtype))
     sinks = None if sinks is None else check_sinks(sinks, Hq, acc_dtype(q.dtype))
+    scales = check_kv_scales(quantized, k_scale, v_scale, k.dtype, (Tk, Hkv), (Hkv,))
+    if quantized:                            # cu_seqlens_k ends at Tk: every key is read
+        check_scale_values(scales, lambda x: (x,))
     return_lse = check_bool(return_lse, "return_lse")
     check_options(causal, scale, window, softcap)
     if out is not None:
         check_out(out, (Tq, Hq, v.shape[2]), q.dtype, (("q", q), ("k", k), ("v", v)))
-    return q, k, v, cq, ck, alibi, sinks, return_lse
+    return (q, k, v, cq, ck, alibi, sinks, return_lse) + scales
+
+
+def scale_rows(scale, rows):
+    """The scales of the key rows ``rows`` (a slice) of a packed K: rows of a
+    ``(total_k, Hkv)`` array, per-head ``(Hkv,)`` scales whole; None stays."""
+    return scale if scale is None or scale.ndim == 1 else scale[rows]
 
 
 def _cu_seqlens(x, name, total):
@@ -471,18 +585,20 @@ class CheckedPages(NamedTuple):
     block_table: np.ndarray    # C-contiguous int64 (B, max_blocks)
     seq_lens: np.ndarray       # int64 (B,) within [0, max_blocks * block_size]
     block_size: int
+    k_scale: Optional[np.ndarray] = None   # float32 (num_blocks, block_size, Hkv) or (Hkv,)
+    v_scale: Optional[np.ndarray] = None
 
 
-def check_paged(q, k_cache, v_cache, block_table, seq_lens, *, layout, key_lens):
+def check_paged(q, k_cache, v_cache, block_table, seq_lens, *, layout, key_lens, k_scale=None,
+                v_scale=None):
     """Check the paged cache arguments (q itself is checked by check_attention)."""
     check_layout(layout)
     if key_lens is not None:
         raise ValueError("key_lens is not accepted by paged_attention: seq_lens gives each sequence's length")
     q = _float_array(q, "q")
-    kc = _float_array(k_cache, "k_cache")
-    vc = _float_array(v_cache, "v_cache")
-    if kc.dtype != q.dtype or vc.dtype != q.dtype:
-        raise TypeError(f"q, k_cache and v_cache must share one dtype, got {q.dtype}, {kc.dtype}, {vc.dtype}")
+    kc = _kv_array(k_cache, "k_cache", q.dtype)
+    vc = _kv_array(v_cache, "v_cache", q.dtype)
+    quantized = _check_kv_dtypes(q, kc, vc, "k_cache", "v_cache")
     if kc.ndim != 4 or vc.ndim != 4:
         raise ValueError(
             "k_cache and v_cache must be 4-D (num_blocks, block_size, Hkv, head_dim), "
@@ -513,7 +629,24 @@ def check_paged(q, k_cache, v_cache, block_table, seq_lens, *, layout, key_lens)
                 f"block_table[{b}] must name blocks in [0, {nblocks}) for its first "
                 f"{used.size} entries, got values in [{used.min()}, {used.max()}]"
             )
-    return CheckedPages(kc, vc, bt, sl, bs)
+    scales = check_kv_scales(quantized, k_scale, v_scale, kc.dtype, kc.shape[:3], (kc.shape[2],),
+                             "k_cache")
+    if quantized:
+        check_scale_values(scales, lambda x: _paged_parts(x, bt, sl, bs))
+    return CheckedPages(kc, vc, bt, sl, bs, *scales)
+
+
+def _paged_parts(s, bt, sl, bs):
+    """The parts of a paged scale array ``s`` that a call reads: every used
+    block whole but each sequence's last, which is read up to its length."""
+    if s.ndim == 1:
+        yield s
+        return
+    for b, n in enumerate(sl.tolist()):
+        if n:
+            nb = -(-n // bs)
+            yield s[bt[b, : nb - 1]]
+            yield s[bt[b, nb - 1], : n - (nb - 1) * bs]
 
 
 # ---------------------------------------------------------------------------

@@ -63,6 +63,16 @@ For batch ``b``, query head ``h``, query row ``i`` and key ``j``:
   dtype (float64 for float64 inputs, else float32).  This oracle computes
   everything in float64 and rounds the output to the input dtype; ``lse`` is
   float64 for float64 inputs, else float32.
+* Quantized K/V (``k`` and ``v`` of one dtype among int8, float8_e4m3fn and
+  float8_e5m2, with q float32, float16 or bfloat16): the keys and values are
+  ``K = k.astype(float64) * k_scale[..., None]`` and
+  ``V = v.astype(float64) * v_scale[..., None]``, and everything above
+  applies to ``K`` and ``V``.  ``k_scale`` and ``v_scale`` are float32 of
+  shape ``k.shape[:-1]`` (one per stored token and KV head, in the layout of
+  ``k``) or ``(Hkv,)`` (one per KV head); every scale of a key the call
+  reads (``j < Lk_b``) must be finite and > 0; those of keys past
+  ``Lk_b`` are never read.  Accumulation is float32; output and lse as for
+  q's dtype.  :func:`fastqkv.quantize_kv` makes such arrays.
 * Empty work: ``B``, ``Hq`` or ``Lq`` of 0 gives an empty output.  Head dim 0
   is an error.
 * ``out=`` receives the result (it may be strided; it must not overlap an
@@ -121,6 +131,13 @@ class _Dense:
         self.Hkv, self.Lk = self.k.shape[1], self.k.shape[2]
         self.Dv = self.v.shape[3]
         self.acc = np.float64 if c.q.dtype == np.float64 else np.float32
+        # quantized K/V: float64 (B, Hkv, Lk, 1) scale columns; None otherwise
+        self.k_scale = self.v_scale = None
+        if c.k_scale is not None:
+            shape = (self.B, self.Hkv, self.Lk)
+            self.k_scale, self.v_scale = (
+                _validate.scale_bhl(x, shape, c.k.ndim, layout).astype(np.float64)[..., None]
+                for x in (c.k_scale, c.v_scale))
         self.scale = 1.0 / math.sqrt(D) if c.scale is None else c.scale
         full = (self.B, self.Hq, self.Lq, self.Lk)
         self.mask = None if c.mask is None else np.broadcast_to(c.mask, full)
@@ -155,12 +172,20 @@ class _Dense:
             vis = vis & self.mask[b, :, :, :n]
         return vis
 
+    def kv(self, x, scale, b, n):
+        """Float64 keys or values ``(Hkv, n, D)`` of batch ``b``, dequantized."""
+        xb = x[b, :, :n].astype(np.float64)
+        if scale is not None:
+            with np.errstate(all="ignore"):
+                xb = xb * scale[b, :, :n]
+        return xb
+
     def scores(self, b):
         """Float64 scores ``(Hq, Lq, Lk_b)``, -inf where invisible, and the visibility."""
         n = self.key_len(b)
         heads = np.arange(self.Hq) // (self.Hq // self.Hkv)
         qb = self.q[b].astype(np.float64)
-        kb = self.k[b, :, :n].astype(np.float64)[heads]
+        kb = self.kv(self.k, self.k_scale, b, n)[heads]
         vis = self.visible(b)
         with np.errstate(all="ignore"):
             s = np.matmul(qb, kb.transpose(0, 2, 1)) * self.scale
@@ -185,7 +210,7 @@ class _Dense:
                 lse[b] = self.sinks[..., 0]
                 continue
             s, vis = self.scores(b)
-            vb = self.v[b, :, :n].astype(np.float64)[heads]            # (Hq, Lk_b, Dv)
+            vb = self.kv(self.v, self.v_scale, b, n)[heads]            # (Hq, Lk_b, Dv)
             with np.errstate(all="ignore"):
                 m = np.maximum(np.max(s, axis=-1, keepdims=True), self.sinks)  # NaN propagates
                 m0 = np.where(np.isneginf(m), 0.0, m)
@@ -208,15 +233,15 @@ class _Dense:
 # public functions (same signatures as fastqkv's)
 
 def attention(q, k, v, *, causal=False, mask=None, bias=None, key_lens=None, scale=None,
-              window=None, softcap=None, alibi_slopes=None, sinks=None, layout="bhld",
-              return_lse=False, out=None, backend=None):
+              window=None, softcap=None, alibi_slopes=None, sinks=None, k_scale=None,
+              v_scale=None, layout="bhld", return_lse=False, out=None, backend=None):
     """Scaled dot-product attention; see the module docstring for semantics.
 
     ``backend`` is accepted for signature parity and ignored: this *is* the
     oracle.  Returns ``out`` or ``(out, lse)`` when ``return_lse``.
     """
     c = _validate.check_attention(q, k, v, causal, mask, bias, key_lens, scale, window, softcap,
-                                  alibi_slopes, layout, return_lse, out, sinks)
+                                  alibi_slopes, layout, return_lse, out, sinks, k_scale, v_scale)
     dense = _Dense(c, layout)
     o, lse = dense.run()
     result = _from4(o, layout, c.ndim).astype(c.q.dtype, order="C")
@@ -229,19 +254,20 @@ def attention(q, k, v, *, causal=False, mask=None, bias=None, key_lens=None, sca
 
 
 def attention_weights(q, k, *, causal=False, mask=None, bias=None, key_lens=None, scale=None,
-                      window=None, softcap=None, alibi_slopes=None, sinks=None, layout="bhld",
-                      backend=None):
+                      window=None, softcap=None, alibi_slopes=None, sinks=None, k_scale=None,
+                      layout="bhld", backend=None):
     """Softmax probabilities ``(B, Hq, Lq, Lk)`` (3-D input: ``(Hq, Lq, Lk)``,
     2-D: ``(Lq, Lk)``), for inspection.
 
     Same masking options as :func:`attention`; invisible keys (including keys
     past ``key_lens``) have probability 0 and a fully masked row is all 0.
     With ``sinks`` a row sums to ``1 - exp(sinks[h] - lse)`` (the sink's
-    share is not a column).  The dtype is float64 for float64 inputs, else
+    share is not a column).  A quantized ``k`` comes with its ``k_scale``.  The dtype is float64 for float64 inputs, else
     float32.
     """
     c = _validate.check_attention(q, k, _validate.stand_in_v(k), causal, mask, bias, key_lens,
-                                  scale, window, softcap, alibi_slopes, layout, False, None, sinks)
+                                  scale, window, softcap, alibi_slopes, layout, False, None, sinks,
+                                  k_scale, k_scale)
     dense = _Dense(c, layout)
     w = np.zeros((dense.B, dense.Hq, dense.Lq, dense.Lk), dtype=dense.acc)
     for b in range(dense.B if dense.Hq and dense.Lq else 0):
@@ -288,8 +314,9 @@ def merge_attention(outs, lses, *, layout="bhld"):
 
 
 def attention_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, *, causal=False, scale=None,
-                     window=None, softcap=None, alibi_slopes=None, sinks=None, return_lse=False,
-                     out=None, backend=None, mask=None, bias=None, key_lens=None):
+                     window=None, softcap=None, alibi_slopes=None, sinks=None, k_scale=None,
+                     v_scale=None, return_lse=False, out=None, backend=None, mask=None,
+                     bias=None, key_lens=None):
     """Attention over a packed ragged batch.
 
     ``q (total_q, Hq, D)``, ``k (total_k, Hkv, D)``, ``v (total_k, Hkv, Dv)``;
@@ -298,23 +325,26 @@ def attention_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, *, causal=False, scale
     ``B + 1``, starting at 0, non-decreasing, ending at ``total``).  Each
     sequence is attended on its own with the dense semantics (bottom-right
     causal per sequence).  Output ``(total_q, Hq, Dv)``; lse ``(Hq, total_q)``.
+    Scales of a quantized ``k``/``v`` are ``(total_k, Hkv)`` or ``(Hkv,)``.
     ``mask``, ``bias`` and ``key_lens`` are not supported here (ragged shapes
     have no dense mask) and raise ``ValueError``.
     """
-    q, k, v, cq, ck, slopes, sinks, return_lse = _validate.check_varlen(
+    q, k, v, cq, ck, slopes, sinks, return_lse, ks, vs = _validate.check_varlen(
         q, k, v, cu_seqlens_q, cu_seqlens_k, mask=mask, bias=bias, key_lens=key_lens,
         alibi_slopes=alibi_slopes, return_lse=return_lse, out=out, causal=causal, scale=scale,
-        window=window, softcap=softcap, sinks=sinks)
+        window=window, softcap=softcap, sinks=sinks, k_scale=k_scale, v_scale=v_scale)
     res = np.zeros((q.shape[0], q.shape[1], v.shape[2]), q.dtype)
     lse = np.full((q.shape[1], q.shape[0]), -np.inf,
                   np.float64 if q.dtype == np.float64 else np.float32)
     for b in range(len(cq) - 1):
         if cq[b + 1] > cq[b]:
             seq_slopes = None if slopes is None else (slopes if slopes.ndim == 1 else slopes[b])
-            o, l = attention(q[cq[b]:cq[b + 1]], k[ck[b]:ck[b + 1]], v[ck[b]:ck[b + 1]],
+            rows = slice(ck[b], ck[b + 1])
+            o, l = attention(q[cq[b]:cq[b + 1]], k[rows], v[rows],
                              causal=causal, scale=scale, window=window, softcap=softcap,
                              alibi_slopes=seq_slopes, sinks=sinks, layout="blhd",
-                             return_lse=True)
+                             k_scale=_validate.scale_rows(ks, rows),
+                             v_scale=_validate.scale_rows(vs, rows), return_lse=True)
             res[cq[b]:cq[b + 1]] = o
             lse[:, cq[b]:cq[b + 1]] = l
     if out is not None:
@@ -325,8 +355,8 @@ def attention_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, *, causal=False, scale
 
 def paged_attention(q, k_cache, v_cache, block_table, seq_lens, *, causal=False, mask=None,
                     bias=None, scale=None, window=None, softcap=None, alibi_slopes=None,
-                    sinks=None, layout="bhld", return_lse=False, out=None, backend=None,
-                    key_lens=None):
+                    sinks=None, k_scale=None, v_scale=None, layout="bhld", return_lse=False,
+                    out=None, backend=None, key_lens=None):
     """Attention against a paged KV cache.
 
     ``k_cache (num_blocks, block_size, Hkv, D)``, ``v_cache (num_blocks,
@@ -338,14 +368,18 @@ def paged_attention(q, k_cache, v_cache, block_table, seq_lens, *, causal=False,
     ``Lk = max_blocks * block_size`` with ``key_lens = seq_lens``, so the
     queries are the last ``Lq`` positions of each sequence for causal and
     window, and ``mask``/``bias`` are indexed ``(B, Hq, Lq, Lk)``.
-    ``key_lens`` is not accepted (``seq_lens`` is it).
+    ``key_lens`` is not accepted (``seq_lens`` is it).  Scales of a
+    quantized cache are ``(num_blocks, block_size, Hkv)`` (gathered with it)
+    or ``(Hkv,)``.
     """
     pages = _validate.check_paged(q, k_cache, v_cache, block_table, seq_lens, layout=layout,
-                                  key_lens=key_lens)
+                                  key_lens=key_lens, k_scale=k_scale, v_scale=v_scale)
     k, v = gather_pages(pages, layout)
+    ks, vs = gather_page_scales(pages, layout)
     return attention(q, k, v, causal=causal, mask=mask, bias=bias, key_lens=pages.seq_lens,
                      scale=scale, window=window, softcap=softcap, alibi_slopes=alibi_slopes,
-                     sinks=sinks, layout=layout, return_lse=return_lse, out=out)
+                     sinks=sinks, k_scale=ks, v_scale=vs, layout=layout, return_lse=return_lse,
+                     out=out)
 
 
 def gather_pages(pages, layout):
@@ -363,6 +397,25 @@ def gather_pages(pages, layout):
     if layout == "bhld":
         return k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)
     return k, v
+
+
+def gather_page_scales(pages, layout):
+    """The scales of a checked quantized paged cache laid out as
+    :func:`gather_pages` lays out its K/V (slots past a sequence 1; per-head
+    scales as they are); ``(None, None)`` for a float cache."""
+    if pages.k_scale is None or pages.k_scale.ndim == 1:
+        return pages.k_scale, pages.v_scale
+    B, nb = pages.block_table.shape
+    bs = pages.block_size
+    out = []
+    for s in (pages.k_scale, pages.v_scale):
+        g = np.ones((B, nb * bs, s.shape[2]), np.float32)
+        for b in range(B):
+            n = int(pages.seq_lens[b])
+            for t in range(-(-n // bs)):
+                g[b, t * bs:(t + 1) * bs] = s[int(pages.block_table[b, t])]
+        out.append(g.transpose(0, 2, 1) if layout == "bhld" else g)
+    return tuple(out)
 
 
 def self_attention(x, w_q, w_k, w_v, w_o, *, num_heads, num_kv_heads=None, causal=False,

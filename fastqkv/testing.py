@@ -5,6 +5,9 @@
   logits, NaN; with ``kinds`` also the decode shapes that split the keys,
   paged KV caches and packed (varlen) batches.  A :class:`Case` names the
   public function it calls and its arguments.
+* :func:`quant_dtypes` - the quantized K/V dtypes this installation can
+  create; given as ``dtypes`` they turn every case of a kind into a call on
+  int8/float8 K/V with scales (q float32, some float16/bfloat16).
 * :func:`paged_cache` and :func:`varlen_pack` - the builders those cases use:
   dense K/V scattered into a shuffled, NaN-poisoned paged cache; per-sequence
   arrays packed with their ``cu_seqlens``.
@@ -32,10 +35,11 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from . import _api, _dispatch, _validate, reference
+from . import _quant
 
 __all__ = ["TOLERANCES", "MODEL_TOLERANCES", "KINDS", "Case", "generate_cases", "check_case", "assert_close",
-           "as_dtype", "case_bounds", "condition_number", "threads", "half_dtypes", "make_case",
-           "paged_cache", "varlen_pack"]
+           "as_dtype", "case_bounds", "condition_number", "threads", "half_dtypes", "quant_dtypes",
+           "make_case", "paged_cache", "varlen_pack"]
 
 # Relative precision expected of a backend, per storage dtype.  The allowed
 # error of an output element is  tol * cond * max|v|,  where cond bounds how
@@ -62,10 +66,23 @@ def half_dtypes():
     return [d for d in map(as_dtype, _validate.HALF_DTYPES) if d is not None]
 
 
+def quant_dtypes():
+    """The quantized K/V dtype names this installation can create (float8
+    needs ml_dtypes)."""
+    return [d for d in _validate.QUANT_DTYPES if as_dtype(d) is not None]
+
+
 def as_dtype(name):
-    """The NumPy dtype of a name, ``"bfloat16"`` included (ml_dtypes; None
-    when it is not installed)."""
-    return _validate.bfloat16() if name == "bfloat16" else np.dtype(name)
+    """The NumPy dtype of a name, ``"bfloat16"`` and the float8 types
+    included (ml_dtypes; None when it is not installed)."""
+    if name == "bfloat16":
+        return _validate.bfloat16()
+    if name in _validate.QUANT_DTYPES:
+        try:
+            return _validate.quant_dtype(name)
+        except ImportError:
+            return None
+    return np.dtype(name)
 
 
 # the public function a Case calls, and the positional arguments it passes
@@ -152,7 +169,9 @@ KINDS = ("dense", "decode", "paged", "varlen")
 
 def generate_cases(quick=False, seed=0, dtypes=("float32", "float64"), kinds=("dense",)):
     """The case list (deterministic for a seed).  ``quick`` keeps a subset
-    that still touches every option.  ``kinds`` (any of :data:`KINDS`):
+    that still touches every option.  A quantized name in ``dtypes`` (see
+    :func:`quant_dtypes`) builds the float32 cases and quantizes their K/V
+    (:func:`_quantized`).  ``kinds`` (any of :data:`KINDS`):
     ``"dense"`` calls of ``attention``; ``"decode"`` the few-query shapes
     the streaming kernels split over the keys (ragged ``key_lens`` with NaN
     and inf past each length); ``"paged"`` calls of ``paged_attention`` on
@@ -167,7 +186,12 @@ def generate_cases(quick=False, seed=0, dtypes=("float32", "float64"), kinds=("d
     cases = []
     for kind in kinds:
         for dt in dtypes:
-            cases.extend(builders[kind](as_dtype(dt), rng, quick))
+            if dt in _validate.QUANT_DTYPES:
+                qrng = _substream(rng)
+                built = builders[kind](np.dtype(np.float32), qrng, quick)
+                cases.extend(_quantized(c, dt, qrng, i) for i, c in enumerate(built))
+            else:
+                cases.extend(builders[kind](as_dtype(dt), rng, quick))
     return cases
 
 
@@ -177,6 +201,76 @@ def _substream(rng):
     bits = rng.bit_generator
     seq = getattr(bits, "seed_seq", None) or bits._seed_seq
     return np.random.Generator(type(bits)(seq.spawn(1)[0]))
+
+
+def _head_axis(case, ndim):
+    """The KV-head axis of ``case``'s K (of rank ``ndim``); None for 2-D."""
+    if case.fn == "paged_attention":
+        return 2
+    if case.fn == "attention_varlen":
+        return 1
+    blhd = case.kwargs.get("layout") == "blhd"
+    return {4: 2 if blhd else 1, 3: 1 if blhd else 0}.get(ndim)
+
+
+def _quantized(case, name, rng, i):
+    """``case`` (float32) with K/V quantized to ``name`` and their scales:
+    one per token and head, or (every fourth case) one per KV head; q
+    float16 or bfloat16 in every third case.  Poison stays poison: a K/V row
+    that is all non-finite (past ``key_lens``, an unused cache block) gets a
+    NaN scale (per-token scales) and NaN float8 values; a single NaN/inf
+    element stays in float8 (e4m3fn has no inf: NaN) and is 0 in int8."""
+    dt = as_dtype(name)
+    per_head = i % 4 == 3
+    kw = dict(case.kwargs)
+    out = []
+    for x in (case.k, case.v):
+        x = np.asarray(x, dtype=np.float64)
+        bad = ~np.isfinite(x)
+        row_bad = bad.all(axis=-1)
+        clean = np.where(bad, 0.0, np.abs(x))
+        hax = _head_axis(case, x.ndim)
+        if per_head:
+            axes = tuple(a for a in range(x.ndim) if a != hax)
+            s = _quant.scale_for(clean.max(axis=axes) if hax is not None else clean.max().reshape(1), name)
+            full = np.expand_dims(s, axes) if hax is not None else s
+        else:
+            s = _quant.scale_for(clean.max(axis=-1), name)
+            full = s[..., None]
+        xq = _quant.encode(np.where(bad, 0.0, x), full, name)
+        if not per_head:
+            s[row_bad] = np.nan
+        if name != "int8":
+            xq[bad] = x[bad].astype(dt)
+            xq[row_bad] = np.nan
+        out.append((xq, s))
+    (kq, ks), (vq, vs) = out
+    kw["k_scale"], kw["v_scale"] = ks, vs
+    q = case.q
+    if i % 3 == 2:
+        half = as_dtype("bfloat16" if i % 2 else "float16") or np.dtype(np.float16)
+        q = np.asarray(q).astype(half)
+    label = case.name.replace("float32-", "", 1)
+    return Case(f"{name}-{label}", q, kq, vq, kw, case.out_strided, case.fn, case.args)
+
+
+def _dequantized(case):
+    """K and V of ``case`` as float64, scales applied (quantized cases)."""
+    k, v = (np.asarray(x).astype(np.float64) for x in (case.k, case.v))
+    ks, vs = case.kwargs.get("k_scale"), case.kwargs.get("v_scale")
+    if ks is None:
+        return k, v
+    res = []
+    for x, s in ((k, ks), (v, vs)):
+        s = np.asarray(s, np.float64)
+        if s.ndim == x.ndim - 1:
+            s = s[..., None]
+        else:
+            hax = _head_axis(case, x.ndim)
+            s = np.expand_dims(s, tuple(a for a in range(x.ndim) if a != hax)) if hax is not None else s
+        with np.errstate(all="ignore"):
+            res.append(x * s)
+    return tuple(res)
 
 
 def _dense_cases(dtype, rng, quick):
@@ -573,7 +667,8 @@ def case_bounds(case):
     magnitudes, sums over the keys) and the largest finite ``|v|``."""
     kw = case.kwargs
     scale = kw.get("scale") or 1.0 / np.sqrt(case.q.shape[-1])
-    cond = condition_number(case.q, case.k, scale)
+    k, v = _dequantized(case)
+    cond = condition_number(case.q, k, scale)
     if kw.get("softcap"):
         cond = min(cond, max(1.0, 2 * kw["softcap"]))
     cond += _magnitude(kw.get("bias"))                           # bias is rounded with the score
@@ -581,7 +676,7 @@ def case_bounds(case):
         span = case.k.shape[-2] + case.q.shape[-2] if case.fn == "attention" else 2 * _num_keys(case)
         cond += _magnitude(kw["alibi_slopes"]) * span
     cond += np.sqrt(_num_keys(case))                             # rounding of sums over the keys
-    vfin = np.abs(case.v[np.isfinite(case.v)].astype(np.float64))
+    vfin = np.abs(v[np.isfinite(v)])
     vmax = max(1.0, vfin.max()) if vfin.size else 1.0
     return cond, vmax
 
