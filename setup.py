@@ -1,8 +1,9 @@
 """Build of the C extension ``fastqkv._ckernels`` (metadata lives in pyproject.toml).
 
 The kernel bodies (csrc/kernels/attn_tile.inc, the tiled kernel, and
-attn_stream.inc, the streaming kernel, included by attn_tile.inc and for
-float16/bfloat16 storage by attn_half.inc; all instantiated by attn_isa.inc)
+attn_stream.inc, the streaming kernel, included by attn_tile.inc, for
+float16/bfloat16 storage by attn_half.inc and for int8/float8 K/V by
+attn_quant.inc; all instantiated by attn_isa.inc)
 are compiled once per ISA:
 ``attn_generic.c`` with the baseline flags, ``attn_avx2.c`` with AVX2+FMA+F16C and
 ``attn_avx512.c`` with AVX-512 F/DQ/BW/VL (x86-64 only, each kept only if the
@@ -147,7 +148,7 @@ def _extension():
         extra_link_args=["-pthread"] if os.name == "posix" else [],
         depends=["csrc/fastqkv.h", "fastqkv/include/fastqkv/fastqkv_api.h", "csrc/kernels/simd.h",
                  "csrc/kernels/attn_tile.inc", "csrc/kernels/attn_isa.inc", "csrc/kernels/attn_stream.inc",
-                 "csrc/kernels/attn_half.inc"],
+                 "csrc/kernels/attn_half.inc", "csrc/kernels/attn_quant.inc", "csrc/kernels/halfbits.h"],
     )
 
 
