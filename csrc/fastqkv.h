@@ -103,7 +103,8 @@ typedef struct fq_kfuncs {
 typedef struct fq_isa {
     const char *name;
     fq_kfuncs f32, f64, f16, bf16;   /* f16/bf16: streaming kernel only */
-    fq_kfuncs i8, e4m3, e5m2;        /* quantized K/V: streaming kernel only */
+    const fq_kfuncs *quant;          /* [i]: dtype FQ_I8 + i (FQ_I8, FQ_E4M3, FQ_E5M2),
+                                      * streaming kernel only */
     int rows;                        /* target rows per work item (tuned) */
     int kt;                          /* keys per tile (tuned) */
 } fq_isa;
