@@ -19,7 +19,8 @@ Window = Optional[Tuple[int, int]]
 Result = Union[NDArray, Tuple[NDArray, NDArray]]
 
 __all__ = ["attention", "attention_varlen", "paged_attention", "merge_attention",
-           "attention_weights", "self_attention"]
+           "attention_weights", "self_attention", "shared_prefix_attention",
+           "shared_prefix_paged_attention"]
 
 
 def _run(p, backend):
@@ -177,6 +178,77 @@ def paged_attention(q: ArrayLike, k_cache: ArrayLike, v_cache: ArrayLike,
         k_scale=k_scale, v_scale=v_scale, layout=layout, return_lse=return_lse, out=out,
         key_lens=key_lens)
     return _run(p, backend)
+
+
+def shared_prefix_attention(q: ArrayLike, prefix_k: ArrayLike, prefix_v: ArrayLike, k: ArrayLike,
+                            v: ArrayLike, *, key_lens: Optional[ArrayLike] = None,
+                            causal: bool = False, scale: Optional[float] = None,
+                            softcap: Optional[float] = None, sinks: Optional[ArrayLike] = None,
+                            layout: str = "bhld", return_lse: bool = False,
+                            out: Optional[NDArray] = None, backend: str = "auto") -> Result:
+    """``N`` requests over one shared prefix and their own suffixes (cascade
+    attention); see :func:`fastqkv.reference.shared_prefix_attention`.
+
+    The prefix's K/V are read once for all requests: their queries are
+    stacked into one call over the prefix, each request's suffix is a batch
+    entry of a second call, and the two partials merge exactly through their
+    log-sum-exp (:func:`merge_attention`)."""
+    _dispatch._check_name(backend, "backend")
+    ps = _problem.plan_attention(q, k, v, causal=causal, key_lens=key_lens, scale=scale,
+                                 softcap=softcap, sinks=sinks, layout=layout, return_lse=True)
+    lens = np.full(ps.B, ps.Lk) if ps.key_lens is None else ps.key_lens
+    q = _validate.check_shared_prefix(q, layout, causal, lens)
+    pk, pv = _validate.check_prefix_kv(prefix_k, prefix_v, q, layout, ps.Hkv, ps.Dv)
+    return _cascade(ps, q, layout, return_lse, out, backend,
+                    lambda qs: attention(qs, pk, pv, scale=scale, softcap=softcap, layout=layout,
+                                         return_lse=True, backend=backend),
+                    (("prefix_k", pk), ("prefix_v", pv)))
+
+
+def shared_prefix_paged_attention(q: ArrayLike, k_cache: ArrayLike, v_cache: ArrayLike,
+                                  prefix_blocks: ArrayLike, prefix_len: int,
+                                  block_table: ArrayLike, seq_lens: ArrayLike, *,
+                                  causal: bool = False, scale: Optional[float] = None,
+                                  softcap: Optional[float] = None,
+                                  sinks: Optional[ArrayLike] = None, layout: str = "bhld",
+                                  return_lse: bool = False, out: Optional[NDArray] = None,
+                                  backend: str = "auto") -> Result:
+    """:func:`shared_prefix_attention` on a paged cache; see
+    :func:`fastqkv.reference.shared_prefix_paged_attention`."""
+    _dispatch._check_name(backend, "backend")
+    table, plen = _validate.check_prefix_blocks(prefix_blocks, prefix_len, k_cache)
+    ps = _problem.plan_paged(q, k_cache, v_cache, block_table, seq_lens, causal=causal,
+                             scale=scale, softcap=softcap, sinks=sinks, layout=layout,
+                             return_lse=True)
+    q = _validate.check_shared_prefix(q, layout, causal, ps.key_lens)
+    return _cascade(ps, q, layout, return_lse, out, backend,
+                    lambda qs: paged_attention(qs[None], k_cache, v_cache, table, plen,
+                                               scale=scale, softcap=softcap, layout=layout,
+                                               return_lse=True, backend=backend),
+                    (("k_cache", k_cache), ("v_cache", v_cache)))
+
+
+def _cascade(ps, q, layout, return_lse, out, backend, prefix_call, others):
+    """Run the suffix Problem ``ps`` and ``prefix_call`` on the requests'
+    stacked queries ``(Hq, N*Lq, D)`` (``"blhd"``: ``(N*Lq, Hq, D)``), merge
+    the two, write ``out``."""
+    N, Hq, Lq, Dv = ps.B, ps.Hq, ps.Lq, ps.Dv
+    shape = _validate.user_shape(N, Hq, Lq, Dv, 4, layout)
+    if out is not None:
+        _validate.check_out(out, shape, ps.dtype, (("q", q),) + others + (("k", ps.k), ("v", ps.v)))
+    o_s, l_s = _run(ps, backend)
+    if layout == "blhd":
+        o_p, l_p = prefix_call(q.reshape(N * Lq, Hq, q.shape[3]))
+        o_p = o_p.reshape(N, Lq, Hq, Dv)
+    else:
+        o_p, l_p = prefix_call(q.transpose(1, 0, 2, 3).reshape(Hq, N * Lq, q.shape[3]))
+        o_p = o_p.reshape(Hq, N, Lq, Dv).transpose(1, 0, 2, 3)
+    l_p = l_p.reshape(Hq, N, Lq).transpose(1, 0, 2)
+    o, lse = reference.merge_attention([o_p, o_s], [l_p, l_s], layout=layout)
+    if out is not None:
+        out[...] = o
+        o = out
+    return (o, lse) if return_lse else o
 
 
 def self_attention(x: ArrayLike, w_q: ArrayLike, w_k: ArrayLike, w_v: ArrayLike,
