@@ -13,7 +13,7 @@ from typing import Optional, Sequence, Tuple, Union
 import numpy as np
 from numpy.typing import ArrayLike, NDArray
 
-from . import _dispatch, _interrupt, _problem, _validate, reference
+from . import _dispatch, _interrupt, _problem, _validate
 
 Window = Optional[Tuple[int, int]]
 Result = Union[NDArray, Tuple[NDArray, NDArray]]
@@ -127,8 +127,39 @@ def _scores(p, b, dtype):
 def merge_attention(outs: Sequence[ArrayLike], lses: Sequence[ArrayLike], *,
                     layout: str = "bhld") -> Tuple[NDArray, NDArray]:
     """Combine partial results over disjoint key sets; see
-    :func:`fastqkv.reference.merge_attention`."""
-    return reference.merge_attention(outs, lses, layout=layout)
+    :func:`fastqkv.reference.merge_attention`.  Computed in the lse's
+    precision (float64 for float64, else float32)."""
+    outs, lses = _validate.check_merge(outs, lses, layout)
+    B, H, L, _ = _validate.bhld(outs[0], layout).shape
+    outs4 = [_validate.bhld(o, layout) for o in outs]
+    lses3 = [x.reshape(B, H, L) for x in lses]
+    o, lse = _merge(outs4, lses3)
+    res = np.empty(outs[0].shape, outs[0].dtype)
+    _validate.bhld(res, layout)[...] = o
+    return res, lse.astype(lses[0].dtype).reshape(lses[0].shape)
+
+
+def _merge(outs4, lses3):
+    """The merge of :func:`merge_attention` on ``(B, H, L, Dv)`` outputs and
+    ``(B, H, L)`` lses: ``(out, lse)`` in the accumulation dtype of the
+    lses' dtype; a partial of lse -inf is not read, NaN makes the row NaN."""
+    acc = _validate.acc_dtype(lses3[0].dtype)
+    L = [x.astype(acc, copy=False) for x in lses3]
+    m = L[0]
+    for x in L[1:]:
+        m = np.maximum(m, x)                                   # NaN propagates
+    m0 = np.where(np.isneginf(m), acc.type(0), m)
+    tot = np.zeros(m.shape, acc)
+    out = np.zeros(outs4[0].shape, acc)
+    with np.errstate(all="ignore"):
+        for x, o in zip(L, outs4):
+            w = np.exp(x - m0)                                 # 0 for a -inf partial
+            tot += w
+            out += np.where(w[..., None] == 0, acc.type(0), w[..., None] * o)
+        none = (tot == 0)[..., None]
+        out = np.where(none, acc.type(0), out / np.where(none, acc.type(1), tot[..., None]))
+        lse = m0 + np.log(tot)
+    return out, lse
 
 
 def attention_varlen(q: ArrayLike, k: ArrayLike, v: ArrayLike, cu_seqlens_q: ArrayLike,
@@ -244,11 +275,12 @@ def _cascade(ps, q, layout, return_lse, out, backend, prefix_call, others):
         o_p, l_p = prefix_call(q.transpose(1, 0, 2, 3).reshape(Hq, N * Lq, q.shape[3]))
         o_p = o_p.reshape(Hq, N, Lq, Dv).transpose(1, 0, 2, 3)
     l_p = l_p.reshape(Hq, N, Lq).transpose(1, 0, 2)
-    o, lse = reference.merge_attention([o_p, o_s], [l_p, l_s], layout=layout)
-    if out is not None:
-        out[...] = o
-        o = out
-    return (o, lse) if return_lse else o
+    if layout == "blhd":
+        o_p, o_s = o_p.transpose(0, 2, 1, 3), o_s.transpose(0, 2, 1, 3)
+    o, lse = _merge([o_p, o_s], [l_p, l_s])
+    res = np.empty(shape, ps.dtype) if out is None else out
+    _validate.bhld(res, layout)[...] = o
+    return (res, lse) if return_lse else res
 
 
 def self_attention(x: ArrayLike, w_q: ArrayLike, w_k: ArrayLike, w_v: ArrayLike,

@@ -143,3 +143,27 @@ def test_fast_path_matches_full_path(rng, dtype):
         np.testing.assert_array_equal(o1, o2)
         np.testing.assert_array_equal(l1, l2)
         assert o1.dtype == dtype and l1.dtype == (np.float64 if dtype == np.float64 else np.float32)
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float64"] + [d.name for d in testing.half_dtypes()])
+def test_merge_matches_oracle_on_edge_rows(dtype, rng):
+    """fastqkv's merge (in the lse precision) against the oracle's (float64):
+    three partials, rows with a -inf partial whose output is NaN (not read),
+    all -inf, a NaN lse, huge lse gaps."""
+    dt = testing.as_dtype(dtype)
+    acc = np.float64 if dtype == "float64" else np.float32
+    outs = [rng.standard_normal((2, 3, 4, 5)).astype(dt) for _ in range(3)]
+    lses = [(rng.standard_normal((2, 3, 4)) * 3).astype(acc) for _ in range(3)]
+    lses[0][0, 0, 0] = -np.inf
+    outs[0][0, 0, 0] = np.nan
+    for x in lses:
+        x[0, 1, 1] = -np.inf
+    lses[2][1, 2, 3] = np.nan
+    lses[1][1, 0, 0] = 1e4
+    for layout in ("bhld", "blhd"):
+        o = [x if layout == "bhld" else x.transpose(0, 2, 1, 3) for x in outs]
+        got, glse = fastqkv.merge_attention(o, lses, layout=layout)
+        want, wlse = R.merge_attention(o, lses, layout=layout)
+        assert got.dtype == want.dtype and glse.dtype == wlse.dtype
+        testing.assert_close(got, want, dt, cond=2, vmax=4)
+        testing.assert_close(glse, wlse, dt, cond=1e4)
