@@ -2,8 +2,10 @@
 
 Contract: :func:`make_inputs` turns a :class:`~.cases.BenchCase` into seeded
 random ``q, k, v`` in fastqkv's ``bhld`` layout plus the keyword options that
-express the case (``causal``, ``key_lens`` or a key-padding ``mask``); it
-raises :class:`~.cases.Skip` when the case's dtype cannot be created here.
+express the case (``causal``, ``key_lens`` or a key-padding ``mask``;
+``k_scale``/``v_scale`` with K/V quantized by :func:`fastqkv.quantize_kv`
+for a case with ``kv``); it raises :class:`~.cases.Skip` when the case's
+dtypes cannot be created here.
 :func:`paged_copy` lays dense K/V out as a shuffled paged cache.  Nothing here
 times or checks anything.
 """
@@ -41,6 +43,10 @@ def make_inputs(case, seed=0):
     k = arr(case.B, case.Hkv, case.Lk, case.D)
     v = arr(case.B, case.Hkv, case.Lk, case.D)
     kw = {"causal": case.causal}
+    if case.kv is not None:
+        np_dtype(case.kv)                         # Skip without ml_dtypes
+        from .._quant import quantize_kv
+        (k, kw["k_scale"]), (v, kw["v_scale"]) = (quantize_kv(x, case.kv) for x in (k, v))
     lens = np.array(case.lengths(), np.int64)
     if case.ragged == "key_lens":
         kw["key_lens"] = lens
