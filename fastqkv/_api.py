@@ -192,7 +192,8 @@ def attention_varlen(q: ArrayLike, k: ArrayLike, v: ArrayLike, cu_seqlens_q: Arr
 
 
 def paged_attention(q: ArrayLike, k_cache: ArrayLike, v_cache: ArrayLike,
-                    block_table: ArrayLike, seq_lens: ArrayLike, *, causal: bool = False,
+                    block_table: ArrayLike, seq_lens: ArrayLike, *,
+                    cu_seqlens_q: Optional[ArrayLike] = None, causal: bool = False,
                     mask: Optional[ArrayLike] = None, bias: Optional[ArrayLike] = None,
                     scale: Optional[float] = None, window: Window = None,
                     softcap: Optional[float] = None, alibi_slopes: Optional[ArrayLike] = None,
@@ -201,14 +202,54 @@ def paged_attention(q: ArrayLike, k_cache: ArrayLike, v_cache: ArrayLike,
                     return_lse: bool = False, out: Optional[NDArray] = None,
                     backend: str = "auto", key_lens: None = None) -> Result:
     """Attention against a paged KV cache; see
-    :func:`fastqkv.reference.paged_attention`."""
+    :func:`fastqkv.reference.paged_attention`.  With ``cu_seqlens_q`` (packed
+    queries of several lengths) each sequence is one call on its blocks."""
     _dispatch._check_name(backend, "backend")
+    if cu_seqlens_q is not None:
+        return _paged_packed(q, k_cache, v_cache, block_table, seq_lens, cu_seqlens_q, causal,
+                             mask, bias, scale, window, softcap, alibi_slopes, sinks, k_scale,
+                             v_scale, layout, return_lse, out, backend, key_lens)
     p = _problem.plan_paged(
         q, k_cache, v_cache, block_table, seq_lens, causal=causal, mask=mask, bias=bias,
         scale=scale, window=window, softcap=softcap, alibi_slopes=alibi_slopes, sinks=sinks,
         k_scale=k_scale, v_scale=v_scale, layout=layout, return_lse=return_lse, out=out,
         key_lens=key_lens)
     return _run(p, backend)
+
+
+def _paged_packed(q, k_cache, v_cache, block_table, seq_lens, cu_seqlens_q, causal, mask, bias,
+                  scale, window, softcap, alibi_slopes, sinks, k_scale, v_scale, layout,
+                  return_lse, out, backend, key_lens):
+    """paged_attention with packed queries: checked whole, then one paged
+    call per sequence with queries, on its row of the block table."""
+    pages = _validate.check_paged(q, k_cache, v_cache, block_table, seq_lens, layout="blhd",
+                                  key_lens=key_lens, k_scale=k_scale, v_scale=v_scale, packed=True)
+    q, cq = _validate.check_packed_queries(q, cu_seqlens_q, pages.seq_lens, layout, mask, bias)
+    B, Hq, Dv = len(cq) - 1, q.shape[1], pages.v_cache.shape[3]
+    acc = _validate.acc_dtype(q.dtype)
+    alibi = None
+    if alibi_slopes is not None:
+        alibi = np.broadcast_to(_validate.check_alibi(alibi_slopes, B, Hq, acc), (B, Hq))
+    sinks = None if sinks is None else _validate.check_sinks(sinks, Hq, acc)
+    _validate.check_options(causal, scale, window, softcap)
+    if out is None:
+        out = np.empty((q.shape[0], Hq, Dv), q.dtype)
+    else:
+        _validate.check_out(out, (q.shape[0], Hq, Dv), q.dtype,
+                            (("q", q), ("k_cache", pages.k_cache), ("v_cache", pages.v_cache)))
+    lse = np.full((Hq, q.shape[0]), -np.inf, acc) if return_lse else None
+    for b in range(B):
+        qs = slice(cq[b], cq[b + 1])
+        if qs.stop == qs.start:
+            continue
+        _, l = paged_attention(q[qs][None], pages.k_cache, pages.v_cache, pages.block_table[b:b + 1],
+                               pages.seq_lens[b:b + 1], causal=causal, scale=scale, window=window,
+                               softcap=softcap, alibi_slopes=None if alibi is None else alibi[b],
+                               sinks=sinks, k_scale=pages.k_scale, v_scale=pages.v_scale,
+                               layout="blhd", return_lse=True, out=out[qs][None], backend=backend)
+        if lse is not None:
+            lse[:, qs] = l[0]
+    return (out, lse) if return_lse else out
 
 
 def shared_prefix_attention(q: ArrayLike, prefix_k: ArrayLike, prefix_v: ArrayLike, k: ArrayLike,

@@ -651,8 +651,10 @@ class CheckedPages(NamedTuple):
 
 
 def check_paged(q, k_cache, v_cache, block_table, seq_lens, *, layout, key_lens, k_scale=None,
-                v_scale=None):
-    """Check the paged cache arguments (q itself is checked by check_attention)."""
+                v_scale=None, packed=False):
+    """Check the paged cache arguments (q itself is checked by check_attention;
+    ``packed``: q is ``(total_q, Hq, D)`` and B is block_table's rows, see
+    :func:`check_packed_queries`)."""
     check_layout(layout)
     if key_lens is not None:
         raise ValueError("key_lens is not accepted by paged_attention: seq_lens gives each sequence's length")
@@ -670,10 +672,10 @@ def check_paged(q, k_cache, v_cache, block_table, seq_lens, *, layout, key_lens,
     nblocks, bs = kc.shape[:2]
     if bs < 1:
         raise ValueError("k_cache must have block_size >= 1")
-    if q.ndim != 4:
-        raise ValueError(f"q must be 4-D for paged_attention, got shape {q.shape}")
-    B = q.shape[0]
+    if q.ndim != 4 and not packed:
+        raise ValueError(f"q must be 4-D for paged_attention (3-D packed with cu_seqlens_q), got shape {q.shape}")
     bt = as_array(block_table, "block_table")
+    B = bt.shape[0] if packed and bt.ndim == 2 else q.shape[0]
     if bt.dtype.kind not in "iu":
         raise TypeError(f"block_table must be an integer array, got dtype {bt.dtype}")
     if bt.ndim != 2 or bt.shape[0] != B:
@@ -695,6 +697,30 @@ def check_paged(q, k_cache, v_cache, block_table, seq_lens, *, layout, key_lens,
     if quantized:
         check_scale_values(scales, lambda x: _paged_parts(x, bt, sl, bs))
     return CheckedPages(kc, vc, bt, sl, bs, *scales)
+
+
+def check_packed_queries(q, cu_seqlens_q, seq_lens, layout, mask, bias):
+    """The packed queries of a paged call with ``cu_seqlens_q``: ``q
+    (total_q, Hq, D)``, sequence ``b`` owning rows ``cu_seqlens_q[b] ..
+    cu_seqlens_q[b+1]``, never more than its ``seq_lens[b]`` keys.  Returns
+    ``(q, cu_q)`` with ``cu_q`` a list of ints."""
+    for name, val in (("mask", mask), ("bias", bias)):
+        if val is not None:
+            raise ValueError(f"{name} is not supported with cu_seqlens_q (packed queries have no dense {name})")
+    if layout != "bhld":
+        raise ValueError("layout does not apply with cu_seqlens_q: packed q is (total_q, Hq, D) "
+                         "and the caches are (num_blocks, block_size, Hkv, D)")
+    q = _float_array(q, "q")
+    if q.ndim != 3:
+        raise ValueError(f"q must be 3-D (total_q, Hq, head_dim) with cu_seqlens_q, got shape {q.shape}")
+    cq = _cu_seqlens(cu_seqlens_q, "cu_seqlens_q", q.shape[0])
+    if len(cq) != len(seq_lens) + 1:
+        raise ValueError(f"cu_seqlens_q must have length B + 1 = {len(seq_lens) + 1} (block_table rows + 1), got {len(cq)}")
+    for b, n in enumerate(seq_lens.tolist()):
+        if cq[b + 1] - cq[b] > n:
+            raise ValueError(f"sequence {b} has {cq[b + 1] - cq[b]} queries but only {n} keys "
+                             "(its queries are the last positions of its seq_lens keys)")
+    return q, cq
 
 
 def _paged_parts(s, bt, sl, bs):

@@ -355,10 +355,10 @@ def attention_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, *, causal=False, scale
     return (res, lse) if return_lse else res
 
 
-def paged_attention(q, k_cache, v_cache, block_table, seq_lens, *, causal=False, mask=None,
-                    bias=None, scale=None, window=None, softcap=None, alibi_slopes=None,
-                    sinks=None, k_scale=None, v_scale=None, layout="bhld", return_lse=False,
-                    out=None, backend=None, key_lens=None):
+def paged_attention(q, k_cache, v_cache, block_table, seq_lens, *, cu_seqlens_q=None,
+                    causal=False, mask=None, bias=None, scale=None, window=None, softcap=None,
+                    alibi_slopes=None, sinks=None, k_scale=None, v_scale=None, layout="bhld",
+                    return_lse=False, out=None, backend=None, key_lens=None):
     """Attention against a paged KV cache.
 
     ``k_cache (num_blocks, block_size, Hkv, D)``, ``v_cache (num_blocks,
@@ -373,7 +373,33 @@ def paged_attention(q, k_cache, v_cache, block_table, seq_lens, *, causal=False,
     ``key_lens`` is not accepted (``seq_lens`` is it).  Scales of a
     quantized cache are ``(num_blocks, block_size, Hkv)`` (gathered with it)
     or ``(Hkv,)``.
+
+    With ``cu_seqlens_q`` (int, length ``B + 1``, as in
+    :func:`attention_varlen`) the queries of all sequences are packed:
+    ``q (total_q, Hq, D)``, sequence ``b`` owning rows ``cu_seqlens_q[b] ..
+    cu_seqlens_q[b+1]``, which are the last positions of its ``seq_lens[b]``
+    keys (so a sequence has at most that many queries).  It is then
+    :func:`attention_varlen` on the gathered keys of each sequence: output
+    ``(total_q, Hq, Dv)``, lse ``(Hq, total_q)``; ``mask``/``bias`` are not
+    accepted and ``layout`` does not apply.
     """
+    if cu_seqlens_q is not None:
+        pages = _validate.check_paged(q, k_cache, v_cache, block_table, seq_lens, layout="blhd",
+                                      key_lens=key_lens, k_scale=k_scale, v_scale=v_scale,
+                                      packed=True)
+        q, cq = _validate.check_packed_queries(q, cu_seqlens_q, pages.seq_lens, layout, mask, bias)
+        k, v = gather_pages(pages, "blhd")
+        ks, vs = gather_page_scales(pages, "blhd")
+        lens = pages.seq_lens.tolist()
+        ck = np.concatenate([[0], np.cumsum(lens)]).astype(np.int64)
+        pack = [None if x is None or x.ndim == 1 else
+                np.concatenate([x[b, :n] for b, n in enumerate(lens)] or [x[:0, 0]])
+                for x in (k, v, ks, vs)]
+        return attention_varlen(q, pack[0], pack[1], cq, ck, causal=causal, scale=scale,
+                                window=window, softcap=softcap, alibi_slopes=alibi_slopes,
+                                sinks=sinks, k_scale=ks if pack[2] is None else pack[2],
+                                v_scale=vs if pack[3] is None else pack[3],
+                                return_lse=return_lse, out=out)
     pages = _validate.check_paged(q, k_cache, v_cache, block_table, seq_lens, layout=layout,
                                   key_lens=key_lens, k_scale=k_scale, v_scale=v_scale)
     k, v = gather_pages(pages, layout)

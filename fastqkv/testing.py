@@ -438,7 +438,8 @@ def _with_key_lens(case, key_lens):
 def _with_sinks(case, rng):
     """``case`` with ``sinks=``: a float32 logit ~N(0, 2^2) per query head,
     the last head's -inf (no sink)."""
-    heads = case.q.shape[-2 if case.fn == "attention_varlen" or case.kwargs.get("layout") == "blhd" else -3]
+    packed = case.fn == "attention_varlen" or "cu_seqlens_q" in case.kwargs
+    heads = case.q.shape[-2 if packed or case.kwargs.get("layout") == "blhd" else -3]
     sinks = (2 * rng.standard_normal(heads)).astype(np.float32)
     sinks[-1] = -np.inf
     case.kwargs["sinks"] = sinks
@@ -553,6 +554,25 @@ def _paged_cases(dtype, rng, quick):
             ("blhd-window", (2, 4, 2, 3, 50, 8), [50, 9], 8,
              dict(layout="blhd", causal=True, window=(4, 0)))):
         add(_with_sinks(_paged_case(f"{n}-paged-sinks-{name}", srng, dtype, shape, seq, bs, **kw), srng))
+    # packed queries of several lengths (cu_seqlens_q): decode rows and
+    # prefill chunks in one call, sequences without queries or keys
+    prng = _substream(srng)
+    for name, (Hq, Hkv, D), seq, lq, bs, kw in (
+            ("mixed-causal", (8, 2, 16), [50, 7, 33, 64, 0], [1, 5, 0, 16, 0], 16, dict(causal=True)),
+            ("decode-rows-mqa", (8, 1, 32), [100, 1, 57], [1, 1, 1], 7, {}),
+            ("window", (4, 2, 8), [40, 3], [4, 3], 8, dict(causal=True, window=(5, 0))),
+            ("softcap", (4, 2, 8), [20, 30], [2, 6], 4, dict(softcap=5.0)),
+            ("sinks-alibi", (4, 2, 8), [25, 9], [3, 1], 8,
+             dict(causal=True, alibi_slopes=np.array([0.5, 0.25, 0.125, 0.0625])))):
+        seq = np.array(seq, np.int64)
+        L = max(1, int(seq.max()))
+        k = prng.standard_normal((len(seq), Hkv, L, D)).astype(dtype)
+        v = prng.standard_normal((len(seq), Hkv, L, D)).astype(dtype)
+        kc, vc, table = paged_cache(k, v, bs, prng, seq)
+        q, cu = varlen_pack([prng.standard_normal((m, Hq, D)).astype(dtype) for m in lq])
+        case = Case(f"{n}-paged-packed-{name}", q, kc, vc, dict(kw, cu_seqlens_q=cu),
+                    fn="paged_attention", args=(table, seq))
+        add(_with_sinks(case, prng) if "sinks" in name else case)
     return c
 
 

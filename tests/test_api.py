@@ -167,3 +167,32 @@ def test_merge_matches_oracle_on_edge_rows(dtype, rng):
         assert got.dtype == want.dtype and glse.dtype == wlse.dtype
         testing.assert_close(got, want, dt, cond=2, vmax=4)
         testing.assert_close(glse, wlse, dt, cond=1e4)
+
+
+def test_paged_packed_queries_bad_input(rng):
+    kc = rng.standard_normal((6, 4, 2, 8)).astype(np.float32)
+    table = np.array([[0, 1, 2], [3, 4, 5]])
+    q = rng.standard_normal((5, 4, 8)).astype(np.float32)
+    call = lambda cu, lens=(12, 9), **kw: fastqkv.paged_attention(  # noqa: E731
+        q, kc, kc, table, np.array(lens), cu_seqlens_q=np.array(cu), **kw)
+    with pytest.raises(ValueError, match="cu_seqlens_q must be non-decreasing"):
+        call([0, 4, 3])
+    with pytest.raises(ValueError, match="cu_seqlens_q must end at the packed length 5, got 6"):
+        call([0, 2, 6])
+    with pytest.raises(ValueError, match="cu_seqlens_q must have length B \\+ 1 = 3"):
+        call([0, 5])
+    with pytest.raises(ValueError, match="sequence 1 has 4 queries but only 3 keys"):
+        call([0, 1, 5], lens=(12, 3))
+    with pytest.raises(ValueError, match=r"seq_lens must lie in \[0, max_blocks \* block_size = 12\]"):
+        call([0, 1, 5], lens=(13, 9))
+    with pytest.raises(ValueError, match="mask is not supported with cu_seqlens_q"):
+        call([0, 1, 5], mask=np.ones((2, 4, 1, 12), bool))
+    with pytest.raises(ValueError, match="layout does not apply"):
+        call([0, 1, 5], layout="blhd")
+    with pytest.raises(ValueError, match="q must be 3-D"):
+        fastqkv.paged_attention(q[None], kc, kc, table, np.array([12, 9]), cu_seqlens_q=[0, 1, 5])
+    got, lse = call([0, 1, 5], return_lse=True, causal=True)
+    want, wlse = R.paged_attention(q, kc, kc, table, np.array([12, 9]), cu_seqlens_q=np.array([0, 1, 5]),
+                                   causal=True, return_lse=True)
+    testing.assert_close(got, want, np.float32, cond=10, vmax=3)
+    assert lse.shape == (4, 5)
