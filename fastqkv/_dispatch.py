@@ -137,7 +137,8 @@ def _require(name):
 def resolve(backend, problem):
     """The backend module that runs ``problem`` and its name."""
     if backend == "auto":
-        pinned = _context_backend.get() or _global_backend or _env_backend()
+        pinned = _context_backend.get() or _global_backend or (
+            _env_cache[0] if _env_cache else _env_backend())
         if pinned is None:
             if not _probed_all:
                 for n in _config.AUTO_ORDER:
