@@ -176,6 +176,11 @@ def _default_threads():
         if not 1 <= n <= MAX_THREADS:
             raise ValueError(f"${_config.ENV_NUM_THREADS} must be an integer in [1, {MAX_THREADS}], got {env!r}")
         return n
+    return available_cpus()
+
+
+def available_cpus():
+    """The CPUs this process may run on."""
     try:
         return max(1, len(os.sched_getaffinity(0)))
     except (AttributeError, OSError):
