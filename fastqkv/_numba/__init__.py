@@ -16,7 +16,8 @@ vocabulary), ``softmax`` (exp, score options, the online-softmax step),
 ``call`` (flag bits, workspace carving, the named tuples handed to work
 items), ``prefill`` (the tiled kernel), ``stream`` (the streaming kernel),
 ``launch`` (signatures, driver cache, workspace, the call on the planner's
-route).
+route), ``precompile`` (compiling the kernels a run needs ahead of their
+first call, in parallel processes).
 
 Backend interface (see :mod:`fastqkv._dispatch`): :func:`probe`,
 :func:`supports`, :func:`run`; plus :func:`warmup` and :func:`cache_status`

@@ -9,7 +9,9 @@ only.
 
 * Drivers: one signature per dtype (:data:`SIGNATURES`,
   :data:`STREAM_SIGNATURES`), compiled or loaded from Numba's disk cache on
-  first use by :func:`driver` / :func:`stream_driver`.
+  first use by :func:`driver` / :func:`stream_driver`.  Each signature is a
+  kernel of :data:`KERNELS`, named ``(route, dtype name)``: :func:`kernel`
+  is the one a Problem runs on, :func:`cached_kernels` those on disk.
 * Workspace: per Python thread, grown on demand and kept between calls
   (:func:`_workspace`), so a steady loop allocates nothing.
 * Threads: no more than work items, none woken for tiny calls
@@ -36,8 +38,8 @@ from .prefill import _attention_py, _layout
 from .stream import _chunk_room, _stream_layout, _stream_py
 from .vec import KIND_BF16, KIND_F16, KIND_FLOAT
 
-__all__ = ["driver", "stream_driver", "run", "warmup", "cache_status",
-           "release_workspace", "SIGNATURES", "STREAM_SIGNATURES"]
+__all__ = ["driver", "stream_driver", "run", "warmup", "cache_status", "kernel", "compile_kernel",
+           "cached_kernels", "release_workspace", "SIGNATURES", "STREAM_SIGNATURES", "KERNELS"]
 
 # > 0: keys per split of every streaming call (tests)
 FORCE_SPLIT = 0
@@ -277,6 +279,12 @@ def _half_kind(dt):
     return _KINDS.get(storage_name(dt), KIND_FLOAT)
 
 
+def _stream_storage(dt, kind):
+    """The dtype of the streaming signature that reads storage ``dt`` of
+    element codec ``kind``: 16-bit floats by their uint16 bits."""
+    return np.dtype(np.uint16) if kind != KIND_FLOAT else dt
+
+
 def run(p, num_threads):
     """Fill ``p.out`` (and ``p.lse``) of a prepared Problem on its route
     (:attr:`fastqkv._problem.Problem.route`): the streaming kernel or the
@@ -324,7 +332,7 @@ def split_keys(p, num_threads, qt, skt, hpi=1):
 def _run_stream(p, num_threads):
     dt = np.dtype(p.dtype)
     kind = _half_kind(dt)
-    st = np.dtype(np.uint16) if kind != KIND_FLOAT else dt
+    st = _stream_storage(dt, kind)
     acc = np.dtype(p.acc_dtype)
     fn = stream_driver(st)
     dm = _dummies(acc)
@@ -416,26 +424,56 @@ def _run_general(p, num_threads):
 
 def warmup():
     """Compile (or load from the disk cache) every signature; returns :func:`cache_status`."""
-    for dt in SIGNATURES:
-        driver(dt)
-    for dt in STREAM_SIGNATURES:
-        stream_driver(dt)
+    for key in KERNELS:
+        compile_kernel(key)
     return cache_status()
+
+
+# ---------------------------------------------------------------------------
+# kernels: one compiled signature of a driver, named (route, dtype name)
+
+_DRIVERS = {"tile": (_attention_py, SIGNATURES), "stream": (_stream_py, STREAM_SIGNATURES)}
+KERNELS = tuple((route, dt.name) for route, (_fn, sigs) in _DRIVERS.items() for dt in sigs)
+
+
+def kernel(p):
+    """The kernel that runs a planned Problem ``p`` on its route:
+    ``("tile", "float32" | "float64")`` (other storage is read as float32
+    copies) or ``("stream", storage)`` (``"uint16"`` for 16-bit floats)."""
+    dt = np.dtype(p.dtype)
+    if p.route == "stream":
+        return "stream", _stream_storage(dt, _half_kind(dt)).name
+    return "tile", "float64" if dt == np.float64 else "float32"
+
+
+def compile_kernel(key):
+    """Compile ``key`` of :data:`KERNELS` (or load it from the disk cache)."""
+    route, name = key
+    (driver if route == "tile" else stream_driver)(np.dtype(name))
+
+
+def cached_kernels():
+    """The kernels of :data:`KERNELS` that Numba's disk cache holds for this
+    CPU and these sources, and the cache's directory (reads Numba's cache
+    index, a private API: raises what it raises)."""
+    from numba.core.caching import FunctionCache
+    from numba.core.registry import cpu_target
+
+    codegen = cpu_target.target_context.codegen()
+    found, where = set(), None
+    for route, (fn, sigs) in _DRIVERS.items():
+        cache = FunctionCache(fn)
+        index = cache._cache_file._load_index()
+        where = cache._cache_path
+        found.update((route, dt.name) for dt, sig in sigs.items() if cache._index_key(sig, codegen) in index)
+    return found, where
 
 
 def cache_status():
     """``{"warm": bool | None, "signatures": n cached of N, "dir": path}`` from
-    Numba's cache index of the driver (None when it cannot be read)."""
-    from numba.core.caching import FunctionCache
-
+    Numba's cache index of the drivers (None when it cannot be read)."""
     try:
-        n = 0
-        where = None
-        for fn in (_attention_py, _stream_py):
-            cache = FunctionCache(fn)
-            n += len(cache._cache_file._load_index())
-            where = cache._cache_path
+        found, where = cached_kernels()
     except Exception as exc:  # noqa: BLE001 - private Numba API; report, never raise
         return {"warm": None, "signatures": f"unknown ({type(exc).__name__}: {exc})", "dir": None}
-    total = len(SIGNATURES) + len(STREAM_SIGNATURES)
-    return {"warm": n >= total, "signatures": f"{min(n, total)} of {total}", "dir": where}
+    return {"warm": len(found) == len(KERNELS), "signatures": f"{len(found)} of {len(KERNELS)}", "dir": where}
