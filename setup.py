@@ -1,12 +1,15 @@
 """Build of the C extension ``fastqkv._ckernels`` (metadata lives in pyproject.toml).
 
 The kernel bodies (csrc/kernels/attn_tile.inc, the tiled kernel, and
-attn_stream.inc, the streaming kernel, included by attn_tile.inc and for
-float16/bfloat16 storage by attn_half.inc; all instantiated by attn_isa.inc)
+attn_stream.inc, the streaming kernel, included by attn_tile.inc, for
+float16/bfloat16 storage by attn_half.inc and for int8/float8 K/V by
+attn_quant.inc; all instantiated by attn_isa.inc)
 are compiled once per ISA:
 ``attn_generic.c`` with the baseline flags, ``attn_avx2.c`` with AVX2+FMA+F16C and
 ``attn_avx512.c`` with AVX-512 F/DQ/BW/VL (x86-64 only, each kept only if the
-compiler accepts its flags).  The variant is chosen at import from cpuid/xgetbv.
+compiler accepts its flags), each with its ``attn_<isa>_quant.c`` (the int8/float8
+K/V kernels of that ISA, a unit of their own).  The variant is chosen at import
+from cpuid/xgetbv.
 No -march=native (one build runs on every x86-64) and no -ffast-math (the
 kernels rely on -inf and NaN).
 
@@ -83,13 +86,13 @@ class GracefulBuildExt(build_ext):
         ext = self.extensions[0]
         enabled = []
         for isa, flags in ISA_FLAGS.items():
-            src = f"csrc/kernels/attn_{isa}.c"
+            srcs = [f"csrc/kernels/attn_{isa}.c", f"csrc/kernels/attn_{isa}_quant.c"]
             ok = IS_X86_64 and os.environ.get("FASTQKV_BUILD_NO_" + isa.upper()) is None \
                 and self._accepts(flags)
             if ok:
                 enabled.append(isa)
-            elif src in ext.sources:
-                ext.sources.remove(src)
+            else:
+                ext.sources[:] = [s for s in ext.sources if s not in srcs]
             ext.define_macros.append((f"FQ_HAVE_{isa.upper()}", "1" if ok else "0"))
         print(f"fastqkv: compiling ISA variants: generic {' '.join(enabled)}", file=sys.stderr)
         # per-source flags: wrap the compiler's single-file compile step
@@ -99,7 +102,7 @@ class GracefulBuildExt(build_ext):
         def _compile(obj, src, ext_, cc_args, extra_postargs, pp_opts):
             extra = list(extra_postargs or [])
             for isa, flags in ISA_FLAGS.items():
-                if src.replace("\\", "/").endswith(f"kernels/attn_{isa}.c"):
+                if src.replace("\\", "/").endswith((f"kernels/attn_{isa}.c", f"kernels/attn_{isa}_quant.c")):
                     extra = extra + flags
             # $FASTQKV_CFLAGS comes last, so it can override the optimisation
             # level (scripts/asan_check.sh builds with -O1)
@@ -132,7 +135,8 @@ def _version():
 def _extension():
     sources = ["csrc/module.c", "csrc/capi.c", "csrc/driver.c", "csrc/cpu_features.c",
                "csrc/kernels/attn_generic.c", "csrc/kernels/attn_avx2.c",
-               "csrc/kernels/attn_avx512.c"]
+               "csrc/kernels/attn_avx512.c", "csrc/kernels/attn_generic_quant.c",
+               "csrc/kernels/attn_avx2_quant.c", "csrc/kernels/attn_avx512_quant.c"]
     try:
         include = [_numpy_include(), "csrc", "fastqkv/include"]
     except ImportError:
@@ -147,7 +151,7 @@ def _extension():
         extra_link_args=["-pthread"] if os.name == "posix" else [],
         depends=["csrc/fastqkv.h", "fastqkv/include/fastqkv/fastqkv_api.h", "csrc/kernels/simd.h",
                  "csrc/kernels/attn_tile.inc", "csrc/kernels/attn_isa.inc", "csrc/kernels/attn_stream.inc",
-                 "csrc/kernels/attn_half.inc"],
+                 "csrc/kernels/attn_half.inc", "csrc/kernels/attn_quant.inc", "csrc/kernels/halfbits.h"],
     )
 
 

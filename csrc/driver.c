@@ -390,8 +390,10 @@ static int run_stream(fq_problem *p, const fq_kfuncs *kf, int nthreads)
 int fq_run(const fq_problem *p0, const fq_isa *isa, int nthreads)
 {
     fq_problem p = *p0;
-    const fq_kfuncs *kf = p.dtype == FQ_F64 ? &isa->f64 : p.dtype == FQ_F16 ? &isa->f16 :
-                          p.dtype == FQ_BF16 ? &isa->bf16 : &isa->f32;
+    if (p.dtype < FQ_F32 || p.dtype > FQ_E5M2)
+        return FQ_EINVAL;
+    const fq_kfuncs *kf = p.dtype >= FQ_I8 ? &isa->quant[p.dtype - FQ_I8] : p.dtype == FQ_F64 ? &isa->f64 :
+                          p.dtype == FQ_F16 ? &isa->f16 : p.dtype == FQ_BF16 ? &isa->bf16 : &isa->f32;
     if (nthreads < 1)
         nthreads = 1;
     if (nthreads > FQ_MAX_THREADS)

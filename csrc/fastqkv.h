@@ -10,7 +10,10 @@
 #include <stddef.h>
 #include <stdint.h>
 
-enum { FQ_F32 = 0, FQ_F64 = 1, FQ_F16 = 2, FQ_BF16 = 3 };
+enum { FQ_F32 = 0, FQ_F64 = 1, FQ_F16 = 2, FQ_BF16 = 3,
+       /* quantized K/V (one byte per value, float32 scales per key) with
+        * float32 q and out: the streaming kernel only */
+       FQ_I8 = 4, FQ_E4M3 = 5, FQ_E5M2 = 6 };
 
 /* the kernel that runs a call, chosen by the Python planner (Problem.route):
  * the tiled kernel (float32/float64, dense, every score option) or the
@@ -27,7 +30,9 @@ enum { FQ_OK = 0, FQ_ENOMEM = 1, FQ_EISA = 2, FQ_EINVAL = 3,
 
 typedef struct fq_problem {
     int dtype;                       /* FQ_F32, FQ_F64 (storage = accumulation), FQ_F16
-                                      * or FQ_BF16 (accumulated in float32) */
+                                      * or FQ_BF16 (accumulated in float32); FQ_I8,
+                                      * FQ_E4M3 or FQ_E5M2: the storage of k/v, with
+                                      * q/out float32 */
     int route;                       /* FQ_ROUTE_TILE or FQ_ROUTE_STREAM */
     int64_t stream_maxq;             /* a streaming call of at most this many query
                                       * positions takes them all in one item
@@ -59,6 +64,12 @@ typedef struct fq_problem {
      * j % block_size of block block_table[b * bt_cols + j / block_size] */
     const int64_t *block_table;      /* NULL: dense */
     int64_t bt_cols, block_size;
+    /* quantized K/V: float32 scales, key j of KV head g is k[j] * ks[j] and
+     * v[j] * vs[j]; byte strides (batch, head, position), paged (block,
+     * head, position-in-block) as sk/sv; any strides, 0 included.  Only the
+     * scales of keys below key_lens are read */
+    const char *ks, *vs;
+    int64_t sks[3], svs[3];
     int64_t psplit;                  /* splits of the key axis (partials per row) */
     int64_t hpi;                     /* KV heads per streaming item (paged: all) */
 } fq_problem;
@@ -92,6 +103,8 @@ typedef struct fq_kfuncs {
 typedef struct fq_isa {
     const char *name;
     fq_kfuncs f32, f64, f16, bf16;   /* f16/bf16: streaming kernel only */
+    const fq_kfuncs *quant;          /* [i]: dtype FQ_I8 + i (FQ_I8, FQ_E4M3, FQ_E5M2),
+                                      * streaming kernel only */
     int rows;                        /* target rows per work item (tuned) */
     int kt;                          /* keys per tile (tuned) */
 } fq_isa;

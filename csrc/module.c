@@ -1,6 +1,6 @@
 /* CPython glue of fastqkv._ckernels: argument checks that protect memory
- * (types, dims, dtypes, shapes, strides, key_lens range, a route the
- * problem can take), then the whole computation with the GIL released;
+ * (types, dims, dtypes, shapes, strides, key_lens range, the scales of
+ * quantized K/V, a route the problem can take), then the whole computation with the GIL released;
  * status codes become exceptions.  The route (which kernel runs the call) is
  * the Python planner's; this file does not choose it.  The ISA variant is
  * chosen once at import (cpuid + xgetbv, or $FASTQKV_ISA). */
@@ -95,6 +95,18 @@ static void select_isa(void)
 
 /* ---- argument checks ---------------------------------------------------- */
 
+/* whether an array's dtype is a user dtype (ml_dtypes') of that itemsize
+ * and type name */
+static int user_dtype(PyArrayObject *a, npy_intp itemsize, const char *want)
+{
+    PyArray_Descr *d = PyArray_DESCR(a);
+    if (PyArray_TYPE(a) < NPY_USERDEF || PyArray_ITEMSIZE(a) != itemsize || !d->typeobj)
+        return 0;
+    const char *name = ((PyTypeObject *)d->typeobj)->tp_name;
+    const char *dot = strrchr(name, '.');
+    return !strcmp(dot ? dot + 1 : name, want);
+}
+
 /* FQ_* storage dtype of an array, -1 if unsupported; bfloat16 is the
  * ml_dtypes type (a user dtype: itemsize 2, named "bfloat16") */
 static int storage_dtype(PyArrayObject *a)
@@ -106,14 +118,18 @@ static int storage_dtype(PyArrayObject *a)
         return FQ_F64;
     if (tn == NPY_FLOAT16)
         return FQ_F16;
-    PyArray_Descr *d = PyArray_DESCR(a);
-    if (tn >= NPY_USERDEF && PyArray_ITEMSIZE(a) == 2 && d->typeobj) {
-        const char *name = ((PyTypeObject *)d->typeobj)->tp_name;
-        const char *dot = strrchr(name, '.');
-        if (!strcmp(dot ? dot + 1 : name, "bfloat16"))
-            return FQ_BF16;
-    }
-    return -1;
+    return user_dtype(a, 2, "bfloat16") ? FQ_BF16 : -1;
+}
+
+/* FQ_I8, FQ_E4M3 or FQ_E5M2 for quantized K/V storage (float8: the
+ * ml_dtypes types, itemsize 1), else -1 */
+static int quant_dtype(PyArrayObject *a)
+{
+    if (PyArray_TYPE(a) == NPY_INT8)
+        return FQ_I8;
+    if (user_dtype(a, 1, "float8_e4m3fn"))
+        return FQ_E4M3;
+    return user_dtype(a, 1, "float8_e5m2") ? FQ_E5M2 : -1;
 }
 
 static PyArrayObject *as_arr(PyObject *o, const char *name)
@@ -178,12 +194,12 @@ static int64_t last_stride(PyArrayObject *a)
 
 /* attention(q, k, v, out, lse, mask, bias, key_lens, alibi, sinks,
  *           scale, softcap, window_left, window_right, num_threads, route
- *           [, block_table, block_size]) */
+ *           [, block_table, block_size [, k_scale, v_scale]]) */
 static PyObject *py_attention(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
 {
     (void)self;
-    if (nargs != 16 && nargs != 18) {
-        PyErr_SetString(PyExc_TypeError, "attention() takes 16 or 18 positional arguments");
+    if (nargs != 16 && nargs != 18 && nargs != 20) {
+        PyErr_SetString(PyExc_TypeError, "attention() takes 16, 18 or 20 positional arguments");
         return NULL;
     }
     if (!current_isa) {
@@ -191,7 +207,7 @@ static PyObject *py_attention(PyObject *self, PyObject *const *args, Py_ssize_t 
         return NULL;
     }
     PyArrayObject *q = as_arr(args[0], "q"), *k, *v, *out, *lse = NULL, *mask = NULL, *bias = NULL,
-                  *kl = NULL, *alibi = NULL, *sinks = NULL, *bt = NULL;
+                  *kl = NULL, *alibi = NULL, *sinks = NULL, *bt = NULL, *ksc = NULL, *vsc = NULL;
     if (!q || !(k = as_arr(args[1], "k")) || !(v = as_arr(args[2], "v")) || !(out = as_arr(args[3], "out")))
         return NULL;
     if (args[4] != Py_None && !(lse = as_arr(args[4], "lse")))
@@ -213,11 +229,15 @@ static PyObject *py_attention(PyObject *self, PyObject *const *args, Py_ssize_t 
     long nthreads = PyLong_AsLong(args[14]);
     long route = PyLong_AsLong(args[15]);
     long long bsize = 0;
-    if (nargs == 18 && args[16] != Py_None) {
+    if (nargs >= 18 && args[16] != Py_None) {
         if (!(bt = as_arr(args[16], "block_table")))
             return NULL;
         bsize = PyLong_AsLongLong(args[17]);
     }
+    if (nargs == 20 && args[18] != Py_None && !(ksc = as_arr(args[18], "k_scale")))
+        return NULL;
+    if (nargs == 20 && args[19] != Py_None && !(vsc = as_arr(args[19], "v_scale")))
+        return NULL;
     if (PyErr_Occurred())
         return NULL;
     if (route != FQ_ROUTE_TILE && route != FQ_ROUTE_STREAM) {
@@ -233,17 +253,33 @@ static PyObject *py_attention(PyObject *self, PyObject *const *args, Py_ssize_t 
     }
     /* lse, bias, alibi and sinks are in the accumulation dtype */
     int acc_tn = dt == FQ_F64 ? NPY_FLOAT64 : NPY_FLOAT32;
-    if (check_view(q, "q", tn, 4) || check_view(k, "k", tn, 4) || check_view(v, "v", tn, 4) ||
+    /* quantized K/V: one dtype for k and v, float32 q and out, and scales */
+    const int qkv = quant_dtype(k);
+    const int ktn = qkv >= 0 ? PyArray_TYPE(k) : tn;
+    if (qkv >= 0 && dt != FQ_F32) {
+        PyErr_SetString(PyExc_TypeError, "quantized k and v need float32 q and out");
+        return NULL;
+    }
+    if (check_view(q, "q", tn, 4) || check_view(k, "k", ktn, 4) || check_view(v, "v", ktn, 4) ||
         check_view(out, "out", tn, 4) || unit_last(q, "q") || unit_last(k, "k") ||
         unit_last(v, "v") || unit_last(out, "out"))
         return NULL;
-    if (PyArray_DESCR(k) != PyArray_DESCR(q) && !PyArray_EquivTypes(PyArray_DESCR(k), PyArray_DESCR(q))) {
+    PyArray_Descr *kd = qkv >= 0 ? PyArray_DESCR(k) : PyArray_DESCR(q);
+    if (PyArray_DESCR(k) != kd && !PyArray_EquivTypes(PyArray_DESCR(k), kd)) {
         PyErr_SetString(PyExc_TypeError, "k has the wrong dtype");
         return NULL;
     }
-    if (!PyArray_EquivTypes(PyArray_DESCR(v), PyArray_DESCR(q)) ||
-        !PyArray_EquivTypes(PyArray_DESCR(out), PyArray_DESCR(q))) {
-        PyErr_SetString(PyExc_TypeError, "v and out must have the dtype of q");
+    if (!PyArray_EquivTypes(PyArray_DESCR(v), kd)) {
+        PyErr_SetString(PyExc_TypeError, "v must have the dtype of k");
+        return NULL;
+    }
+    if (!PyArray_EquivTypes(PyArray_DESCR(out), PyArray_DESCR(q))) {
+        PyErr_SetString(PyExc_TypeError, "out must have the dtype of q");
+        return NULL;
+    }
+    if ((qkv >= 0) != (ksc != NULL) || (qkv >= 0) != (vsc != NULL)) {
+        PyErr_SetString(PyExc_TypeError, qkv >= 0 ? "quantized k and v need k_scale and v_scale"
+                                                  : "k_scale and v_scale are for quantized k and v only");
         return NULL;
     }
     if (!PyArray_ISWRITEABLE(out)) {
@@ -270,6 +306,10 @@ static PyObject *py_attention(PyObject *self, PyObject *const *args, Py_ssize_t 
         }
         btcols = PyArray_DIM(bt, 1);
         Lk = btcols * bsize;
+        npy_intp sshape[3] = {nblocks, bsize, Hkv};
+        if (ksc && (check_view(ksc, "k_scale", NPY_FLOAT32, 3) || same_shape(ksc, "k_scale", sshape, 3) ||
+                    check_view(vsc, "v_scale", NPY_FLOAT32, 3) || same_shape(vsc, "v_scale", sshape, 3)))
+            return NULL;
         if (!kl) {
             PyErr_SetString(PyExc_ValueError, "a paged call needs key_lens (the sequence lengths)");
             return NULL;
@@ -279,6 +319,10 @@ static PyObject *py_attention(PyObject *self, PyObject *const *args, Py_ssize_t 
         Lk = PyArray_DIM(k, 2);
         npy_intp kshape[4] = {B, Hkv, Lk, D}, vshape[4] = {B, Hkv, Lk, Dv};
         if (same_shape(k, "k", kshape, 4) || same_shape(v, "v", vshape, 4))
+            return NULL;
+        npy_intp sshape[3] = {B, Hkv, Lk};
+        if (ksc && (check_view(ksc, "k_scale", NPY_FLOAT32, 3) || same_shape(ksc, "k_scale", sshape, 3) ||
+                    check_view(vsc, "v_scale", NPY_FLOAT32, 3) || same_shape(vsc, "v_scale", sshape, 3)))
             return NULL;
     }
     npy_intp oshape[4] = {B, Hq, Lq, Dv};
@@ -348,7 +392,7 @@ static PyObject *py_attention(PyObject *self, PyObject *const *args, Py_ssize_t 
 
     fq_problem p;
     memset(&p, 0, sizeof p);
-    p.dtype = dt;
+    p.dtype = qkv >= 0 ? qkv : dt;
     p.route = (int)route;
     p.stream_maxq = stream_maxq;
     p.B = B; p.Hq = Hq; p.Hkv = Hkv; p.G = Hq / Hkv; p.Lq = Lq; p.Lk = Lk; p.D = D; p.Dv = Dv;
@@ -366,6 +410,14 @@ static PyObject *py_attention(PyObject *self, PyObject *const *args, Py_ssize_t 
         p.block_table = (const int64_t *)PyArray_DATA(bt);
         p.bt_cols = btcols;
         p.block_size = bsize;
+    }
+    if (ksc) {
+        /* (batch, head, position) strides; paged scales are (block, position, head) */
+        const int hd = bt ? 2 : 1, ps = bt ? 1 : 2;
+        p.ks = PyArray_BYTES(ksc);
+        p.vs = PyArray_BYTES(vsc);
+        p.sks[0] = PyArray_STRIDE(ksc, 0); p.sks[1] = PyArray_STRIDE(ksc, hd); p.sks[2] = PyArray_STRIDE(ksc, ps);
+        p.svs[0] = PyArray_STRIDE(vsc, 0); p.svs[1] = PyArray_STRIDE(vsc, hd); p.svs[2] = PyArray_STRIDE(vsc, ps);
     }
     p.lse = lse ? PyArray_BYTES(lse) : NULL;
     if (mask) {
@@ -391,8 +443,9 @@ static PyObject *py_attention(PyObject *self, PyObject *const *args, Py_ssize_t 
     }
     /* the tiled kernel reads dense float32/float64 only; the streaming
      * kernel reads no mask or bias and applies no softcap or ALiBi */
-    if (route == FQ_ROUTE_TILE && (dt >= FQ_F16 || bt)) {
-        PyErr_SetString(PyExc_ValueError, "the tiled route takes no float16/bfloat16 storage or paged cache");
+    if (route == FQ_ROUTE_TILE && (dt >= FQ_F16 || qkv >= 0 || bt)) {
+        PyErr_SetString(PyExc_ValueError,
+                        "the tiled route takes no float16/bfloat16 storage, quantized K/V or paged cache");
         return NULL;
     }
     if (route == FQ_ROUTE_STREAM && (mask || bias || alibi || softcap != 0)) {
@@ -602,9 +655,11 @@ static PyMethodDef methods[] = {
      "set_splits(n): test hook; key splits of streaming calls, 0 = automatic"},
     {"attention", (PyCFunction)(void (*)(void))py_attention, METH_FASTCALL,
      "attention(q, k, v, out, lse, mask, bias, key_lens, alibi, sinks, scale, softcap, "
-     "window_left, window_right, num_threads, route[, block_table, block_size]): fill out "
-     "(and lse) of a validated problem on route 0 (tiled) or 1 (streaming); sinks: None "
-     "or a C-contiguous (Hq,) array in the accumulation dtype"},
+     "window_left, window_right, num_threads, route[, block_table, block_size[, k_scale, "
+     "v_scale]]): fill out (and lse) of a validated problem on route 0 (tiled) or 1 "
+     "(streaming); sinks: None or a C-contiguous (Hq,) array in the accumulation dtype; "
+     "k_scale/v_scale: float32 (B, Hkv, Lk) or, paged, (num_blocks, block_size, Hkv) "
+     "scales of int8/float8 k and v (streaming route)"},
     {"isa", py_isa, METH_NOARGS, "the ISA variant in use (None if $FASTQKV_ISA is unusable)"},
     {"isa_error", py_isa_error, METH_NOARGS, "why no ISA variant is usable, or None"},
     {"isa_compiled", py_isa_compiled, METH_NOARGS, "ISA variants compiled into this build"},

@@ -25,8 +25,9 @@ except ImportError as exc:  # the extension was not built (no compiler, failed b
 _DTYPES = _validate.FLOAT_DTYPES
 
 # paged problems (Problem.block_table) are read through the block table by
-# the streaming kernel
-FEATURES = frozenset({"paged"})
+# the streaming kernel, and so are quantized K/V (Problem.k_scale): int8 and
+# float8 widened in registers, the scales applied per key
+FEATURES = frozenset({"paged", "quant"})
 
 # Problem.route -> the route argument of _ckernels.attention (FQ_ROUTE_*)
 _ROUTE = {"tile": 0, "stream": 1}
@@ -57,7 +58,7 @@ def run(p, num_threads):
     """Fill ``p.out`` (and ``p.lse``) of a prepared Problem on its route."""
     _ckernels.attention(p.q, p.k, p.v, p.out, p.lse, p.mask, p.bias, p.key_lens, p.alibi,
                         p.sinks, p.scale, p.softcap, p.window_left, p.window_right, num_threads,
-                        _ROUTE[p.route], p.block_table, p.block_size)
+                        _ROUTE[p.route], p.block_table, p.block_size, p.k_scale, p.v_scale)
 
 
 def interruptible():

@@ -248,3 +248,130 @@ def test_half_with_score_options_broadcast_inputs():
         v = np.broadcast_to(np.array([1.304, 2.0]).astype(dt), (1, 1, 2, 2))
         testing.check_case(testing.Case("half-broadcast-v", q, k, v, {"softcap": 1.0, "scale": 0.01}),
                            backend="c", num_threads=1)
+
+
+# ---------------------------------------------------------------------------
+# quantized K/V (int8, float8): widened in registers by the streaming kernel
+
+QUANT = testing.quant_dtypes()
+QUANT_DECODE = [c for dt in QUANT for c in testing.generate_cases(quick=True, dtypes=(dt,), kinds=("decode",))]
+QUANT_PAGED = [c for dt in QUANT for c in testing.generate_cases(quick=True, dtypes=(dt,), kinds=("paged",))
+               if c.name.split("-paged-")[1] in ("gqa4-decode-bs3", "b3-lq4-causal-bs16",
+                                                 "gqa16-chunk-prefill-bs16", "sinks-mqa32-decode-causal")]
+
+
+@pytest.mark.parametrize("splits", [1, 3, 7])
+@pytest.mark.parametrize("case", QUANT_DECODE + QUANT_PAGED, ids=lambda c: c.name)
+def test_quant_split_kv(case, splits, isa, force):
+    """Quantized decode and paged cases (per-token and per-head scales, NaN
+    scales and poison past each length) at forced split counts."""
+    force(splits=splits)
+    testing.check_case(case, backend="c", num_threads=2)
+
+
+def _quant_case(dt, rng, B, Hq, Hkv, Lq, Lk, D, key_lens, **kw):
+    """A causal case with K/V quantized to ``dt`` per token, scales NaN
+    and values poison (NaN codes, or 127 in int8) past each length."""
+    case = testing.make_case(f"{dt}-codes", rng, B, Hq, Hkv, Lq, Lk, D, causal=True,
+                             key_lens=np.asarray(key_lens), **kw)
+    kv = []
+    for x in (case.k, case.v):
+        xq, s = fastqkv.quantize_kv(x, dt)
+        for b, n in enumerate(key_lens):
+            s[b, :, n:] = np.nan
+            xq.view(np.uint8)[b, :, n:] = 0x7f
+        kv += [xq, s]
+    kq, ks, vq, vs = kv
+    return testing.Case(case.name, case.q, kq, vq, {"causal": True, "key_lens": np.asarray(key_lens),
+                                                    "k_scale": ks, "v_scale": vs})
+
+
+def _paged_quant(case, block_size, rng):
+    """``case`` (from _quant_case) on a paged cache: values and scales
+    placed by one block table, the scales in the cache's layout."""
+    lens = case.kwargs["key_lens"]
+    k, v = (np.concatenate([x.astype(np.float32), case.kwargs[s][..., None]], axis=-1)
+            for x, s in ((case.k, "k_scale"), (case.v, "v_scale")))
+    kc, vc, table = testing.paged_cache(k, v, block_size, rng, lens)
+    dt = case.k.dtype
+    (kq, ks), (vq, vs) = (((np.nan_to_num(c[..., :-1], nan=127) if dt == np.int8 else c[..., :-1]).astype(dt),
+                           np.ascontiguousarray(c[..., -1])) for c in (kc, vc))
+    return testing.Case(case.name + "-paged", case.q, kq, vq,
+                        {"causal": True, "k_scale": ks, "v_scale": vs},
+                        fn="paged_attention", args=(table, lens))
+
+
+FLOAT8_CODES = {"float8_e4m3fn": {"nan": 0x7f, "-nan": 0xff},
+                "float8_e5m2": {"nan": 0x7e, "-nan": 0xff, "inf": 0x7c, "-inf": 0xfc}}
+
+
+@pytest.mark.parametrize("splits", [1, 3])
+@pytest.mark.parametrize("dt", [d for d in QUANT if d in FLOAT8_CODES])
+def test_float8_nan_and_inf_codes(dt, splits, isa, force):
+    """NaN (and e5m2's inf) codes in visible K and V reach the rows and
+    columns the oracle says, dense and paged; codes past a length do not."""
+    rng = np.random.default_rng(16)
+    case = _quant_case(dt, rng, 2, 8, 2, 3, 150, 40, [150, 90])
+    codes = FLOAT8_CODES[dt]
+    kb, vb = case.k.view(np.uint8), case.v.view(np.uint8)
+    kb[0, 1, 20, 5] = codes["nan"]           # every row of heads 4-7 of batch 0
+    vb[0, 0, 33, 39] = codes["-nan"]         # column 39 (past the vector columns) of heads 0-3
+    vb[1, 0, 89, 3] = codes["nan"]           # the last key: only the last query row sees it
+    kb[1, 1, 89, 0] = codes["-nan"]
+    if "inf" in codes:
+        vb[1, 1, 40, 7] = codes["inf"]
+        vb[1, 1, 41, 7] = codes["-inf"]      # inf - inf: NaN in column 7
+        vb[1, 0, 10, 12] = codes["-inf"]
+        kb[0, 0, 2, 3] = codes["inf"]
+    force(splits=splits)
+    for c in (case, _paged_quant(case, 16, rng)):
+        out, _ = testing.check_case(c, backend="c", num_threads=2)
+        assert np.isnan(out[0, 4:]).all() and np.isnan(out[0, :4, :, 39]).all()
+        assert np.isnan(out[1, :4, 2, 3]).all() and not np.isnan(out[1, :4, :2, 3]).any()
+
+
+def test_quant_per_head_and_strided_scales(isa, force):
+    """Scales as zero-stride (one per KV head), strided and reversed views."""
+    rng = np.random.default_rng(17)
+    force(splits=3)
+    for dt in QUANT:
+        case = _quant_case(dt, rng, 2, 8, 2, 1, 300, 24, [300, 170])
+        ks, vs = case.kwargs["k_scale"], case.kwargs["v_scale"]
+        wide = np.full(ks.shape[:2] + (2 * ks.shape[2],), np.nan, np.float32)
+        wide[..., ::2] = ks
+        rev = np.ascontiguousarray(vs[:, ::-1, ::-1])[:, ::-1, ::-1]
+        for k_scale, v_scale in ((wide[..., ::2], rev), (np.array([0.02, 0.05], np.float32), vs),
+                                 (ks, np.array([0.01, 0.03], np.float32))):
+            kw = dict(case.kwargs, k_scale=k_scale, v_scale=v_scale)
+            testing.check_case(testing.Case(case.name, case.q, case.k, case.v, kw), backend="c",
+                               num_threads=2)
+
+
+def test_module_checks_scales():
+    """_ckernels refuses quantized K/V or scales it could misread or read
+    out of bounds: scales not float32, misshapen, misaligned or missing,
+    scales of float K/V, quantized K/V with half q or on the tiled route."""
+    from fastqkv import _ckernels
+
+    q = np.zeros((1, 4, 1, 8), np.float32)
+    k = np.zeros((1, 2, 5, 8), np.int8)
+    out = np.zeros_like(q)
+    s = np.ones((1, 2, 5), np.float32)
+    misaligned = np.ones(41, np.uint8)[1:].view(np.float32).reshape(1, 2, 5)
+
+    def call(ks, vs=s, kk=k, qq=q, route=1):
+        _ckernels.attention(qq, kk, kk, out if qq is q else np.zeros_like(qq), None, None, None,
+                            None, None, None, 1.0, 0.0, -1, -1, 1, route, None, 0, ks, vs)
+
+    for bad, err in ((s.astype(np.float64), TypeError), (np.ones((1, 2, 4), np.float32), ValueError),
+                     (np.ones((1, 2, 5, 1), np.float32), ValueError), (misaligned, ValueError),
+                     (None, TypeError)):
+        with pytest.raises(err, match="k_scale"):
+            call(bad)
+    with pytest.raises(TypeError, match="for quantized k and v only"):
+        call(s, kk=k.astype(np.float32))
+    with pytest.raises(TypeError, match="float32 q"):
+        call(s, qq=q.astype(np.float16))
+    with pytest.raises(ValueError, match="tiled route"):
+        call(s, route=0)
+    call(s)
