@@ -1,9 +1,10 @@
-"""The streaming (decode / paged / 16-bit) kernel of the Numba backend.
+"""The streaming (decode / paged / 16-bit / quantized) kernel of the Numba backend.
 
 Contract: ``_stream_py`` is the parallel driver compiled by
-:func:`.launch.stream_driver` (float32, float64 or 16-bit storage, without
-mask, bias, ALiBi or softcap); it fills ``out`` (and ``lse``), K/V dense or
-a paged cache read in place, all scratch cut from the caller's workspace
+:func:`.launch.stream_driver` (float32, float64 or 16-bit storage, or
+float32 queries over int8 / float8 K/V with their scales; without mask,
+bias, ALiBi or softcap); it fills ``out`` (and ``lse``), K/V dense or a
+paged cache read in place, all scratch cut from the caller's workspace
 (sized by ``_stream_layout``).
 
 * Work items ``(batch, group of hpi KV heads, query tile, KV split)``: the
@@ -15,6 +16,12 @@ a paged cache read in place, all scratch cut from the caller's workspace
   a vector of rows keep their rows in vector lanes instead
   (``_stream_chunk_t``).  A chunk some row sees only in part (window) is
   gathered and widened into thread scratch and done row by row.
+* Quantized K/V: the micro-kernels decode the 8-bit codes in registers
+  (once per item, whose rows are a whole GQA group); the scales of a
+  chunk's keys are gathered once (``_chunk_scales``), and multiply the dot
+  products (``q . k_j`` times ``k_scale[j]``) and the probabilities before
+  P.V (``p_j`` times ``v_scale[j]``; the row sums keep ``p_j``), never the
+  elements; gathered chunks are dequantized in their scratch.
 * Splits write unnormalised partials ``(O, m, l)``; a second parallel pass
   merges them through their max / sum (``_merge_row``: exact; empty splits
   have ``m = -inf``, ``l = 0``) and counts the attention sink, once per
@@ -28,10 +35,11 @@ from numba import njit, prange
 from numba.extending import register_jitable
 
 from .call import HAS_KEY_LENS, HAS_LSE, HAS_SINKS, PAGED, Chunk, Partials, StreamCall, StreamScratch, _carve
-from .micro_stream import _pv_tail, _qk_direct, _spv, _sqk, _sqkt
+from .micro_stream import _cursor, _pv_tail, _qk_direct, _spv, _sqk, _sqkt, _step
 from .softmax import _exp, _sink_fold, _softmax_t, _softmax_tile, _window
 from .tuning import MRS, NV_PV, PF_BYTES, SKB, SQC, VBYTES
-from .vec import FASTMATH, KIND_F16, KIND_FLOAT, _as_c, _borrow, _fetch_add, _fill, _maximum, _put, _widen
+from .vec import (FASTMATH, KIND_F16, KIND_FLOAT, KIND_I8, _as_c, _borrow, _dec_factor, _fetch_add, _fill, _maximum,
+                  _put, _widen)
 
 
 @njit(nogil=True, cache=True)
@@ -107,6 +115,47 @@ def _pf_next(hpi, hh, n, nn, dist, kv0, hs):
     return n, n + nn, kv0 * hs
 
 
+@njit(nogil=True, cache=True)
+def _chunk_scales(call, b, kv0, hpi, c0, n, ksc, vsc):
+    """``ksc[hh, c]`` and ``vsc[hh, c]``: the K and V scales of key ``c0 +
+    c`` of KV head ``kv0 + hh`` of batch ``b`` (dense ``kscale[b, kvh, j]``,
+    paged ``kscale[bt[b, j // bs], j % bs, kvh]``) times the kind's decode
+    factor, for ``c < n`` only (scales past a sequence are never read)."""
+    ks, vs, bt, paged = call.kscale, call.vscale, call.bt, call.paged
+    f = _dec_factor(call.kind)
+    if paged:
+        bs = call.k.shape[1]
+        col, slot, blk = _cursor(bt, paged, b, c0, bs)
+        for c in range(n):
+            for hh in range(hpi):
+                ksc[hh, c] = ks[blk, slot, kv0 + hh] * f
+                vsc[hh, c] = vs[blk, slot, kv0 + hh] * f
+            col, slot, blk = _step(bt, paged, b, col, slot, blk, bs)
+    else:
+        for hh in range(hpi):
+            for c in range(n):
+                ksc[hh, c] = ks[b, kv0 + hh, c0 + c] * f
+                vsc[hh, c] = vs[b, kv0 + hh, c0 + c] * f
+
+
+@njit(nogil=True, cache=True, fastmath=FASTMATH)
+def _scale_cols(x, off, ldr, ldc, rows, n, f):
+    """``x[off + r*ldr + c*ldc] *= f[c]`` for ``r < rows``, ``c < n`` (one
+    of the strides 1): the scores or probabilities of a chunk's keys, or
+    the elements of its gathered rows, times the keys' scales."""
+    if ldc == 1:
+        for r in range(rows):
+            row = x[off + r * ldr:off + r * ldr + n]
+            for c in range(n):
+                row[c] *= f[c]
+    else:
+        for c in range(n):
+            fc = f[c]
+            col = x[off + c * ldc:off + c * ldc + rows]
+            for r in range(rows):
+                col[r] *= fc
+
+
 @register_jitable
 def _sizes(q, k, v, paged):
     """``(Hq, Lq, D, Dv, Hkv, G)`` of a streaming call (K/V dense or paged)."""
@@ -137,7 +186,7 @@ def _stream_chunk(call, scr, ch, M, mp, nq, ip0):
     heads per item (token-major caches), the next head's rows of this chunk
     and after the last head the first head's rows of the next chunk."""
     k, v, bt, paged, wl, wr, sc, kind = call.k, call.v, call.bt, call.paged, call.wl, call.wr, call.sc, call.kind
-    qs, s, m, l, alpha, tab = scr.qs, scr.s, scr.m, scr.l, scr.alpha, scr.tab
+    qs, s, m, l, alpha, tab, ksc, vsc = scr.qs, scr.s, scr.m, scr.l, scr.alpha, scr.tab, scr.ksc, scr.vsc
     b, kv0, hpi, c0, n, nn, ktab = ch.b, ch.kv0, ch.hpi, ch.c0, ch.n, ch.nn, ch.ktab
     d = qs.shape[2]
     mpmax = qs.shape[1]
@@ -155,9 +204,14 @@ def _stream_chunk(call, scr, ch, M, mp, nq, ip0):
                      (hh * mpmax + r0) * sktp + c, sktp, pd, pn if r0 == 0 else 0, pb, kind)
     if dw < d:
         _qk_direct(qs, k, bt, paged, b, kv0, hpi, c0, n, s, mp, d, dw, kind)
-    for hh in range(hpi):
-        _softmax_tile(s[hh], M, n, npad, nq, ip0, c0, wl, wr, sc, False, m[hh], l[hh], alpha[hh])
     sf = s.reshape(-1)
+    quant = kind >= KIND_I8
+    for hh in range(hpi):
+        if quant:
+            _scale_cols(sf, hh * mpmax * sktp, sktp, 1, M, n, ksc[hh])
+        _softmax_tile(s[hh], M, n, npad, nq, ip0, c0, wl, wr, sc, False, m[hh], l[hh], alpha[hh])
+        if quant:
+            _scale_cols(sf, hh * mpmax * sktp, sktp, 1, M, n, vsc[hh])
     for hh in range(hpi):
         _pv_head(sf, hh * mpmax * sktp, sktp, 1, call, scr, ch, hh, mp)
 
@@ -198,7 +252,7 @@ def _stream_chunk_t(call, scr, ch, M, mp, ldt):
     rows (no reduction; each K row read once per chunk), the softmax runs
     across rows and P.V reads ``P^T`` through a column stride."""
     k, v, paged, sc, kind = call.k, call.v, call.paged, call.sc, call.kind
-    QT, s, m, l, alpha, mx, tab = scr.QT, scr.s, scr.m, scr.l, scr.alpha, scr.mx, scr.tab
+    QT, s, m, l, alpha, mx, tab, ksc, vsc = scr.QT, scr.s, scr.m, scr.l, scr.alpha, scr.mx, scr.tab, scr.ksc, scr.vsc
     kv0, hpi, n, nn, ktab = ch.kv0, ch.hpi, ch.n, ch.nn, ch.ktab
     d = k.shape[3]
     sktp = s.shape[2]
@@ -206,6 +260,7 @@ def _stream_chunk_t(call, scr, ch, M, mp, ldt):
     vl = VBYTES // s.itemsize
     ks1, _, kpd, _ = _kv_steps(k, v, paged)
     sf = s.reshape(-1)
+    quant = kind >= KIND_I8
     for hh in range(hpi):
         kb = (kv0 + hh) * ks1
         pd, pn, pb = _pf_next(hpi, hh, n, nn, kpd, kv0, ks1)
@@ -214,7 +269,11 @@ def _stream_chunk_t(call, scr, ch, M, mp, ldt):
             for v0 in range(0, ldt, 2 * vl):
                 _sqkt(QT, hh * QT.shape[1] + v0, ldt, k, tab, ktab, c, n, kb, d, sf, so + c * ldt + v0,
                       pd, pn if v0 == 0 else 0, pb, min(2, (ldt - v0) // vl), kind)
+        if quant:
+            _scale_cols(sf, so, 1, ldt, M, n, ksc[hh])
         _softmax_t(sf[so:so + n * ldt], ldt, n, M, sc, m[hh], l[hh], alpha[hh], mx)
+        if quant:
+            _scale_cols(sf, so, 1, ldt, M, n, vsc[hh])
         _pv_head(sf, so, 1, ldt, call, scr, ch, hh, mp)
 
 
@@ -257,8 +316,8 @@ def _stream_item(call, scr, part, b, kv0, hpi, i0, i1, sidx, split, skt):
     its group's rows (row r: head ``r // nq``, query ``i0 + r % nq``);
     ``QT[hh]`` the same rows transposed, for the chunks that take the
     transposed path."""
-    q, k, v, key_lens, bt, sc, wl, wr, flags, kind, paged = call
-    qs, QT, ks, vs, s, o, m, l, alpha, mx, tab = scr
+    q, k, v, key_lens, bt, _, _, sc, wl, wr, flags, kind, paged = call
+    qs, QT, ks, vs, s, o, m, l, alpha, mx, tab, ksc, vsc = scr
     po, pm, pl, nsmax = part
     T = s.dtype.type
     ninf = T(-np.inf)
@@ -294,6 +353,7 @@ def _stream_item(call, scr, part, b, kv0, hpi, i0, i1, sidx, split, skt):
                 for r in range(ldt):
                     QT[hh, t * ldt + r] = qs[hh, r, t] if r < M else T(0)
 
+    quant = kind >= KIND_I8
     lo = sidx * split
     hi = min(lkb, lo + split)
     if wl >= 0:
@@ -328,6 +388,8 @@ def _stream_item(call, scr, part, b, kv0, hpi, i0, i1, sidx, split, skt):
                 _row_table(v, bt, paged, b, c0 + skt, nn, (nn + 3) & ~3, tab, vtab + n)
             ready = nn > 0
             prev = n
+            if quant:
+                _chunk_scales(call, b, kv0, hpi, c0, n, ksc, vsc)
             ch = Chunk(b, kv0, hpi, c0, n, nn, ktab, vtab)
             if trans:
                 _stream_chunk_t(call, scr, ch, M, mp, ldt)
@@ -337,6 +399,11 @@ def _stream_item(call, scr, part, b, kv0, hpi, i0, i1, sidx, split, skt):
             ready = False                   # rows see different keys: gathered, row by row
             _gather(k, bt, paged, b, kv0, hpi, c0, n, ks, kind)
             _gather(v, bt, paged, b, kv0, hpi, c0, n, vs, kind)
+            if quant:               # dequantized in the scratch
+                _chunk_scales(call, b, kv0, hpi, c0, n, ksc, vsc)
+                for hh in range(hpi):
+                    _scale_cols(ks.reshape(-1), hh * ks.shape[1] * d, 1, d, d, n, ksc[hh])
+                    _scale_cols(vs.reshape(-1), hh * vs.shape[1] * dv, 1, dv, dv, n, vsc[hh])
             _qk_direct(qs, ks.reshape((1,) + ks.shape), bt, False, 0, 0, hpi, 0, n, s, mp, d, 0, KIND_FLOAT)
             for hh in range(hpi):
                 sh = s[hh]
@@ -398,7 +465,7 @@ def _stream_layout(B, Hq, Lq, g, d, dv, qt, skt, hpi, nsmax):
     sktp = _chunk_room(skt)
     dvp = (dv + 3) & ~3
     npart = B * Hq * Lq * nsmax
-    per = hpi * (2 * mpmax * d + sktp * d + sktp * dv + mpmax * sktp + mpmax * dvp + 3 * mpmax) + mpmax
+    per = hpi * (2 * mpmax * d + sktp * d + sktp * dv + mpmax * sktp + mpmax * dvp + 3 * mpmax + 2 * sktp) + mpmax
     return npart * (dv + 2), per
 
 
@@ -418,8 +485,8 @@ def _scratch_rows(M):
     return (M + 15) & ~15 if M >= 8 else (M + 3) & ~3
 
 
-def _stream_py(q, k, v, out, lse, key_lens, bt, sinks, sc, wl, wr, flags, kind, qt, skt, hpi, split,
-               nthreads, ws, queue):
+def _stream_py(q, k, v, out, lse, key_lens, bt, sinks, kscale, vscale, sc, wl, wr, flags, kind, qt, skt, hpi,
+               split, nthreads, ws, queue):
     """Parallel driver of the streaming kernel: ``prange`` over threads taking
     work items ``(b, group of hpi KV heads, query tile, split)`` from an
     atomic counter, then a parallel merge of each row's split partials into
@@ -429,8 +496,8 @@ def _stream_py(q, k, v, out, lse, key_lens, bt, sinks, sc, wl, wr, flags, kind, 
 
     Parameters (positional: this is the compiled signature,
     :data:`.launch.STREAM_SIGNATURES`): ``q``, ``k``, ``v``, ``key_lens``,
-    ``bt``, ``sc``, ``wl``, ``wr``, ``flags``, ``kind`` as the fields of
-    :class:`.StreamCall`; ``out`` (B, Hq, Lq, Dv) and ``lse`` (B, Hq, Lq,
+    ``bt``, ``kscale``, ``vscale``, ``sc``, ``wl``, ``wr``, ``flags``,
+    ``kind`` as the fields of :class:`.StreamCall`; ``out`` (B, Hq, Lq, Dv) and ``lse`` (B, Hq, Lq,
     when HAS_LSE) the results; ``sinks`` (Hq,) the sink logits when
     HAS_SINKS, counted in the merge only; ``qt`` query positions per work item;
     ``skt`` keys per chunk; ``hpi`` KV heads per item; ``split`` keys per
@@ -483,11 +550,16 @@ def _stream_py(q, k, v, out, lse, key_lens, bt, sinks, sc, wl, wr, flags, kind, 
         x, at = _carve(mine, at, hpi * mpmax)
         alpha = x.reshape((hpi, mpmax))
         mx, at = _carve(mine, at, mpmax)
+        x, at = _carve(mine, at, hpi * sktp)
+        ksc = x.reshape((hpi, sktp))
+        x, at = _carve(mine, at, hpi * sktp)
+        vsc = x.reshape((hpi, sktp))
         tab = queue[4 + B + t * 4 * sktp:4 + B + (t + 1) * 4 * sktp]
-        call = StreamCall(_borrow(q), _borrow(k), _borrow(v), _borrow(key_lens), _borrow(bt), sc, wl, wr,
-                          flags, kind, paged)
+        call = StreamCall(_borrow(q), _borrow(k), _borrow(v), _borrow(key_lens), _borrow(bt), _borrow(kscale),
+                          _borrow(vscale), sc, wl, wr, flags, kind, paged)
         scr = StreamScratch(_borrow(qs), _borrow(QT), _borrow(ks), _borrow(vs), _borrow(s), _borrow(o),
-                            _borrow(m), _borrow(l), _borrow(alpha), _borrow(mx), _borrow(tab))
+                            _borrow(m), _borrow(l), _borrow(alpha), _borrow(mx), _borrow(tab), _borrow(ksc),
+                            _borrow(vsc))
         part = Partials(_borrow(po), _borrow(pm), _borrow(pl), nsmax)
         while True:
             it = _fetch_add(queue, 1)
