@@ -253,3 +253,14 @@ def test_the_run_compiles_the_numba_kernels_of_its_runners_only(monkeypatch):
     assert bench_cli.numba_kernels(plans, ["auto", "c"], [name]) == want
     monkeypatch.setattr(bench_cli, "_auto_choice", lambda p: "numba")
     assert bench_cli.numba_kernels(plans, ["auto", "c"], []) == every
+
+
+def test_the_run_tunes_the_classes_of_its_cases_that_auto_lacks():
+    from fastqkv import _tune
+    from fastqkv._bench import cli as bench_cli
+    plans = bench_cli.case_plans(_bench.shape_classes("quick"))
+    classes = {_tune.class_name(_tune.call_class(p)) for p in plans.values()}
+    untuned = bench_cli.untuned_classes(plans, 2)       # the session's tune file has no entry
+    assert set(untuned) == classes and any("/large/" in c for c in classes)
+    quick = bench_cli.untuned_classes(plans, 2, quick=True)
+    assert set(quick) == {c for c in classes if "/large/" not in c}

@@ -179,12 +179,15 @@ def case_plans(cases):
     return out
 
 
-def untuned_classes(plans, threads):
+def untuned_classes(plans, threads, quick=False):
     """Names of the call classes of ``plans`` that auto has no measured
-    order for at ``threads`` threads and ``fastqkv tune`` can measure, sorted."""
+    order for at ``threads`` threads and ``fastqkv tune`` can measure
+    (``quick``: below the size ``_tune.QUICK_SIZES``), sorted."""
     measured = {_tune.class_name(c) for c in _tune.table(threads) or {}}
     tunable = {r[0] for r in _tune.representatives()}
-    return sorted({_tune.class_name(_tune.call_class(p)) for p in plans.values()} & tunable - measured)
+    wanted = {_tune.class_name(c) for c in map(_tune.call_class, plans.values())
+              if not quick or c[2] < _tune.QUICK_SIZES}
+    return sorted(wanted & tunable - measured)
 
 
 def numba_kernels(plans, names, untuned):
@@ -271,7 +274,7 @@ def _run(args, size, threads, names, cases):
             print(f"peer {peer} skipped: {module} is not installed (pip install {module})")
             names.remove(peer)
     plans = case_plans(cases)
-    untuned = (untuned_classes(plans, threads)
+    untuned = (untuned_classes(plans, threads, quick=size == "quick")
                if "auto" in names and size != "tiny" and not args.no_tune else [])
     compile_numba(numba_kernels(plans, names, untuned), print)
     probe = read_probe(PROBE_MIB[size] << 20, threads)

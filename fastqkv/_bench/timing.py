@@ -130,18 +130,26 @@ def take_turns(timers, rounds, gap, block):
             block(t, r)
 
 
+# time_interleaved opens a block with an untimed call unless the contender's
+# last sample took at least this long (waking its threads is then noise)
+OPEN_BELOW_S = 0.002
+
+
 def time_interleaved(fns, repeat, warmup=2, rounds=3, gap=0.3):
     """Median seconds of each function of ``{name: fn}``: ``warmup`` calls
-    each, then :func:`take_turns` in ``rounds`` blocks of single-call samples
-    (about ``repeat`` in all), each block opened by one untimed call so the
-    contender's own threads are awake."""
+    each (none: the caller made them), then :func:`take_turns` in ``rounds``
+    blocks of single-call samples (about ``repeat`` in all), each block opened
+    by one untimed call so the contender's own threads are awake, unless its
+    calls take ``OPEN_BELOW_S`` or longer."""
     timers = [Timer(name, fn) for name, fn in fns.items()]
-    for t in timers:
-        t.warm(calls=warmup)
+    if warmup:
+        for t in timers:
+            t.warm(calls=warmup)
     per_block = max(1, -(-repeat // rounds))
 
     def block(t, _r):
-        t.call()
+        if not t.samples or t.samples[-1] < OPEN_BELOW_S:
+            t.call()
         for _ in range(per_block):
             t.sample()
 

@@ -171,7 +171,12 @@ def precompile(keys, processes=2, log=print):
         took[key] = seconds
         log(f"  numba: {describe(key)} compiled in {seconds:.0f} s")
 
-    children = [(*_start(g), g) for g in others]
+    children = []
+    for g in others:
+        try:
+            children.append((*_start(g), g))
+        except OSError:                     # no process to be had: this one compiles them
+            own = own + g
     relays = [_relay(proc, done) for proc, _err, _g in children]
     try:
         with _serialised_saves() if children else contextlib.nullcontext():
