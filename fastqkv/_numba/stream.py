@@ -16,12 +16,15 @@ paged cache read in place, all scratch cut from the caller's workspace
   a vector of rows keep their rows in vector lanes instead
   (``_stream_chunk_t``).  A chunk some row sees only in part (window) is
   gathered and widened into thread scratch and done row by row.
-* Quantized K/V: the micro-kernels decode the 8-bit codes in registers
-  (once per item, whose rows are a whole GQA group); the scales of a
-  chunk's keys are gathered once (``_chunk_scales``), and multiply the dot
-  products (``q . k_j`` times ``k_scale[j]``) and the probabilities before
-  P.V (``p_j`` times ``v_scale[j]``; the row sums keep ``p_j``), never the
-  elements; gathered chunks are dequantized in their scratch.
+* Quantized K/V: on the row path the micro-kernels decode the 8-bit codes
+  in registers, each decode serving a block of rows of the item's GQA group;
+  the scales of a chunk's keys are gathered once (``_chunk_scales``) and
+  multiply the dot products (``q . k_j`` times ``k_scale[j]``) and the
+  probabilities before P.V (``p_j`` times ``v_scale[j]``; the row sums keep
+  ``p_j``), never the elements.  Items on the transposed path (whose K
+  elements are broadcast one by one, and whose V rows serve many row
+  blocks) and gathered chunks dequantize the chunk once into their scratch
+  (``_dequant_chunk``) and run the float kernels there.
 * Splits write unnormalised partials ``(O, m, l)``; a second parallel pass
   merges them through their max / sum (``_merge_row``: exact; empty splits
   have ``m = -inf``, ``l = 0``) and counts the attention sink, once per
@@ -74,6 +77,23 @@ def _gather(x, bt, paged, b, kv0, hpi, c0, n, dst, kind):
             row = dst[hh, jj]
             for t in range(w):
                 row[t] = z
+
+
+@njit(nogil=True, cache=True)
+def _dequant_chunk(call, scr, b, kv0, hpi, c0, n):
+    """Keys ``c0 .. c0+n-1`` of KV heads ``kv0 .. kv0+hpi-1`` of batch ``b``
+    of a quantized call dequantized into the scratch ``scr.ks`` / ``scr.vs``
+    (rows ``n:`` zeroed), their scales left in ``scr.ksc`` / ``scr.vsc``."""
+    k, v, bt, paged, kind = call.k, call.v, call.bt, call.paged, call.kind
+    ks, vs, ksc, vsc = scr.ks, scr.vs, scr.ksc, scr.vsc
+    _chunk_scales(call, b, kv0, hpi, c0, n, ksc, vsc)
+    _gather(k, bt, paged, b, kv0, hpi, c0, n, ks, kind)
+    _gather(v, bt, paged, b, kv0, hpi, c0, n, vs, kind)
+    d = ks.shape[2]
+    dv = vs.shape[2]
+    for hh in range(hpi):
+        _scale_cols(ks.reshape(-1), hh * ks.shape[1] * d, 1, d, d, n, ksc[hh])
+        _scale_cols(vs.reshape(-1), hh * vs.shape[1] * dv, 1, dv, dv, n, vsc[hh])
 
 
 @njit(nogil=True, cache=True)
@@ -252,7 +272,7 @@ def _stream_chunk_t(call, scr, ch, M, mp, ldt):
     rows (no reduction; each K row read once per chunk), the softmax runs
     across rows and P.V reads ``P^T`` through a column stride."""
     k, v, paged, sc, kind = call.k, call.v, call.paged, call.sc, call.kind
-    QT, s, m, l, alpha, mx, tab, ksc, vsc = scr.QT, scr.s, scr.m, scr.l, scr.alpha, scr.mx, scr.tab, scr.ksc, scr.vsc
+    QT, s, m, l, alpha, mx, tab = scr.QT, scr.s, scr.m, scr.l, scr.alpha, scr.mx, scr.tab
     kv0, hpi, n, nn, ktab = ch.kv0, ch.hpi, ch.n, ch.nn, ch.ktab
     d = k.shape[3]
     sktp = s.shape[2]
@@ -260,7 +280,6 @@ def _stream_chunk_t(call, scr, ch, M, mp, ldt):
     vl = VBYTES // s.itemsize
     ks1, _, kpd, _ = _kv_steps(k, v, paged)
     sf = s.reshape(-1)
-    quant = kind >= KIND_I8
     for hh in range(hpi):
         kb = (kv0 + hh) * ks1
         pd, pn, pb = _pf_next(hpi, hh, n, nn, kpd, kv0, ks1)
@@ -269,11 +288,7 @@ def _stream_chunk_t(call, scr, ch, M, mp, ldt):
             for v0 in range(0, ldt, 2 * vl):
                 _sqkt(QT, hh * QT.shape[1] + v0, ldt, k, tab, ktab, c, n, kb, d, sf, so + c * ldt + v0,
                       pd, pn if v0 == 0 else 0, pb, min(2, (ldt - v0) // vl), kind)
-        if quant:
-            _scale_cols(sf, so, 1, ldt, M, n, ksc[hh])
         _softmax_t(sf[so:so + n * ldt], ldt, n, M, sc, m[hh], l[hh], alpha[hh], mx)
-        if quant:
-            _scale_cols(sf, so, 1, ldt, M, n, vsc[hh])
         _pv_head(sf, so, 1, ldt, call, scr, ch, hh, mp)
 
 
@@ -374,7 +389,17 @@ def _stream_item(call, scr, part, b, kv0, hpi, i0, i1, sidx, split, skt):
         npad = (n + 3) & ~3
         # every row sees the whole chunk: no per-row ranges needed
         full = (wl < 0 or i1 - 1 + off - wl <= c0) and (wr < 0 or i0 + off + wr + 1 >= c0 + n)
-        if full:                # K and V rows read where they are
+        if full and quant and trans:    # dequantized once into the scratch, read there
+            ready = False
+            _dequant_chunk(call, scr, b, kv0, hpi, c0, n)
+            ks4 = ks.reshape((1,) + ks.shape)
+            vs4 = vs.reshape((1,) + vs.shape)
+            _row_table(ks4, bt, False, 0, 0, n, npad, tab, ktab)
+            _row_table(vs4, bt, False, 0, 0, n, npad, tab, vtab)
+            wide = StreamCall(q, ks4, vs4, key_lens, bt, call.kscale, call.vscale, sc, wl, wr, flags & ~PAGED,
+                              KIND_FLOAT, False)
+            _stream_chunk_t(wide, scr, Chunk(0, 0, hpi, 0, n, 0, ktab, vtab), M, mp, ldt)
+        elif full:              # K and V rows read where they are
             if ready:
                 for c in range(npad):
                     tab[ktab + c] = tab[ktab + prev + c]
@@ -397,13 +422,11 @@ def _stream_item(call, scr, part, b, kv0, hpi, i0, i1, sidx, split, skt):
                 _stream_chunk(call, scr, ch, M, mp, nq, i0 + off)
         else:
             ready = False                   # rows see different keys: gathered, row by row
-            _gather(k, bt, paged, b, kv0, hpi, c0, n, ks, kind)
-            _gather(v, bt, paged, b, kv0, hpi, c0, n, vs, kind)
-            if quant:               # dequantized in the scratch
-                _chunk_scales(call, b, kv0, hpi, c0, n, ksc, vsc)
-                for hh in range(hpi):
-                    _scale_cols(ks.reshape(-1), hh * ks.shape[1] * d, 1, d, d, n, ksc[hh])
-                    _scale_cols(vs.reshape(-1), hh * vs.shape[1] * dv, 1, dv, dv, n, vsc[hh])
+            if quant:
+                _dequant_chunk(call, scr, b, kv0, hpi, c0, n)
+            else:
+                _gather(k, bt, paged, b, kv0, hpi, c0, n, ks, kind)
+                _gather(v, bt, paged, b, kv0, hpi, c0, n, vs, kind)
             _qk_direct(qs, ks.reshape((1,) + ks.shape), bt, False, 0, 0, hpi, 0, n, s, mp, d, 0, KIND_FLOAT)
             for hh in range(hpi):
                 sh = s[hh]
