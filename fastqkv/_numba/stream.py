@@ -16,12 +16,15 @@ paged cache read in place, all scratch cut from the caller's workspace
   a vector of rows keep their rows in vector lanes instead
   (``_stream_chunk_t``).  A chunk some row sees only in part (window) is
   gathered and widened into thread scratch and done row by row.
-* Quantized K/V: the micro-kernels decode the 8-bit codes in registers
-  (once per item, whose rows are a whole GQA group); the scales of a
-  chunk's keys are gathered once (``_chunk_scales``), and multiply the dot
-  products (``q . k_j`` times ``k_scale[j]``) and the probabilities before
-  P.V (``p_j`` times ``v_scale[j]``; the row sums keep ``p_j``), never the
-  elements; gathered chunks are dequantized in their scratch.
+* Quantized K/V: on the row path the micro-kernels decode the 8-bit codes
+  in registers, each decode serving a block of rows of the item's GQA group;
+  the scales of a chunk's keys are gathered once (``_chunk_scales``) and
+  multiply the dot products (``q . k_j`` times ``k_scale[j]``) and the
+  probabilities before P.V (``p_j`` times ``v_scale[j]``; the row sums keep
+  ``p_j``), never the elements.  Items on the transposed path (whose K
+  elements are broadcast one by one, and whose V rows serve many row
+  blocks) and gathered chunks dequantize the chunk once into their scratch
+  (``_dequant_chunk``) and run the float kernels there.
 * Splits write unnormalised partials ``(O, m, l)``; a second parallel pass
   merges them through their max / sum (``_merge_row``: exact; empty splits
   have ``m = -inf``, ``l = 0``) and counts the attention sink, once per
@@ -31,8 +34,8 @@ paged cache read in place, all scratch cut from the caller's workspace
 from __future__ import annotations
 
 import numpy as np
-from numba import njit, prange
-from numba.extending import register_jitable
+from numba import njit, prange, types
+from numba.extending import overload, register_jitable
 
 from .call import HAS_KEY_LENS, HAS_LSE, HAS_SINKS, PAGED, Chunk, Partials, StreamCall, StreamScratch, _carve
 from .micro_stream import _cursor, _pv_tail, _qk_direct, _spv, _sqk, _sqkt, _step
@@ -76,6 +79,40 @@ def _gather(x, bt, paged, b, kv0, hpi, c0, n, dst, kind):
                 row[t] = z
 
 
+# Quantized calls only: the overloads below compile to an empty body in the
+# drivers of other storage (``_quant_only``), which never call them.
+
+def _quant_only(call):
+    """Whether a :class:`.StreamCall` type is a quantized call's (8-bit K/V)."""
+    return call[1].dtype == types.uint8
+
+
+def _dequant_chunk(call, scr, b, kv0, hpi, c0, n):  # pragma: no cover - replaced by the overload below
+    raise NotImplementedError
+
+
+@overload(_dequant_chunk, jit_options={"cache": True})
+def _dequant_chunk_impl(call, scr, b, kv0, hpi, c0, n):
+    """Keys ``c0 .. c0+n-1`` of KV heads ``kv0 .. kv0+hpi-1`` of batch ``b``
+    of a quantized call dequantized into the scratch ``scr.ks`` / ``scr.vs``
+    (rows ``n:`` zeroed), their scales left in ``scr.ksc`` / ``scr.vsc``."""
+    if not _quant_only(call):
+        return lambda call, scr, b, kv0, hpi, c0, n: None
+
+    def impl(call, scr, b, kv0, hpi, c0, n):
+        k, v, bt, paged, kind = call.k, call.v, call.bt, call.paged, call.kind
+        ks, vs, ksc, vsc = scr.ks, scr.vs, scr.ksc, scr.vsc
+        _chunk_scales(call, b, kv0, hpi, c0, n, ksc, vsc)
+        _gather(k, bt, paged, b, kv0, hpi, c0, n, ks, kind)
+        _gather(v, bt, paged, b, kv0, hpi, c0, n, vs, kind)
+        d = ks.shape[2]
+        dv = vs.shape[2]
+        for hh in range(hpi):
+            _scale_cols(ks.reshape(-1), hh * ks.shape[1] * d, 1, d, d, n, ksc[hh])
+            _scale_cols(vs.reshape(-1), hh * vs.shape[1] * dv, 1, dv, dv, n, vsc[hh])
+    return impl
+
+
 @njit(nogil=True, cache=True)
 def _row_table(x, bt, paged, b, c0, n, npad, tab, t0):
     """``tab[t0 + c]`` = byte offset in ``x`` of the row of key ``c0 + c``
@@ -115,27 +152,49 @@ def _pf_next(hpi, hh, n, nn, dist, kv0, hs):
     return n, n + nn, kv0 * hs
 
 
-@njit(nogil=True, cache=True)
-def _chunk_scales(call, b, kv0, hpi, c0, n, ksc, vsc):
+def _chunk_scales(call, b, kv0, hpi, c0, n, ksc, vsc):  # pragma: no cover - replaced by the overload below
+    raise NotImplementedError
+
+
+@overload(_chunk_scales, jit_options={"cache": True})
+def _chunk_scales_impl(call, b, kv0, hpi, c0, n, ksc, vsc):
     """``ksc[hh, c]`` and ``vsc[hh, c]``: the K and V scales of key ``c0 +
     c`` of KV head ``kv0 + hh`` of batch ``b`` (dense ``kscale[b, kvh, j]``,
     paged ``kscale[bt[b, j // bs], j % bs, kvh]``) times the kind's decode
     factor, for ``c < n`` only (scales past a sequence are never read)."""
-    ks, vs, bt, paged = call.kscale, call.vscale, call.bt, call.paged
-    f = _dec_factor(call.kind)
-    if paged:
-        bs = call.k.shape[1]
-        col, slot, blk = _cursor(bt, paged, b, c0, bs)
-        for c in range(n):
-            for hh in range(hpi):
-                ksc[hh, c] = ks[blk, slot, kv0 + hh] * f
-                vsc[hh, c] = vs[blk, slot, kv0 + hh] * f
-            col, slot, blk = _step(bt, paged, b, col, slot, blk, bs)
-    else:
-        for hh in range(hpi):
+    if not _quant_only(call):
+        return lambda call, b, kv0, hpi, c0, n, ksc, vsc: None
+
+    def impl(call, b, kv0, hpi, c0, n, ksc, vsc):
+        ks, vs, bt, paged = call.kscale, call.vscale, call.bt, call.paged
+        f = _dec_factor(call.kind)
+        if paged:
+            bs = call.k.shape[1]
+            col, slot, blk = _cursor(bt, paged, b, c0, bs)
             for c in range(n):
-                ksc[hh, c] = ks[b, kv0 + hh, c0 + c] * f
-                vsc[hh, c] = vs[b, kv0 + hh, c0 + c] * f
+                for hh in range(hpi):
+                    ksc[hh, c] = ks[blk, slot, kv0 + hh] * f
+                    vsc[hh, c] = vs[blk, slot, kv0 + hh] * f
+                col, slot, blk = _step(bt, paged, b, col, slot, blk, bs)
+        else:
+            for hh in range(hpi):
+                for c in range(n):
+                    ksc[hh, c] = ks[b, kv0 + hh, c0 + c] * f
+                    vsc[hh, c] = vs[b, kv0 + hh, c0 + c] * f
+    return impl
+
+
+def _scale_scores(call, x, off, ld, rows, n, f):  # pragma: no cover - replaced by the overload below
+    raise NotImplementedError
+
+
+@overload(_scale_scores, jit_options={"cache": True})
+def _scale_scores_impl(call, x, off, ld, rows, n, f):
+    """:func:`_scale_cols` on ``rows`` score rows ``x[off + r*ld:]`` of a
+    quantized call (columns: the chunk's keys)."""
+    if not _quant_only(call):
+        return lambda call, x, off, ld, rows, n, f: None
+    return lambda call, x, off, ld, rows, n, f: _scale_cols(x, off, ld, 1, rows, n, f)
 
 
 @njit(nogil=True, cache=True, fastmath=FASTMATH)
@@ -205,13 +264,10 @@ def _stream_chunk(call, scr, ch, M, mp, nq, ip0):
     if dw < d:
         _qk_direct(qs, k, bt, paged, b, kv0, hpi, c0, n, s, mp, d, dw, kind)
     sf = s.reshape(-1)
-    quant = kind >= KIND_I8
     for hh in range(hpi):
-        if quant:
-            _scale_cols(sf, hh * mpmax * sktp, sktp, 1, M, n, ksc[hh])
+        _scale_scores(call, sf, hh * mpmax * sktp, sktp, M, n, ksc[hh])
         _softmax_tile(s[hh], M, n, npad, nq, ip0, c0, wl, wr, sc, False, m[hh], l[hh], alpha[hh])
-        if quant:
-            _scale_cols(sf, hh * mpmax * sktp, sktp, 1, M, n, vsc[hh])
+        _scale_scores(call, sf, hh * mpmax * sktp, sktp, M, n, vsc[hh])
     for hh in range(hpi):
         _pv_head(sf, hh * mpmax * sktp, sktp, 1, call, scr, ch, hh, mp)
 
@@ -252,7 +308,7 @@ def _stream_chunk_t(call, scr, ch, M, mp, ldt):
     rows (no reduction; each K row read once per chunk), the softmax runs
     across rows and P.V reads ``P^T`` through a column stride."""
     k, v, paged, sc, kind = call.k, call.v, call.paged, call.sc, call.kind
-    QT, s, m, l, alpha, mx, tab, ksc, vsc = scr.QT, scr.s, scr.m, scr.l, scr.alpha, scr.mx, scr.tab, scr.ksc, scr.vsc
+    QT, s, m, l, alpha, mx, tab = scr.QT, scr.s, scr.m, scr.l, scr.alpha, scr.mx, scr.tab
     kv0, hpi, n, nn, ktab = ch.kv0, ch.hpi, ch.n, ch.nn, ch.ktab
     d = k.shape[3]
     sktp = s.shape[2]
@@ -260,7 +316,6 @@ def _stream_chunk_t(call, scr, ch, M, mp, ldt):
     vl = VBYTES // s.itemsize
     ks1, _, kpd, _ = _kv_steps(k, v, paged)
     sf = s.reshape(-1)
-    quant = kind >= KIND_I8
     for hh in range(hpi):
         kb = (kv0 + hh) * ks1
         pd, pn, pb = _pf_next(hpi, hh, n, nn, kpd, kv0, ks1)
@@ -269,12 +324,37 @@ def _stream_chunk_t(call, scr, ch, M, mp, ldt):
             for v0 in range(0, ldt, 2 * vl):
                 _sqkt(QT, hh * QT.shape[1] + v0, ldt, k, tab, ktab, c, n, kb, d, sf, so + c * ldt + v0,
                       pd, pn if v0 == 0 else 0, pb, min(2, (ldt - v0) // vl), kind)
-        if quant:
-            _scale_cols(sf, so, 1, ldt, M, n, ksc[hh])
         _softmax_t(sf[so:so + n * ldt], ldt, n, M, sc, m[hh], l[hh], alpha[hh], mx)
-        if quant:
-            _scale_cols(sf, so, 1, ldt, M, n, vsc[hh])
         _pv_head(sf, so, 1, ldt, call, scr, ch, hh, mp)
+
+
+def _stream_chunk_dq(call, scr, b, kv0, hpi, c0, n, M, mp, ldt):  # pragma: no cover - replaced by the overload below
+    raise NotImplementedError
+
+
+@overload(_stream_chunk_dq, jit_options={"cache": True})
+def _stream_chunk_dq_impl(call, scr, b, kv0, hpi, c0, n, M, mp, ldt):
+    """:func:`_stream_chunk_t` on keys ``c0 .. c0+n-1`` of a quantized call,
+    dequantized once into the scratch (:func:`_dequant_chunk`) and read
+    there by the float kernels, rows through ``tab[0:]`` (K) and
+    ``tab[2*sktp:]`` (V).  Compiled for 8-bit storage only: the other
+    drivers get an empty body (they never call it)."""
+    if not _quant_only(call):
+        return lambda call, scr, b, kv0, hpi, c0, n, M, mp, ldt: None
+
+    def impl(call, scr, b, kv0, hpi, c0, n, M, mp, ldt):
+        ks, vs, tab = scr.ks, scr.vs, scr.tab
+        _dequant_chunk(call, scr, b, kv0, hpi, c0, n)
+        ks4 = ks.reshape((1,) + ks.shape)
+        vs4 = vs.reshape((1,) + vs.shape)
+        npad = (n + 3) & ~3
+        vtab = 2 * ks.shape[1]
+        _row_table(ks4, call.bt, False, 0, 0, n, npad, tab, 0)
+        _row_table(vs4, call.bt, False, 0, 0, n, npad, tab, vtab)
+        wide = StreamCall(call.q, ks4, vs4, call.key_lens, call.bt, call.kscale, call.vscale, call.sc, call.wl,
+                          call.wr, call.flags & ~PAGED, KIND_FLOAT, False)
+        _stream_chunk_t(wide, scr, Chunk(0, 0, hpi, 0, n, 0, 0, vtab), M, mp, ldt)
+    return impl
 
 
 @njit(nogil=True, cache=True)
@@ -374,7 +454,10 @@ def _stream_item(call, scr, part, b, kv0, hpi, i0, i1, sidx, split, skt):
         npad = (n + 3) & ~3
         # every row sees the whole chunk: no per-row ranges needed
         full = (wl < 0 or i1 - 1 + off - wl <= c0) and (wr < 0 or i0 + off + wr + 1 >= c0 + n)
-        if full:                # K and V rows read where they are
+        if full and quant and trans:    # dequantized once into the scratch, read there
+            ready = False
+            _stream_chunk_dq(call, scr, b, kv0, hpi, c0, n, M, mp, ldt)
+        elif full:              # K and V rows read where they are
             if ready:
                 for c in range(npad):
                     tab[ktab + c] = tab[ktab + prev + c]
@@ -397,13 +480,11 @@ def _stream_item(call, scr, part, b, kv0, hpi, i0, i1, sidx, split, skt):
                 _stream_chunk(call, scr, ch, M, mp, nq, i0 + off)
         else:
             ready = False                   # rows see different keys: gathered, row by row
-            _gather(k, bt, paged, b, kv0, hpi, c0, n, ks, kind)
-            _gather(v, bt, paged, b, kv0, hpi, c0, n, vs, kind)
-            if quant:               # dequantized in the scratch
-                _chunk_scales(call, b, kv0, hpi, c0, n, ksc, vsc)
-                for hh in range(hpi):
-                    _scale_cols(ks.reshape(-1), hh * ks.shape[1] * d, 1, d, d, n, ksc[hh])
-                    _scale_cols(vs.reshape(-1), hh * vs.shape[1] * dv, 1, dv, dv, n, vsc[hh])
+            if quant:
+                _dequant_chunk(call, scr, b, kv0, hpi, c0, n)
+            else:
+                _gather(k, bt, paged, b, kv0, hpi, c0, n, ks, kind)
+                _gather(v, bt, paged, b, kv0, hpi, c0, n, vs, kind)
             _qk_direct(qs, ks.reshape((1,) + ks.shape), bt, False, 0, 0, hpi, 0, n, s, mp, d, 0, KIND_FLOAT)
             for hh in range(hpi):
                 sh = s[hh]

@@ -247,8 +247,15 @@ def _widen_impl(src, dst, n, kind):
     8-bit storage; e4m3fn short of :func:`_dec_factor`)."""
     if src.dtype == types.uint8:
         def impl(src, dst, n, kind):
-            for t in range(n):
-                dst[t] = _q8_to_f32(src[t], kind)
+            if kind == KIND_I8:
+                for t in range(n):
+                    dst[t] = _q8_to_f32(src[t], KIND_I8)
+            elif kind == KIND_E4M3:
+                for t in range(n):
+                    dst[t] = _q8_to_f32(src[t], KIND_E4M3)
+            else:
+                for t in range(n):
+                    dst[t] = _q8_to_f32(src[t], KIND_E5M2)
         return impl
     if src.dtype == types.uint16:
         def impl(src, dst, n, kind):
