@@ -18,6 +18,7 @@ a warning is printed, the package installs without the extension, and
 ``fastqkv.backends()["c"].reason`` says why.
 """
 
+import concurrent.futures
 import os
 import platform
 import re
@@ -110,6 +111,26 @@ class GracefulBuildExt(build_ext):
             return orig(obj, src, ext_, cc_args, extra, pp_opts)
 
         compiler._compile = _compile
+        compiler.compile = self._parallel_compile(compiler)
+
+    @staticmethod
+    def _parallel_compile(compiler):
+        """The compiler's compile() with its sources compiled by as many
+        processes as the machine has CPUs (the kernel units take minutes
+        each; distutils compiles one at a time)."""
+        def compile(sources, output_dir=None, macros=None, include_dirs=None, debug=0,
+                    extra_preargs=None, extra_postargs=None, depends=None):
+            macros, objects, extra_postargs, pp_opts, build = compiler._setup_compile(
+                output_dir, macros, include_dirs, sources, depends, extra_postargs)
+            cc_args = compiler._get_cc_args(pp_opts, debug, extra_preargs)
+            todo = [(obj, build[obj]) for obj in objects if obj in build]
+            with concurrent.futures.ThreadPoolExecutor(max_workers=os.cpu_count() or 1) as pool:
+                for job in [pool.submit(compiler._compile, obj, src, ext, cc_args, extra_postargs, pp_opts)
+                            for obj, (src, ext) in todo]:
+                    job.result()
+            return objects
+
+        return compile
 
     def get_outputs(self):
         return [] if GracefulBuildExt.failed else super().get_outputs()

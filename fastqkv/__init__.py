@@ -9,7 +9,8 @@ import os as _os
 
 from . import reference
 from ._api import (attention, attention_varlen, attention_weights, merge_attention,
-                   paged_attention, self_attention)
+                   paged_attention, self_attention, shared_prefix_attention,
+                   shared_prefix_paged_attention)
 from ._quant import quantize_kv
 from ._dispatch import (BackendInfo, backends, get_backend, get_num_threads, set_backend,
                         set_num_threads, use_backend, warmup)
@@ -26,6 +27,6 @@ def get_include():
 
 __all__ = [
     "attention", "attention_varlen", "paged_attention", "merge_attention", "attention_weights",
-    "self_attention", "quantize_kv", "reference", "backends", "BackendInfo", "set_backend", "use_backend",
+    "self_attention", "shared_prefix_attention", "shared_prefix_paged_attention", "quantize_kv", "reference", "backends", "BackendInfo", "set_backend", "use_backend",
     "get_backend", "set_num_threads", "get_num_threads", "warmup", "get_include", "__version__",
 ]

@@ -13,13 +13,14 @@ from typing import Optional, Sequence, Tuple, Union
 import numpy as np
 from numpy.typing import ArrayLike, NDArray
 
-from . import _dispatch, _interrupt, _problem, _validate, reference
+from . import _dispatch, _interrupt, _problem, _validate
 
 Window = Optional[Tuple[int, int]]
 Result = Union[NDArray, Tuple[NDArray, NDArray]]
 
 __all__ = ["attention", "attention_varlen", "paged_attention", "merge_attention",
-           "attention_weights", "self_attention"]
+           "attention_weights", "self_attention", "shared_prefix_attention",
+           "shared_prefix_paged_attention"]
 
 
 def _run(p, backend):
@@ -126,8 +127,39 @@ def _scores(p, b, dtype):
 def merge_attention(outs: Sequence[ArrayLike], lses: Sequence[ArrayLike], *,
                     layout: str = "bhld") -> Tuple[NDArray, NDArray]:
     """Combine partial results over disjoint key sets; see
-    :func:`fastqkv.reference.merge_attention`."""
-    return reference.merge_attention(outs, lses, layout=layout)
+    :func:`fastqkv.reference.merge_attention`.  Computed in the lse's
+    precision (float64 for float64, else float32)."""
+    outs, lses = _validate.check_merge(outs, lses, layout)
+    B, H, L, _ = _validate.bhld(outs[0], layout).shape
+    outs4 = [_validate.bhld(o, layout) for o in outs]
+    lses3 = [x.reshape(B, H, L) for x in lses]
+    o, lse = _merge(outs4, lses3)
+    res = np.empty(outs[0].shape, outs[0].dtype)
+    _validate.bhld(res, layout)[...] = o
+    return res, lse.astype(lses[0].dtype).reshape(lses[0].shape)
+
+
+def _merge(outs4, lses3):
+    """The merge of :func:`merge_attention` on ``(B, H, L, Dv)`` outputs and
+    ``(B, H, L)`` lses: ``(out, lse)`` in the accumulation dtype of the
+    lses' dtype; a partial of lse -inf is not read, NaN makes the row NaN."""
+    acc = _validate.acc_dtype(lses3[0].dtype)
+    L = [x.astype(acc, copy=False) for x in lses3]
+    m = L[0]
+    for x in L[1:]:
+        m = np.maximum(m, x)                                   # NaN propagates
+    m0 = np.where(np.isneginf(m), acc.type(0), m)
+    tot = np.zeros(m.shape, acc)
+    out = np.zeros(outs4[0].shape, acc)
+    with np.errstate(all="ignore"):
+        for x, o in zip(L, outs4):
+            w = np.exp(x - m0)                                 # 0 for a -inf partial
+            tot += w
+            out += np.where(w[..., None] == 0, acc.type(0), w[..., None] * o)
+        none = (tot == 0)[..., None]
+        out = np.where(none, acc.type(0), out / np.where(none, acc.type(1), tot[..., None]))
+        lse = m0 + np.log(tot)
+    return out, lse
 
 
 def attention_varlen(q: ArrayLike, k: ArrayLike, v: ArrayLike, cu_seqlens_q: ArrayLike,
@@ -160,7 +192,8 @@ def attention_varlen(q: ArrayLike, k: ArrayLike, v: ArrayLike, cu_seqlens_q: Arr
 
 
 def paged_attention(q: ArrayLike, k_cache: ArrayLike, v_cache: ArrayLike,
-                    block_table: ArrayLike, seq_lens: ArrayLike, *, causal: bool = False,
+                    block_table: ArrayLike, seq_lens: ArrayLike, *,
+                    cu_seqlens_q: Optional[ArrayLike] = None, causal: bool = False,
                     mask: Optional[ArrayLike] = None, bias: Optional[ArrayLike] = None,
                     scale: Optional[float] = None, window: Window = None,
                     softcap: Optional[float] = None, alibi_slopes: Optional[ArrayLike] = None,
@@ -169,14 +202,126 @@ def paged_attention(q: ArrayLike, k_cache: ArrayLike, v_cache: ArrayLike,
                     return_lse: bool = False, out: Optional[NDArray] = None,
                     backend: str = "auto", key_lens: None = None) -> Result:
     """Attention against a paged KV cache; see
-    :func:`fastqkv.reference.paged_attention`."""
+    :func:`fastqkv.reference.paged_attention`.  With ``cu_seqlens_q`` (packed
+    queries of several lengths) each sequence is one call on its blocks."""
     _dispatch._check_name(backend, "backend")
+    if cu_seqlens_q is not None:
+        return _paged_packed(q, k_cache, v_cache, block_table, seq_lens, cu_seqlens_q, causal,
+                             mask, bias, scale, window, softcap, alibi_slopes, sinks, k_scale,
+                             v_scale, layout, return_lse, out, backend, key_lens)
     p = _problem.plan_paged(
         q, k_cache, v_cache, block_table, seq_lens, causal=causal, mask=mask, bias=bias,
         scale=scale, window=window, softcap=softcap, alibi_slopes=alibi_slopes, sinks=sinks,
         k_scale=k_scale, v_scale=v_scale, layout=layout, return_lse=return_lse, out=out,
         key_lens=key_lens)
     return _run(p, backend)
+
+
+def _paged_packed(q, k_cache, v_cache, block_table, seq_lens, cu_seqlens_q, causal, mask, bias,
+                  scale, window, softcap, alibi_slopes, sinks, k_scale, v_scale, layout,
+                  return_lse, out, backend, key_lens):
+    """paged_attention with packed queries: checked whole, then one paged
+    call per sequence with queries, on its row of the block table."""
+    pages = _validate.check_paged(q, k_cache, v_cache, block_table, seq_lens, layout="blhd",
+                                  key_lens=key_lens, k_scale=k_scale, v_scale=v_scale, packed=True)
+    q, cq = _validate.check_packed_queries(q, cu_seqlens_q, pages.seq_lens, layout, mask, bias)
+    B, Hq, Dv = len(cq) - 1, q.shape[1], pages.v_cache.shape[3]
+    acc = _validate.acc_dtype(q.dtype)
+    alibi = None
+    if alibi_slopes is not None:
+        alibi = np.broadcast_to(_validate.check_alibi(alibi_slopes, B, Hq, acc), (B, Hq))
+    sinks = None if sinks is None else _validate.check_sinks(sinks, Hq, acc)
+    _validate.check_options(causal, scale, window, softcap)
+    if out is None:
+        out = np.empty((q.shape[0], Hq, Dv), q.dtype)
+    else:
+        _validate.check_out(out, (q.shape[0], Hq, Dv), q.dtype,
+                            (("q", q), ("k_cache", pages.k_cache), ("v_cache", pages.v_cache)))
+    lse = np.full((Hq, q.shape[0]), -np.inf, acc) if return_lse else None
+    for b in range(B):
+        qs = slice(cq[b], cq[b + 1])
+        if qs.stop == qs.start:
+            continue
+        _, l = paged_attention(q[qs][None], pages.k_cache, pages.v_cache, pages.block_table[b:b + 1],
+                               pages.seq_lens[b:b + 1], causal=causal, scale=scale, window=window,
+                               softcap=softcap, alibi_slopes=None if alibi is None else alibi[b],
+                               sinks=sinks, k_scale=pages.k_scale, v_scale=pages.v_scale,
+                               layout="blhd", return_lse=True, out=out[qs][None], backend=backend)
+        if lse is not None:
+            lse[:, qs] = l[0]
+    return (out, lse) if return_lse else out
+
+
+def shared_prefix_attention(q: ArrayLike, prefix_k: ArrayLike, prefix_v: ArrayLike, k: ArrayLike,
+                            v: ArrayLike, *, key_lens: Optional[ArrayLike] = None,
+                            causal: bool = False, scale: Optional[float] = None,
+                            softcap: Optional[float] = None, sinks: Optional[ArrayLike] = None,
+                            layout: str = "bhld", return_lse: bool = False,
+                            out: Optional[NDArray] = None, backend: str = "auto") -> Result:
+    """``N`` requests over one shared prefix and their own suffixes (cascade
+    attention); see :func:`fastqkv.reference.shared_prefix_attention`.
+
+    The prefix's K/V are read once for all requests: their queries are
+    stacked into one call over the prefix, each request's suffix is a batch
+    entry of a second call, and the two partials merge exactly through their
+    log-sum-exp (:func:`merge_attention`)."""
+    _dispatch._check_name(backend, "backend")
+    ps = _problem.plan_attention(q, k, v, causal=causal, key_lens=key_lens, scale=scale,
+                                 softcap=softcap, sinks=sinks, layout=layout, return_lse=True)
+    lens = np.full(ps.B, ps.Lk) if ps.key_lens is None else ps.key_lens
+    q = _validate.check_shared_prefix(q, layout, causal, lens)
+    pk, pv = _validate.check_prefix_kv(prefix_k, prefix_v, q, layout, ps.Hkv, ps.Dv)
+    return _cascade(ps, q, layout, return_lse, out, backend,
+                    lambda qs: attention(qs, pk, pv, scale=scale, softcap=softcap, layout=layout,
+                                         return_lse=True, backend=backend),
+                    (("prefix_k", pk), ("prefix_v", pv)))
+
+
+def shared_prefix_paged_attention(q: ArrayLike, k_cache: ArrayLike, v_cache: ArrayLike,
+                                  prefix_blocks: ArrayLike, prefix_len: int,
+                                  block_table: ArrayLike, seq_lens: ArrayLike, *,
+                                  causal: bool = False, scale: Optional[float] = None,
+                                  softcap: Optional[float] = None,
+                                  sinks: Optional[ArrayLike] = None, layout: str = "bhld",
+                                  return_lse: bool = False, out: Optional[NDArray] = None,
+                                  backend: str = "auto") -> Result:
+    """:func:`shared_prefix_attention` on a paged cache; see
+    :func:`fastqkv.reference.shared_prefix_paged_attention`."""
+    _dispatch._check_name(backend, "backend")
+    table, plen = _validate.check_prefix_blocks(prefix_blocks, prefix_len, k_cache)
+    ps = _problem.plan_paged(q, k_cache, v_cache, block_table, seq_lens, causal=causal,
+                             scale=scale, softcap=softcap, sinks=sinks, layout=layout,
+                             return_lse=True)
+    q = _validate.check_shared_prefix(q, layout, causal, ps.key_lens)
+    return _cascade(ps, q, layout, return_lse, out, backend,
+                    lambda qs: paged_attention(qs[None], k_cache, v_cache, table, plen,
+                                               scale=scale, softcap=softcap, layout=layout,
+                                               return_lse=True, backend=backend),
+                    (("k_cache", k_cache), ("v_cache", v_cache)))
+
+
+def _cascade(ps, q, layout, return_lse, out, backend, prefix_call, others):
+    """Run the suffix Problem ``ps`` and ``prefix_call`` on the requests'
+    stacked queries ``(Hq, N*Lq, D)`` (``"blhd"``: ``(N*Lq, Hq, D)``), merge
+    the two, write ``out``."""
+    N, Hq, Lq, Dv = ps.B, ps.Hq, ps.Lq, ps.Dv
+    shape = _validate.user_shape(N, Hq, Lq, Dv, 4, layout)
+    if out is not None:
+        _validate.check_out(out, shape, ps.dtype, (("q", q),) + others + (("k", ps.k), ("v", ps.v)))
+    o_s, l_s = _run(ps, backend)
+    if layout == "blhd":
+        o_p, l_p = prefix_call(q.reshape(N * Lq, Hq, q.shape[3]))
+        o_p = o_p.reshape(N, Lq, Hq, Dv)
+    else:
+        o_p, l_p = prefix_call(q.transpose(1, 0, 2, 3).reshape(Hq, N * Lq, q.shape[3]))
+        o_p = o_p.reshape(Hq, N, Lq, Dv).transpose(1, 0, 2, 3)
+    l_p = l_p.reshape(Hq, N, Lq).transpose(1, 0, 2)
+    if layout == "blhd":
+        o_p, o_s = o_p.transpose(0, 2, 1, 3), o_s.transpose(0, 2, 1, 3)
+    o, lse = _merge([o_p, o_s], [l_p, l_s])
+    res = np.empty(shape, ps.dtype) if out is None else out
+    _validate.bhld(res, layout)[...] = o
+    return (res, lse) if return_lse else res
 
 
 def self_attention(x: ArrayLike, w_q: ArrayLike, w_k: ArrayLike, w_v: ArrayLike,

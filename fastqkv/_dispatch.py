@@ -137,7 +137,8 @@ def _require(name):
 def resolve(backend, problem):
     """The backend module that runs ``problem`` and its name."""
     if backend == "auto":
-        pinned = _context_backend.get() or _global_backend or _env_backend()
+        pinned = _context_backend.get() or _global_backend or (
+            _env_cache[0] if _env_cache else _env_backend())
         if pinned is None:
             if not _probed_all:
                 for n in _config.AUTO_ORDER:
@@ -175,6 +176,11 @@ def _default_threads():
         if not 1 <= n <= MAX_THREADS:
             raise ValueError(f"${_config.ENV_NUM_THREADS} must be an integer in [1, {MAX_THREADS}], got {env!r}")
         return n
+    return available_cpus()
+
+
+def available_cpus():
+    """The CPUs this process may run on."""
     try:
         return max(1, len(os.sched_getaffinity(0)))
     except (AttributeError, OSError):

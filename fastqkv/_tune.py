@@ -16,7 +16,9 @@ directory).  The file holds one entry per machine key (CPU model, the ISA
 each backend compiled for, thread count, fastqkv version); auto uses the
 entry of this machine and thread count, and the neutral order
 ``_config.AUTO_ORDER`` for a class the entry lacks or without an entry.  A
-corrupt, foreign or stale file is ignored with one warning line.
+measurement of some classes only (``fastqkv bench`` times those its cases
+need) is merged into the entry.  A corrupt, foreign or stale file is ignored
+with one warning line.
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ import json
 import os
 import platform
 import tempfile
+import time
 import warnings
 
 from . import _config
@@ -38,6 +41,10 @@ FORMAT = 1
 # upper bounds of the size buckets tiny, small, medium (large above)
 SIZE_BOUNDS = (1 << 18, 1 << 24, 1 << 28)
 SIZES = ("tiny", "small", "medium", "large")
+# a quick measurement (``fastqkv tune --quick``, ``fastqkv bench --quick``)
+# leaves out the size buckets from this index on: the largest representative
+# costs more than all the others
+QUICK_SIZES = 3
 KINDS = ("decode", "prefill", "encoder")
 OPTIONS = ("plain", "paged", "options")
 
@@ -45,18 +52,39 @@ OPTIONS = ("plain", "paged", "options")
 _B0, _B1, _B2 = SIZE_BOUNDS
 
 
+def _bucket(work):
+    """The size index of ``work`` (:data:`SIZE_BOUNDS`)."""
+    return 0 if work < _B0 else 1 if work < _B1 else 2 if work < _B2 else 3
+
+
+def _tile_dtype(name):
+    """The dtype a tiled call computes in (half storage is widened)."""
+    return "float64" if name == "float64" else "float32"
+
+
+def _variant(p):
+    """The route-and-options index of a planned Problem: streaming, plain 0
+    or paged 1; tiled, ``2 + 3 * prefill`` (causal or windowed; else an
+    encoder) plus its options index: plain 0, paged 1, ``options`` 2 (mask,
+    bias, ALiBi or softcap, whether paged or not)."""
+    paged = 1 if p.block_table is not None else 0
+    if p.route == "stream":
+        return paged
+    opts = 2 if (p.mask is not None or p.bias is not None or p.alibi is not None or p.softcap) else paged
+    return 2 + 3 * (p.window_right >= 0 or p.window_left >= 0) + opts
+
+
+# (kind index, options index) of each _variant
+_VARIANTS = ((0, 0), (0, 1), (2, 0), (2, 1), (2, 2), (1, 0), (1, 1), (1, 2))
+
+
 def call_class(p):
     """The class of a planned Problem, as a hashable tuple ``(kind, dtype
     name, size index, options index)``."""
-    work = p.B * p.Hq * p.Lq * p.Lk * (p.D + p.Dv)
-    size = 0 if work < _B0 else 1 if work < _B1 else 2 if work < _B2 else 3
-    paged = p.block_table is not None
-    if p.route == "stream":
-        return 0, storage_name(p.dtype), size, paged
-    opts = 2 if (p.mask is not None or p.bias is not None or p.alibi is not None or p.softcap) \
-        else paged
-    return (1 if p.window_right >= 0 or p.window_left >= 0 else 2,
-            "float64" if p.dtype.char == "d" else "float32", size, opts)
+    kind, opts = _VARIANTS[_variant(p)]
+    name = storage_name(p.dtype)
+    return (kind, name if kind == 0 else _tile_dtype(name), _bucket(p.B * p.Hq * p.Lq * p.Lk * (p.D + p.Dv)),
+            opts)
 
 
 def class_name(cls):
@@ -107,6 +135,7 @@ def machine_key(threads):
 
 
 _loaded = {}          # threads -> {class tuple: backend names}, or None (no entry)
+_index = {}           # threads -> {dtype: variants, None: table} (see order), or AUTO_ORDER
 _warned = []
 
 
@@ -156,23 +185,57 @@ def table(threads):
     return result
 
 
-_UNREAD = object()
+_AUTO = _config.AUTO_ORDER
+
+
+def _ladder(t, kind, dtype, opts):
+    """The orders of one class over the size buckets: the order itself
+    (a tuple) when every size has the same one, else a list by size index."""
+    orders = [t.get((kind, dtype, size, opts), _AUTO) for size in range(len(SIZES))]
+    return orders[0] if orders.count(orders[0]) == len(orders) else orders
+
+
+def _variants(t, name):
+    """The ladders of storage dtype ``name``, by :func:`_variant`."""
+    dt = _tile_dtype(name)
+    return [_ladder(t, kind, name if kind == 0 else dt, opts) for kind, opts in _VARIANTS]
 
 
 def order(p, threads):
-    """The backend names auto tries for Problem ``p``, fastest first (the
-    class is computed only when this machine has a measured table)."""
-    t = _loaded.get(threads, _UNREAD)
-    if t is _UNREAD:
-        t = table(threads)
+    """The backend names auto tries for Problem ``p``, fastest first: the
+    measured order of :func:`call_class` of ``p``, else ``_config.AUTO_ORDER``.
+
+    The table read from the file is indexed by the problem's dtype object
+    (an entry built at the first call with that dtype), then by
+    :func:`_variant`; each holds one order, or a list by size bucket when
+    the class's orders differ by size, so only then is the size computed
+    (:func:`_bucket`; it and the streaming part of :func:`_variant` are
+    inlined, and ``tests/test_dispatch.py`` holds this lookup equal to
+    :func:`call_class`)."""
+    t = _index.get(threads)
     if t is None:
-        return _config.AUTO_ORDER
-    return t.get(call_class(p), _config.AUTO_ORDER)
+        t = table(threads)
+        t = _index[threads] = _AUTO if t is None else {None: t}
+    if t is _AUTO:
+        return _AUTO
+    try:
+        v = t[p.dtype]
+    except KeyError:
+        v = t[p.dtype] = _variants(t[None], storage_name(p.dtype))
+    if p.route == "stream":                                 # _variant, inlined for decode
+        ladder = v[p.block_table is not None]
+    else:
+        ladder = v[_variant(p)]
+    if ladder.__class__ is tuple:
+        return ladder
+    work = p.B * p.Hq * p.Lq * p.Lk * (p.D + p.Dv)        # _bucket, inlined
+    return ladder[0 if work < _B0 else 1 if work < _B1 else 2 if work < _B2 else 3]
 
 
 def forget():
     """Drop what was read from the tune file (it is read again on next use)."""
     _loaded.clear()
+    _index.clear()
     _warned.clear()
 
 
@@ -199,7 +262,7 @@ def representatives(quick=False):
     out = []
     for kind, shapes in _SHAPES.items():
         for size, shape in enumerate(shapes):
-            if quick and size == 3:
+            if quick and size >= QUICK_SIZES:
                 continue
             if kind == "decode":
                 dtypes = ["float32"] + half + ["float64"]
@@ -253,10 +316,11 @@ def _rank(seconds):
 
 
 def tune(threads=None, quick=False, path=None, progress=print, budget=0.15, only=None):
-    """Measure every class of :func:`representatives` (``only``: those of
-    these class names) on the available fast backends at ``threads``
-    threads and write this machine's entry to the tune file (``path``, else
-    :func:`tune_file`).  Returns the entry."""
+    """Measure every class of :func:`representatives` on the available fast
+    backends at ``threads`` threads and write this machine's entry to the
+    tune file (``path``, else :func:`tune_file`).  ``only``: the classes of
+    these names (of all representatives, whatever ``quick``), merged into the
+    entry the file holds.  Returns the entry."""
     import numpy as np
 
     from . import _dispatch
@@ -266,7 +330,7 @@ def tune(threads=None, quick=False, path=None, progress=print, budget=0.15, only
     path = path or tune_file()
     rng = np.random.default_rng(0)
     orders, medians = {}, {}
-    reps = [r for r in representatives(quick) if only is None or r[0] in only]
+    reps = representatives(quick) if only is None else [r for r in representatives() if r[0] in only]
     prev = _dispatch.get_num_threads()
     _dispatch.set_num_threads(threads)
     try:
@@ -276,16 +340,17 @@ def tune(threads=None, quick=False, path=None, progress=print, budget=0.15, only
             fns = {}
             for b in names:
                 try:
-                    run(b)
+                    run(b)                      # the first call: compile, caches
                 except ValueError:              # the backend does not take this call
                     continue
                 fns[b] = (lambda b=b: run(b))
             if not fns:
                 continue
-            one = time_interleaved({b: f for b, f in list(fns.items())[:1]}, 1, warmup=0, rounds=1,
-                                   gap=0.0)
-            repeat = max(3, min(15, int(budget / max(min(one.values()), 1e-6))))
-            t = time_interleaved(fns, repeat, warmup=1, rounds=3, gap=0.05)
+            t0 = time.perf_counter()
+            next(iter(fns.values()))()          # a warm call sizes the samples
+            one = time.perf_counter() - t0
+            repeat = max(3, min(15, int(budget / max(one, 1e-6))))
+            t = time_interleaved(fns, repeat, warmup=0, rounds=3, gap=0.05)
             orders[name] = _rank(t)
             medians[name] = {b: round(s * 1e6, 2) for b, s in t.items()}
     finally:
@@ -296,6 +361,10 @@ def tune(threads=None, quick=False, path=None, progress=print, budget=0.15, only
         machines = _read(path)
     except ValueError:
         machines = {}
+    held = machines.get(key)
+    if only is not None and isinstance(held, dict):
+        entry = {field: {**(held.get(field) if isinstance(held.get(field), dict) else {}), **value}
+                 for field, value in entry.items()}
     machines[key] = entry
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=os.path.dirname(os.path.abspath(path)), suffix=".tmp")

@@ -453,6 +453,67 @@ def stand_in_v(k):
 
 
 # ---------------------------------------------------------------------------
+# shared-prefix attention
+
+def check_shared_prefix(q, layout, causal, suffix_lens):
+    """The queries of a shared-prefix call: 4-D; with ``causal`` every
+    request's suffix must hold its ``Lq`` queries (``suffix_lens >= Lq``:
+    the queries are the suffix's last positions, so they see the whole
+    prefix).  The suffix itself is checked by its attention call.  Returns
+    ``q`` as an array."""
+    check_layout(layout)
+    q = _float_array(q, "q")
+    if q.ndim != 4:
+        raise ValueError(f"q must be 4-D (requests, ...) for a shared-prefix call, got shape {q.shape}")
+    Lq = bhld(q, layout).shape[2]
+    if check_bool(causal, "causal") and len(suffix_lens) and Lq and min(suffix_lens) < Lq:
+        raise ValueError(
+            f"with causal=True each request's queries are the last {Lq} positions of its suffix, "
+            f"so every suffix length must be >= {Lq}, got {min(suffix_lens)}")
+    return q
+
+
+def check_prefix_kv(prefix_k, prefix_v, q, layout, Hkv, Dv):
+    """The dense prefix of a shared-prefix call: ``prefix_k (Hkv, P, D)``
+    and ``prefix_v (Hkv, P, Dv)`` (``"blhd"``: ``(P, Hkv, ...)``) of q's
+    dtype, with the suffix's ``Hkv`` and ``Dv``.  Returns them as arrays."""
+    pk = _float_array(prefix_k, "prefix_k")
+    pv = _float_array(prefix_v, "prefix_v")
+    if pk.dtype != q.dtype or pv.dtype != q.dtype:
+        raise TypeError(f"prefix_k and prefix_v must have q's dtype {q.dtype}, got {pk.dtype} and {pv.dtype}")
+    want = "(P, Hkv, D)" if layout == "blhd" else "(Hkv, P, D)"
+    if pk.ndim != 3 or pv.ndim != 3:
+        raise ValueError(f"prefix_k and prefix_v must be 3-D {want}, got shapes {pk.shape} and {pv.shape}")
+    (_, hk, pl, d), (_, hv, plv, dv) = bhld(pk, layout).shape, bhld(pv, layout).shape
+    D = q.shape[-1]
+    if (hk, hv) != (Hkv, Hkv) or (pl != plv) or d != D or dv != Dv:
+        raise ValueError(f"prefix_k and prefix_v must be {want} with Hkv={Hkv} (the suffix's), one P, "
+                         f"D={D} and Dv={Dv}, got shapes {pk.shape} and {pv.shape}")
+    return pk, pv
+
+
+def check_prefix_blocks(prefix_blocks, prefix_len, k_cache):
+    """The prefix of a paged shared-prefix call: ``prefix_blocks`` a 1-D
+    int array of cache block ids holding keys ``0 .. prefix_len - 1``.
+    Returns ``(prefix_blocks (1, n) int64, prefix_len (1,) int64)``, the
+    block table and length of a one-sequence paged call."""
+    pb = as_array(prefix_blocks, "prefix_blocks")
+    if pb.dtype.kind not in "iu" or pb.ndim != 1:
+        raise TypeError(f"prefix_blocks must be a 1-D integer array of block ids, got {pb.dtype} of shape {pb.shape}")
+    n = check_int(prefix_len, "prefix_len", minimum=0)
+    kc = as_array(k_cache, "k_cache")
+    if kc.ndim != 4:
+        raise ValueError(f"k_cache must be 4-D (num_blocks, block_size, Hkv, head_dim), got shape {kc.shape}")
+    nblocks, bs = kc.shape[:2]
+    if n > pb.shape[0] * bs:
+        raise ValueError(f"prefix_len must be <= len(prefix_blocks) * block_size = {pb.shape[0] * bs}, got {n}")
+    used = pb[: -(-n // bs)] if bs else pb[:0]
+    if used.size and (used.min() < 0 or used.max() >= nblocks):
+        raise ValueError(f"prefix_blocks must name blocks in [0, {nblocks}), got values in [{used.min()}, {used.max()}]")
+    return np.ascontiguousarray(pb[None], dtype=np.int64), np.array([n], np.int64)
+
+
+# ---------------------------------------------------------------------------
 # merge_attention
 
 def check_merge(outs, lses, layout):
@@ -590,8 +651,10 @@ class CheckedPages(NamedTuple):
 
 
 def check_paged(q, k_cache, v_cache, block_table, seq_lens, *, layout, key_lens, k_scale=None,
-                v_scale=None):
-    """Check the paged cache arguments (q itself is checked by check_attention)."""
+                v_scale=None, packed=False):
+    """Check the paged cache arguments (q itself is checked by check_attention;
+    ``packed``: q is ``(total_q, Hq, D)`` and B is block_table's rows, see
+    :func:`check_packed_queries`)."""
     check_layout(layout)
     if key_lens is not None:
         raise ValueError("key_lens is not accepted by paged_attention: seq_lens gives each sequence's length")
@@ -609,10 +672,10 @@ def check_paged(q, k_cache, v_cache, block_table, seq_lens, *, layout, key_lens,
     nblocks, bs = kc.shape[:2]
     if bs < 1:
         raise ValueError("k_cache must have block_size >= 1")
-    if q.ndim != 4:
-        raise ValueError(f"q must be 4-D for paged_attention, got shape {q.shape}")
-    B = q.shape[0]
+    if q.ndim != 4 and not packed:
+        raise ValueError(f"q must be 4-D for paged_attention (3-D packed with cu_seqlens_q), got shape {q.shape}")
     bt = as_array(block_table, "block_table")
+    B = bt.shape[0] if packed and bt.ndim == 2 else q.shape[0]
     if bt.dtype.kind not in "iu":
         raise TypeError(f"block_table must be an integer array, got dtype {bt.dtype}")
     if bt.ndim != 2 or bt.shape[0] != B:
@@ -634,6 +697,30 @@ def check_paged(q, k_cache, v_cache, block_table, seq_lens, *, layout, key_lens,
     if quantized:
         check_scale_values(scales, lambda x: _paged_parts(x, bt, sl, bs))
     return CheckedPages(kc, vc, bt, sl, bs, *scales)
+
+
+def check_packed_queries(q, cu_seqlens_q, seq_lens, layout, mask, bias):
+    """The packed queries of a paged call with ``cu_seqlens_q``: ``q
+    (total_q, Hq, D)``, sequence ``b`` owning rows ``cu_seqlens_q[b] ..
+    cu_seqlens_q[b+1]``, never more than its ``seq_lens[b]`` keys.  Returns
+    ``(q, cu_q)`` with ``cu_q`` a list of ints."""
+    for name, val in (("mask", mask), ("bias", bias)):
+        if val is not None:
+            raise ValueError(f"{name} is not supported with cu_seqlens_q (packed queries have no dense {name})")
+    if layout != "bhld":
+        raise ValueError("layout does not apply with cu_seqlens_q: packed q is (total_q, Hq, D) "
+                         "and the caches are (num_blocks, block_size, Hkv, D)")
+    q = _float_array(q, "q")
+    if q.ndim != 3:
+        raise ValueError(f"q must be 3-D (total_q, Hq, head_dim) with cu_seqlens_q, got shape {q.shape}")
+    cq = _cu_seqlens(cu_seqlens_q, "cu_seqlens_q", q.shape[0])
+    if len(cq) != len(seq_lens) + 1:
+        raise ValueError(f"cu_seqlens_q must have length B + 1 = {len(seq_lens) + 1} (block_table rows + 1), got {len(cq)}")
+    for b, n in enumerate(seq_lens.tolist()):
+        if cq[b + 1] - cq[b] > n:
+            raise ValueError(f"sequence {b} has {cq[b + 1] - cq[b]} queries but only {n} keys "
+                             "(its queries are the last positions of its seq_lens keys)")
+    return q, cq
 
 
 def _paged_parts(s, bt, sl, bs):

@@ -81,8 +81,9 @@ For batch ``b``, query head ``h``, query row ``i`` and key ``j``:
 Other functions
 ---------------
 ``attention_varlen``, ``paged_attention``, ``merge_attention``,
-``attention_weights`` and ``self_attention`` are documented where they are
-defined below; each reduces to the dense semantics above.
+``attention_weights``, ``self_attention``, ``shared_prefix_attention`` and
+``shared_prefix_paged_attention`` are documented where they are defined
+below; each reduces to the dense semantics above.
 """
 
 
@@ -96,7 +97,8 @@ from . import _validate
 
 __all__ = [
     "attention", "attention_varlen", "paged_attention", "merge_attention",
-    "attention_weights", "self_attention",
+    "attention_weights", "self_attention", "shared_prefix_attention",
+    "shared_prefix_paged_attention",
 ]
 
 
@@ -353,10 +355,10 @@ def attention_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, *, causal=False, scale
     return (res, lse) if return_lse else res
 
 
-def paged_attention(q, k_cache, v_cache, block_table, seq_lens, *, causal=False, mask=None,
-                    bias=None, scale=None, window=None, softcap=None, alibi_slopes=None,
-                    sinks=None, k_scale=None, v_scale=None, layout="bhld", return_lse=False,
-                    out=None, backend=None, key_lens=None):
+def paged_attention(q, k_cache, v_cache, block_table, seq_lens, *, cu_seqlens_q=None,
+                    causal=False, mask=None, bias=None, scale=None, window=None, softcap=None,
+                    alibi_slopes=None, sinks=None, k_scale=None, v_scale=None, layout="bhld",
+                    return_lse=False, out=None, backend=None, key_lens=None):
     """Attention against a paged KV cache.
 
     ``k_cache (num_blocks, block_size, Hkv, D)``, ``v_cache (num_blocks,
@@ -371,7 +373,33 @@ def paged_attention(q, k_cache, v_cache, block_table, seq_lens, *, causal=False,
     ``key_lens`` is not accepted (``seq_lens`` is it).  Scales of a
     quantized cache are ``(num_blocks, block_size, Hkv)`` (gathered with it)
     or ``(Hkv,)``.
+
+    With ``cu_seqlens_q`` (int, length ``B + 1``, as in
+    :func:`attention_varlen`) the queries of all sequences are packed:
+    ``q (total_q, Hq, D)``, sequence ``b`` owning rows ``cu_seqlens_q[b] ..
+    cu_seqlens_q[b+1]``, which are the last positions of its ``seq_lens[b]``
+    keys (so a sequence has at most that many queries).  It is then
+    :func:`attention_varlen` on the gathered keys of each sequence: output
+    ``(total_q, Hq, Dv)``, lse ``(Hq, total_q)``; ``mask``/``bias`` are not
+    accepted and ``layout`` does not apply.
     """
+    if cu_seqlens_q is not None:
+        pages = _validate.check_paged(q, k_cache, v_cache, block_table, seq_lens, layout="blhd",
+                                      key_lens=key_lens, k_scale=k_scale, v_scale=v_scale,
+                                      packed=True)
+        q, cq = _validate.check_packed_queries(q, cu_seqlens_q, pages.seq_lens, layout, mask, bias)
+        k, v = gather_pages(pages, "blhd")
+        ks, vs = gather_page_scales(pages, "blhd")
+        lens = pages.seq_lens.tolist()
+        ck = np.concatenate([[0], np.cumsum(lens)]).astype(np.int64)
+        pack = [None if x is None or x.ndim == 1 else
+                np.concatenate([x[b, :n] for b, n in enumerate(lens)] or [x[:0, 0]])
+                for x in (k, v, ks, vs)]
+        return attention_varlen(q, pack[0], pack[1], cq, ck, causal=causal, scale=scale,
+                                window=window, softcap=softcap, alibi_slopes=alibi_slopes,
+                                sinks=sinks, k_scale=ks if pack[2] is None else pack[2],
+                                v_scale=vs if pack[3] is None else pack[3],
+                                return_lse=return_lse, out=out)
     pages = _validate.check_paged(q, k_cache, v_cache, block_table, seq_lens, layout=layout,
                                   key_lens=key_lens, k_scale=k_scale, v_scale=v_scale)
     k, v = gather_pages(pages, layout)
@@ -416,6 +444,62 @@ def gather_page_scales(pages, layout):
                 g[b, t * bs:(t + 1) * bs] = s[int(pages.block_table[b, t])]
         out.append(g.transpose(0, 2, 1) if layout == "bhld" else g)
     return tuple(out)
+
+
+def shared_prefix_attention(q, prefix_k, prefix_v, k, v, *, key_lens=None, causal=False,
+                            scale=None, softcap=None, sinks=None, layout="bhld",
+                            return_lse=False, out=None, backend=None):
+    """Attention of ``N`` requests whose keys are one shared prefix followed
+    by each request's own suffix (cascade attention).
+
+    ``q (N, Hq, Lq, D)``, the prefix ``prefix_k (Hkv, P, D)`` and
+    ``prefix_v (Hkv, P, Dv)``, the suffixes ``k (N, Hkv, S, D)`` and
+    ``v (N, Hkv, S, Dv)`` with ``key_lens (N,)`` (default ``S``) in layout
+    ``"bhld"`` (``"blhd"``: ``(N, Lq, Hq, D)``, ``(P, Hkv, D)``, ``(N, S,
+    Hkv, D)``).  Request ``n`` is :func:`attention` of ``q[n]`` over the
+    ``P + key_lens[n]`` keys ``prefix + k[n, :key_lens[n]]``, with
+    ``causal`` bottom-right aligned over that whole sequence; with
+    ``causal`` every ``key_lens[n]`` must be at least ``Lq`` (the queries are
+    the last positions of the suffix, so they see the whole prefix).
+    ``scale``, ``softcap`` and ``sinks`` are as in :func:`attention`.
+    """
+    suffix = _validate.check_attention(q, k, v, causal, None, None, key_lens, scale, None,
+                                       softcap, None, layout, return_lse, out, sinks)
+    B, Hq, Hkv, Lq, S, D, Dv = suffix.dims
+    lens = np.full(B, S) if suffix.key_lens is None else suffix.key_lens
+    q = _validate.check_shared_prefix(q, layout, causal, lens)
+    pk, pv = _validate.check_prefix_kv(prefix_k, prefix_v, q, layout, Hkv, Dv)
+    pk4, pv4 = (_to4(x, layout)[0] for x in (pk, pv))
+    P = pk4.shape[1]
+    kk = np.zeros((B, Hkv, P + S, D), q.dtype)
+    vv = np.zeros((B, Hkv, P + S, Dv), q.dtype)
+    kk[:, :, :P], vv[:, :, :P] = pk4, pv4
+    for n, m in enumerate(lens.tolist()):
+        kk[n, :, P:P + m] = _to4(suffix.k, layout)[n, :, :m]
+        vv[n, :, P:P + m] = _to4(suffix.v, layout)[n, :, :m]
+    return attention(q, _from4(kk, layout, 4), _from4(vv, layout, 4), key_lens=lens + P,
+                     causal=causal, scale=scale, softcap=softcap, sinks=sinks, layout=layout,
+                     return_lse=return_lse, out=out)
+
+
+def shared_prefix_paged_attention(q, k_cache, v_cache, prefix_blocks, prefix_len, block_table,
+                                  seq_lens, *, causal=False, scale=None, softcap=None, sinks=None,
+                                  layout="bhld", return_lse=False, out=None, backend=None):
+    """:func:`shared_prefix_attention` on a paged cache: the prefix is keys
+    ``0 .. prefix_len - 1`` in the cache blocks ``prefix_blocks`` (1-D),
+    request ``n``'s suffix its ``seq_lens[n]`` keys in ``block_table[n]``
+    (as :func:`paged_attention`)."""
+    table, plen = _validate.check_prefix_blocks(prefix_blocks, prefix_len, k_cache)
+    q = _validate._float_array(q, "q")
+    pages = _validate.check_paged(q[:1], k_cache, v_cache, table, plen, layout=layout, key_lens=None)
+    n = int(plen[0])
+    pk, pv = (x[0, :, :n] if layout == "bhld" else x[0, :n] for x in gather_pages(pages, layout))
+    pages = _validate.check_paged(q, k_cache, v_cache, block_table, seq_lens, layout=layout,
+                                  key_lens=None)
+    k, v = gather_pages(pages, layout)
+    return shared_prefix_attention(q, pk, pv, k, v, key_lens=pages.seq_lens, causal=causal,
+                                   scale=scale, softcap=softcap, sinks=sinks, layout=layout,
+                                   return_lse=return_lse, out=out)
 
 
 def self_attention(x, w_q, w_k, w_v, w_o, *, num_heads, num_kv_heads=None, causal=False,

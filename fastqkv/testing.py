@@ -91,6 +91,8 @@ FUNCTIONS = {
     "attention": (),
     "attention_varlen": ("cu_seqlens_q", "cu_seqlens_k"),
     "paged_attention": ("block_table", "seq_lens"),
+    "shared_prefix_attention": ("k_suffix", "v_suffix"),
+    "shared_prefix_paged_attention": ("prefix_blocks", "prefix_len", "block_table", "seq_lens"),
 }
 
 
@@ -100,7 +102,10 @@ class Case:
     out ``out``.  ``fn`` names the function (see ``FUNCTIONS``) and ``args``
     holds its positional arguments after ``q, k, v``: ``(cu_seqlens_q,
     cu_seqlens_k)`` for ``attention_varlen``; ``(block_table, seq_lens)`` for
-    ``paged_attention``, whose ``k`` and ``v`` are then the caches."""
+    ``paged_attention``, whose ``k`` and ``v`` are then the caches; for
+    ``shared_prefix_attention`` ``k``/``v`` are the prefix and ``args`` the
+    suffixes; for ``shared_prefix_paged_attention`` ``k``/``v`` are the caches
+    and ``args`` ``(prefix_blocks, prefix_len, block_table, seq_lens)``."""
     name: str
     q: np.ndarray
     k: np.ndarray
@@ -164,7 +169,9 @@ def make_case(name, rng, B, Hq, Hkv, Lq, Lk, D, Dv=None, dtype=np.float32, strid
     return Case(name, q, k, v, kwargs, out_strided)
 
 
-KINDS = ("dense", "decode", "paged", "varlen")
+KINDS = ("dense", "decode", "paged", "varlen", "shared_prefix")
+# the kinds whose functions take quantized K/V
+QUANT_KINDS = ("dense", "decode", "paged", "varlen")
 
 
 def generate_cases(quick=False, seed=0, dtypes=("float32", "float64"), kinds=("dense",)):
@@ -176,9 +183,11 @@ def generate_cases(quick=False, seed=0, dtypes=("float32", "float64"), kinds=("d
     the streaming kernels split over the keys (ragged ``key_lens`` with NaN
     and inf past each length); ``"paged"`` calls of ``paged_attention`` on
     :func:`paged_cache` caches of several block sizes; ``"varlen"`` calls of
-    ``attention_varlen`` on :func:`varlen_pack` batches."""
+    ``attention_varlen`` on :func:`varlen_pack` batches; ``"shared_prefix"``
+    calls of ``shared_prefix_attention`` and ``shared_prefix_paged_attention``
+    (not quantized: see :data:`QUANT_KINDS`)."""
     builders = {"dense": _dense_cases, "decode": _decode_cases, "paged": _paged_cases,
-                "varlen": _varlen_cases}
+                "varlen": _varlen_cases, "shared_prefix": _shared_prefix_cases}
     unknown = set(kinds) - set(builders)
     if unknown:
         raise ValueError(f"unknown case kinds {sorted(unknown)}; known: {KINDS}")
@@ -187,6 +196,8 @@ def generate_cases(quick=False, seed=0, dtypes=("float32", "float64"), kinds=("d
     for kind in kinds:
         for dt in dtypes:
             if dt in _validate.QUANT_DTYPES:
+                if kind not in QUANT_KINDS:
+                    continue
                 qrng = _substream(rng)
                 built = builders[kind](np.dtype(np.float32), qrng, quick)
                 cases.extend(_quantized(c, dt, qrng, i) for i, c in enumerate(built))
@@ -427,7 +438,8 @@ def _with_key_lens(case, key_lens):
 def _with_sinks(case, rng):
     """``case`` with ``sinks=``: a float32 logit ~N(0, 2^2) per query head,
     the last head's -inf (no sink)."""
-    heads = case.q.shape[-2 if case.fn == "attention_varlen" or case.kwargs.get("layout") == "blhd" else -3]
+    packed = case.fn == "attention_varlen" or "cu_seqlens_q" in case.kwargs
+    heads = case.q.shape[-2 if packed or case.kwargs.get("layout") == "blhd" else -3]
     sinks = (2 * rng.standard_normal(heads)).astype(np.float32)
     sinks[-1] = -np.inf
     case.kwargs["sinks"] = sinks
@@ -542,6 +554,25 @@ def _paged_cases(dtype, rng, quick):
             ("blhd-window", (2, 4, 2, 3, 50, 8), [50, 9], 8,
              dict(layout="blhd", causal=True, window=(4, 0)))):
         add(_with_sinks(_paged_case(f"{n}-paged-sinks-{name}", srng, dtype, shape, seq, bs, **kw), srng))
+    # packed queries of several lengths (cu_seqlens_q): decode rows and
+    # prefill chunks in one call, sequences without queries or keys
+    prng = _substream(srng)
+    for name, (Hq, Hkv, D), seq, lq, bs, kw in (
+            ("mixed-causal", (8, 2, 16), [50, 7, 33, 64, 0], [1, 5, 0, 16, 0], 16, dict(causal=True)),
+            ("decode-rows-mqa", (8, 1, 32), [100, 1, 57], [1, 1, 1], 7, {}),
+            ("window", (4, 2, 8), [40, 3], [4, 3], 8, dict(causal=True, window=(5, 0))),
+            ("softcap", (4, 2, 8), [20, 30], [2, 6], 4, dict(softcap=5.0)),
+            ("sinks-alibi", (4, 2, 8), [25, 9], [3, 1], 8,
+             dict(causal=True, alibi_slopes=np.array([0.5, 0.25, 0.125, 0.0625])))):
+        seq = np.array(seq, np.int64)
+        L = max(1, int(seq.max()))
+        k = prng.standard_normal((len(seq), Hkv, L, D)).astype(dtype)
+        v = prng.standard_normal((len(seq), Hkv, L, D)).astype(dtype)
+        kc, vc, table = paged_cache(k, v, bs, prng, seq)
+        q, cu = varlen_pack([prng.standard_normal((m, Hq, D)).astype(dtype) for m in lq])
+        case = Case(f"{n}-paged-packed-{name}", q, kc, vc, dict(kw, cu_seqlens_q=cu),
+                    fn="paged_attention", args=(table, seq))
+        add(_with_sinks(case, prng) if "sinks" in name else case)
     return c
 
 
@@ -570,6 +601,48 @@ def _varlen_cases(dtype, rng, quick):
     return c
 
 
+def _shared_prefix_cases(dtype, rng, quick):
+    """Requests over a shared prefix: dense and paged, causal multi-token
+    steps, an empty prefix, suffixes of length 0, GQA 1/4/8, both layouts,
+    sinks and softcap."""
+    n = dtype.name
+    c = []
+    for name, (N, Hq, Hkv, Lq, P, S, D), lens, kw in (
+            # name, (N, Hq, Hkv, Lq, P, S, D), suffix lengths, options
+            ("gqa4-decode", (3, 8, 2, 1, 100, 30, 32), [30, 0, 7], {}),
+            ("gqa4-causal-lq4", (3, 8, 2, 4, 70, 30, 16), [30, 4, 9], dict(causal=True)),
+            ("mha-empty-prefix", (2, 4, 4, 1, 0, 20, 8), [20, 3], {}),
+            ("gqa8-causal-sinks", (2, 16, 2, 2, 50, 12, 24), [12, 2], dict(causal=True)),
+            ("blhd-softcap", (2, 4, 1, 3, 40, 10, 16), [10, 0], dict(layout="blhd", softcap=5.0))):
+        q = rng.standard_normal((N, Hq, Lq, D)).astype(dtype)
+        pk, pv = (rng.standard_normal((Hkv, P, D)).astype(dtype) for _ in range(2))
+        k, v = (rng.standard_normal((N, Hkv, S, D)).astype(dtype) for _ in range(2))
+        lens = np.array(lens, np.int64)
+        for b, m in enumerate(lens):
+            k[b, :, m:], v[b, :, m:] = np.nan, np.inf             # past each suffix: never read
+        if kw.get("layout") == "blhd":
+            q, k, v = (x.transpose(0, 2, 1, 3) for x in (q, k, v))
+            pk, pv = (x.transpose(1, 0, 2) for x in (pk, pv))
+        case = Case(f"{n}-shared-prefix-{name}", q, pk, pv, dict(kw, key_lens=lens),
+                    fn="shared_prefix_attention", args=(k, v))
+        c.append(_with_sinks(case, rng) if "sinks" in name else case)
+    for name, (N, Hq, Hkv, Lq, P, D), seq, bs, kw in (
+            ("paged-gqa4-decode", (3, 8, 2, 1, 50, 16), [20, 5, 0], 16, {}),
+            ("paged-causal-lq2", (2, 8, 2, 2, 37, 16), [20, 2], 8, dict(causal=True)),
+            ("paged-blhd-mqa", (2, 8, 1, 1, 16, 8), [9, 30], 4, dict(layout="blhd"))):
+        q = rng.standard_normal((N, Hq, Lq, D)).astype(dtype)
+        seq = np.array(seq, np.int64)
+        L = int(max(seq.max(), P))
+        k, v = (rng.standard_normal((N + 1, Hkv, L, D)).astype(dtype) for _ in range(2))
+        kc, vc, table = paged_cache(k, v, bs, rng, np.concatenate([seq, [P]]))
+        if kw.get("layout") == "blhd":
+            q = q.transpose(0, 2, 1, 3)
+        case = Case(f"{n}-shared-prefix-{name}", q, kc, vc, kw, fn="shared_prefix_paged_attention",
+                    args=(table[N], P, table[:N], seq))
+        c.append(case)
+    return c[::2] if quick else c
+
+
 # ---------------------------------------------------------------------------
 # comparison
 
@@ -593,6 +666,11 @@ def _num_keys(case):
         return int(np.max(case.args[1], initial=0))
     if case.fn == "attention_varlen":
         return int(np.max(np.diff(case.args[1]), initial=0))
+    if case.fn == "shared_prefix_attention":
+        P = case.k.shape[0 if case.kwargs.get("layout") == "blhd" else 1]
+        return P + int(np.max(case.kwargs["key_lens"], initial=0))
+    if case.fn == "shared_prefix_paged_attention":
+        return case.args[1] + int(np.max(case.args[3], initial=0))
     k = case.k
     if k.ndim == 4 and case.kwargs.get("layout", "bhld") == "blhd":
         return k.shape[1]
@@ -668,6 +746,9 @@ def case_bounds(case):
     kw = case.kwargs
     scale = kw.get("scale") or 1.0 / np.sqrt(case.q.shape[-1])
     k, v = _dequantized(case)
+    if case.fn == "shared_prefix_attention":                    # the suffixes too
+        k, v = (np.concatenate([x.ravel(), np.asarray(s, np.float64).ravel()])[None]
+                for x, s in ((k, case.args[0]), (v, case.args[1])))
     cond = condition_number(case.q, k, scale)
     if kw.get("softcap"):
         cond = min(cond, max(1.0, 2 * kw["softcap"]))

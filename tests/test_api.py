@@ -143,3 +143,56 @@ def test_fast_path_matches_full_path(rng, dtype):
         np.testing.assert_array_equal(o1, o2)
         np.testing.assert_array_equal(l1, l2)
         assert o1.dtype == dtype and l1.dtype == (np.float64 if dtype == np.float64 else np.float32)
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float64"] + [d.name for d in testing.half_dtypes()])
+def test_merge_matches_oracle_on_edge_rows(dtype, rng):
+    """fastqkv's merge (in the lse precision) against the oracle's (float64):
+    three partials, rows with a -inf partial whose output is NaN (not read),
+    all -inf, a NaN lse, huge lse gaps."""
+    dt = testing.as_dtype(dtype)
+    acc = np.float64 if dtype == "float64" else np.float32
+    outs = [rng.standard_normal((2, 3, 4, 5)).astype(dt) for _ in range(3)]
+    lses = [(rng.standard_normal((2, 3, 4)) * 3).astype(acc) for _ in range(3)]
+    lses[0][0, 0, 0] = -np.inf
+    outs[0][0, 0, 0] = np.nan
+    for x in lses:
+        x[0, 1, 1] = -np.inf
+    lses[2][1, 2, 3] = np.nan
+    lses[1][1, 0, 0] = 1e4
+    for layout in ("bhld", "blhd"):
+        o = [x if layout == "bhld" else x.transpose(0, 2, 1, 3) for x in outs]
+        got, glse = fastqkv.merge_attention(o, lses, layout=layout)
+        want, wlse = R.merge_attention(o, lses, layout=layout)
+        assert got.dtype == want.dtype and glse.dtype == wlse.dtype
+        testing.assert_close(got, want, dt, cond=2, vmax=4)
+        testing.assert_close(glse, wlse, dt, cond=1e4)
+
+
+def test_paged_packed_queries_bad_input(rng):
+    kc = rng.standard_normal((6, 4, 2, 8)).astype(np.float32)
+    table = np.array([[0, 1, 2], [3, 4, 5]])
+    q = rng.standard_normal((5, 4, 8)).astype(np.float32)
+    call = lambda cu, lens=(12, 9), **kw: fastqkv.paged_attention(  # noqa: E731
+        q, kc, kc, table, np.array(lens), cu_seqlens_q=np.array(cu), **kw)
+    with pytest.raises(ValueError, match="cu_seqlens_q must be non-decreasing"):
+        call([0, 4, 3])
+    with pytest.raises(ValueError, match="cu_seqlens_q must end at the packed length 5, got 6"):
+        call([0, 2, 6])
+    with pytest.raises(ValueError, match="cu_seqlens_q must have length B \\+ 1 = 3"):
+        call([0, 5])
+    with pytest.raises(ValueError, match="sequence 1 has 4 queries but only 3 keys"):
+        call([0, 1, 5], lens=(12, 3))
+    with pytest.raises(ValueError, match=r"seq_lens must lie in \[0, max_blocks \* block_size = 12\]"):
+        call([0, 1, 5], lens=(13, 9))
+    with pytest.raises(ValueError, match="mask is not supported with cu_seqlens_q"):
+        call([0, 1, 5], mask=np.ones((2, 4, 1, 12), bool))
+    with pytest.raises(ValueError, match="layout does not apply"):
+        call([0, 1, 5], layout="blhd")
+    with pytest.raises(ValueError, match="q must be 3-D"):
+        fastqkv.paged_attention(q[None], kc, kc, table, np.array([12, 9]), cu_seqlens_q=[0, 1, 5])
+    got, lse = call([0, 1, 5], return_lse=True, causal=True)
+    want, wlse = R.paged_attention(q, kc, kc, table, np.array([12, 9]), cu_seqlens_q=np.array([0, 1, 5]),
+                                   causal=True, return_lse=True)
+    testing.assert_close(got, want, np.float32, cond=10, vmax=3)
+    assert lse.shape == (4, 5)

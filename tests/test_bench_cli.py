@@ -188,3 +188,79 @@ def test_missing_ml_dtypes_skips_the_bfloat16_case_in_one_line(capsys, monkeypat
     assert res["skipped"] == [{"runner": "*", "reason": "bfloat16 needs ml_dtypes (pip install ml_dtypes)"}]
     out = capsys.readouterr().out
     assert out.splitlines() == ["bfloat16-decode: skipped, bfloat16 needs ml_dtypes (pip install ml_dtypes)"]
+
+
+def test_a_quick_sample_stops_early_only_when_steady():
+    from fastqkv._bench import timing
+    ticks = iter(range(10 ** 6))
+    t = timing.Timer("steady", lambda: None, clock=lambda: next(ticks) * 1e-3)
+    t.run(3, budget=10.0, steady=0.01)
+    assert len(t.samples) == timing.STEADY_SAMPLES
+    t.run(3, budget=10.0, steady=0.01)                 # a second block samples again
+    assert len(t.samples) == timing.STEADY_SAMPLES + timing.STEADY_FRESH
+
+    def jittery():                                     # samples of 1 and 3 ms in turn
+        now, k = 0, 0
+        while True:
+            yield now * 1e-3
+            now += 1 if k % 2 else 3
+            yield now * 1e-3
+            k += 1
+
+    clock = jittery()
+    t = timing.Timer("noisy", lambda: None, clock=lambda: next(clock))
+    t.run(3, budget=0.05, steady=0.01)
+    assert t.spent >= 0.05
+
+
+def test_settle_waits_for_a_spinning_thread():
+    import threading
+    import time
+
+    from fastqkv._bench import timing
+    stop = time.perf_counter() + 0.15
+
+    def spin():
+        while time.perf_counter() < stop:
+            pass
+
+    th = threading.Thread(target=spin)
+    th.start()
+    t0 = time.perf_counter()
+    timing.settle(2.0)
+    assert time.perf_counter() - t0 >= 0.1
+    th.join()
+    t0 = time.perf_counter()
+    timing.settle(0.05)                                # at most the given seconds
+    assert time.perf_counter() - t0 < 1.0
+
+
+def test_the_run_compiles_the_numba_kernels_of_its_runners_only(monkeypatch):
+    from fastqkv._bench import cli as bench_cli
+    pytest.importorskip("numba")
+    plans = bench_cli.case_plans(_bench.shape_classes("tiny"))
+    assert bench_cli.numba_kernels(plans, ["c", "numpy"], []) == set()
+    from fastqkv import _tune
+    from fastqkv._numba import precompile
+    every = {precompile.kernel(p) for p in plans.values()}
+    assert {("tile", "float32"), ("stream", "float32"), ("stream", "uint16")} <= every
+    assert bench_cli.numba_kernels(plans, ["numba"], []) == every
+    # auto alone: kernels of the classes about to be tuned (the tune times
+    # numba on them) and of those auto picks numba for
+    name = _tune.class_name(_tune.call_class(plans[sorted(plans)[0]]))
+    monkeypatch.setattr(bench_cli, "_auto_choice", lambda p: "c")
+    want = {precompile.kernel(p) for p in plans.values() if _tune.class_name(_tune.call_class(p)) == name}
+    assert bench_cli.numba_kernels(plans, ["auto", "c"], [name]) == want
+    monkeypatch.setattr(bench_cli, "_auto_choice", lambda p: "numba")
+    assert bench_cli.numba_kernels(plans, ["auto", "c"], []) == every
+
+
+def test_the_run_tunes_the_classes_of_its_cases_that_auto_lacks():
+    from fastqkv import _tune
+    from fastqkv._bench import cli as bench_cli
+    plans = bench_cli.case_plans(_bench.shape_classes("quick"))
+    classes = {_tune.class_name(_tune.call_class(p)) for p in plans.values()}
+    untuned = bench_cli.untuned_classes(plans, 2)       # the session's tune file has no entry
+    assert set(untuned) == classes and any("/large/" in c for c in classes)
+    quick = bench_cli.untuned_classes(plans, 2, quick=True)
+    assert set(quick) == {c for c in classes if "/large/" not in c}

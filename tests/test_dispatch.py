@@ -183,3 +183,67 @@ def test_tune_writes_an_entry_auto_uses(tmp_path, monkeypatch):
             tuple(entry["order"]["decode/float32/tiny/plain"])
     finally:
         _tune.forget()
+
+
+def _class_grid():
+    """Planned problems over every part of a call class: both routes, the
+    storage dtypes, paged caches, score options, windows and each size bucket."""
+    from fastqkv import testing
+    rng = np.random.default_rng(0)
+    half = [testing.as_dtype(n) for n in ("float16", "bfloat16")]
+    dtypes = [np.float32, np.float64] + [d for d in half if d is not None]
+    probs = []
+    for dt in dtypes:
+        for Hq, Lq, Lk, D in ((1, 1, 8, 8), (8, 1, 4096, 64), (32, 1, 65536, 128), (64, 1, 262144, 128),
+                              (1, 32, 32, 32), (8, 256, 256, 64), (32, 512, 2048, 128)):
+            q = np.zeros((1, Hq, Lq, D), dt)
+            k = np.zeros((1, 1, Lk, D), dt)
+            probs.append(fastqkv._problem.plan_attention(q, k, k))
+            probs.append(fastqkv._problem.plan_attention(q, k, k, causal=True))
+            probs.append(fastqkv._problem.plan_attention(q, k, k, window=(16, 0)))
+            probs.append(fastqkv._problem.plan_attention(q, k, k, softcap=30.0))
+            probs.append(fastqkv._problem.plan_attention(q, k, k, mask=np.ones((1, 1, 1, Lk), bool)))
+            if Lk <= 4096:
+                kc, vc, bt = testing.paged_cache(k, k, 16, rng, spare_blocks=0, spare_cols=0)
+                probs.append(fastqkv._problem.plan_paged(q, kc, vc, bt, np.array([Lk])))
+    return probs
+
+
+def test_the_index_of_order_agrees_with_call_class(tmp_path, monkeypatch):
+    # every class of the table names a backend of its own, so a call looked
+    # up in the wrong class gets the wrong order
+    threads = fastqkv.get_num_threads()
+    names = [f"{k}/{d}/{s}/{o}" for k in _tune.KINDS for d in ("float32", "float64", "float16", "bfloat16")
+             for s in _tune.SIZES for o in _tune.OPTIONS]
+    # half the classes measured: the others fall back to the neutral order
+    doc = {"format": _tune.FORMAT, "machines": {_tune.machine_key(threads): {
+        "order": {name: [f"backend{i}"] for i, name in enumerate(names) if i % 2 == 0}}}}
+    _tune_file(tmp_path, monkeypatch, doc)
+    try:
+        table = _tune.table(threads)
+        probs = _class_grid()
+        seen = set()
+        for p in probs:
+            cls = _tune.call_class(p)
+            seen.add(cls)
+            assert _tune.order(p, threads) == table.get(cls, _config.AUTO_ORDER), _tune.class_name(cls)
+        assert {c[0] for c in seen} == {0, 1, 2}
+        assert {c[2] for c in seen} == {0, 1, 2, 3}
+        assert {c[3] for c in seen} == {0, 1, 2}
+    finally:
+        _tune.forget()
+
+
+def test_a_partial_tune_keeps_the_other_classes(tmp_path, monkeypatch):
+    threads = fastqkv.get_num_threads()
+    key = _tune.machine_key(threads)
+    kept = {"prefill/float64/large/options": ["numpy"]}
+    path = _tune_file(tmp_path, monkeypatch, {"format": 1, "machines": {key: {"order": dict(kept)}}})
+    try:
+        entry = _tune.tune(progress=lambda line: None, budget=0.001, only=["decode/float32/tiny/plain"])
+        order = json.loads(path.read_text())["machines"][key]["order"]
+        assert order == entry["order"]
+        assert set(order) == {"decode/float32/tiny/plain"} | set(kept)
+        assert order["prefill/float64/large/options"] == ["numpy"]
+    finally:
+        _tune.forget()

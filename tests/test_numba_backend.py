@@ -340,3 +340,58 @@ def test_maximum_propagates_nan_in_both_lowerings(monkeypatch, native):
         x[1], x[0] = 0.0, np.nan
         assert np.isnan(row_max(x))
         assert row_max(np.full(3, -np.inf, dt)) == -np.inf
+
+
+def test_precompile_groups_the_kernels_of_each_driver_in_one_process():
+    from fastqkv._numba import precompile
+    keys = [("tile", "float32"), ("stream", "float32"), ("tile", "float64"), ("stream", "uint16")]
+    groups = precompile._groups(keys, 2)
+    assert groups == [[("tile", "float32"), ("tile", "float64")], [("stream", "float32"), ("stream", "uint16")]]
+    assert precompile._groups(keys, 1) == [groups[0] + groups[1]]
+    assert precompile._groups(keys[:1], 2) == [keys[:1]]
+    assert precompile.parallelism(keys, 2) == 2 and precompile.parallelism(keys, 1) == 1
+    assert precompile.describe(("stream", "uint16")) == "streaming float16/bfloat16"
+    p = fastqkv._problem.plan_attention(np.zeros((1, 2, 1, 8), np.float16), np.zeros((1, 2, 5, 8), np.float16),
+                                         np.zeros((1, 2, 5, 8), np.float16))
+    assert precompile.kernel(p) == ("stream", "uint16")
+    p = fastqkv._problem.plan_attention(np.zeros((1, 2, 40, 8), np.float16), np.zeros((1, 2, 40, 8), np.float16),
+                                         np.zeros((1, 2, 40, 8), np.float16), softcap=5.0)
+    assert precompile.kernel(p) == ("tile", "float32")          # half storage widened on the tiled route
+
+
+def test_a_failing_compile_process_is_reported_in_one_line(monkeypatch):
+    from fastqkv._numba import precompile
+    monkeypatch.setattr(precompile, "_compile", lambda keys, done: None)    # nothing to compile here
+    lines = []
+    took = precompile.precompile([("tile", "float32"), ("stream", "nosuch")], 2, lines.append)
+    assert took == {}
+    assert len(lines) == 1 and lines[0].startswith("  numba: the process compiling streaming nosuch failed ("), lines
+    assert lines[0].endswith("they compile at first use")
+
+
+def test_cache_saves_hold_a_lock_while_precompiling(tmp_path, monkeypatch):
+    import fcntl
+
+    from numba.core.caching import IndexDataCacheFile
+
+    from fastqkv._numba import precompile
+    plain = IndexDataCacheFile.save
+    held = []
+
+    def probe(self, *args, **kwargs):
+        with open(tmp_path / precompile.LOCK_NAME, "ab") as f:
+            try:
+                fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                held.append(args)
+
+    monkeypatch.setattr(IndexDataCacheFile, "save", probe)
+
+    class File:
+        _cache_path = str(tmp_path)
+
+    with precompile._serialised_saves():
+        IndexDataCacheFile.save(File(), "key", "data")
+    assert held == [("key", "data")]
+    assert IndexDataCacheFile.save is probe
+    monkeypatch.setattr(IndexDataCacheFile, "save", plain)

@@ -1,7 +1,9 @@
 """The numba backend's serving paths against the NumPy oracle: the streaming
 kernel (decode, split-KV with the in-call merge, ragged ``key_lens``), paged
-KV caches (decode and prefill with a cache), float16/bfloat16 storage and
-attention sinks (counted once per row, in the merge of the splits).
+KV caches (decode and prefill with a cache), float16/bfloat16 storage,
+attention sinks (counted once per row, in the merge of the splits) and
+int8/float8 K/V read in place (split counts, NaN and inf codes, scale views;
+every quantized case of the generator is in ``test_quant.py``).
 
 Splits and chunks are forced small through the ``force`` fixture's
 ``split_keys``, ``stream_keys`` and ``decode_stream_keys`` (runtime arguments:
@@ -20,6 +22,7 @@ from fastqkv._numba import vec  # noqa: E402
 
 BACKEND = "numba"
 HALF = [d.name for d in testing.half_dtypes()]
+QUANT = testing.quant_dtypes()
 
 
 @pytest.fixture
@@ -257,10 +260,17 @@ def test_half_conversions_exact():
 
 def test_supports_and_features():
     from fastqkv import _numba
-    assert "paged" in _numba.FEATURES
+    assert "paged" in _numba.FEATURES and "quant" in _numba.FEATURES
     for dt in HALF:
         z = np.zeros((1, 2, 3), testing.as_dtype(dt))
         assert _numba.supports(fastqkv._problem.plan_attention(z, z, z)) is None
+    for name in QUANT:
+        z = np.zeros((1, 2, 3), testing.as_dtype(name))
+        ones = np.ones((1, 2), np.float32)
+        for qdt in ["float32"] + HALF:
+            p = fastqkv._problem.plan_attention(np.zeros((1, 2, 3), testing.as_dtype(qdt)), z, z,
+                                                k_scale=ones, v_scale=ones)
+            assert p.route == "stream" and _numba.supports(p) is None
 
 
 # ---------------------------------------------------------------------------
@@ -343,3 +353,166 @@ def test_sinks_half(dtype, split, forced):
     assert np.all(out[0, :, 3].astype(np.float32) == 0)
     assert np.array_equal(lse[0, :, 3], sinks.astype(np.float32))
     _check(q, k, v, mask=mask, sinks=sinks)
+
+
+# ---------------------------------------------------------------------------
+# int8 / float8 K/V: decoded in the micro-kernels, scales per chunk
+
+def _quantize(x, name, per_head=False, layout="bhld"):
+    """``(xq, scale)``: per token and head (fastqkv.quantize_kv), or one
+    scale per KV head (axis 1 in bhld, 2 in blhd)."""
+    if not per_head:
+        return fastqkv.quantize_kv(x, name, layout=layout)
+    hax = 1 if layout == "bhld" else 2
+    axes = tuple(a for a in range(x.ndim) if a != hax)
+    s = fastqkv._quant.scale_for(np.abs(x.astype(np.float64)).max(axis=axes), name)
+    return fastqkv._quant.encode(x.astype(np.float64), np.expand_dims(s, axes), name), s
+
+
+def _qcase(rng, name, B, Hq, Hkv, Lq, Lk, D, per_head=False, paged=False, **kw):
+    """A quantized case: dense (Case) or paged on 16-key blocks, every K/V
+    row and scale past ``key_lens`` poison (NaN codes or 0, NaN scales)."""
+    q, k, v = _qkv(rng, B, Hq, Hkv, Lq, Lk, D)
+    kl = kw.setdefault("key_lens", np.array([Lk] + [Lk // 2 + 3] * (B - 1)))
+    (kq, ks), (vq, vs) = (_quantize(x, name, per_head) for x in (k, v))
+    poison = np.nan if name != "int8" else 0
+    for b, n in enumerate(kl):
+        kq[b, :, n:] = poison
+        vq[b, :, n:] = poison
+        if not per_head:
+            ks[b, :, n:] = np.nan
+            vs[b, :, n:] = np.nan
+    if not paged:
+        return testing.Case(f"{name}-serving", q, kq, vq, dict(kw, k_scale=ks, v_scale=vs))
+    kc, vc, bt = testing.paged_cache(kq.astype(np.float32), vq.astype(np.float32), 16, rng, kl)
+    kc, vc = (np.nan_to_num(x, nan=poison).astype(kq.dtype) for x in (kc, vc))
+    ksc, vsc = ks, vs
+    if not per_head:                # scale caches on the table's blocks, NaN elsewhere
+        ksc, vsc = (np.full(kc.shape[:3], np.nan, np.float32) for _ in range(2))
+        for b, n in enumerate(kl):
+            for t in range(-(-int(n) // 16)):
+                rows = min(16, int(n) - 16 * t)
+                ksc[bt[b, t], :rows] = ks[b, :, 16 * t:16 * t + rows].T
+                vsc[bt[b, t], :rows] = vs[b, :, 16 * t:16 * t + rows].T
+    kw = dict(kw)
+    kw.pop("key_lens")
+    return testing.Case(f"{name}-serving-paged", q, kc, vc, dict(kw, k_scale=ksc, v_scale=vsc),
+                        fn="paged_attention", args=(bt, kl))
+
+
+@pytest.mark.parametrize("nsplit", [1, 3, 7], ids=["split1", "split3", "split7"])
+def test_quant_splits(nsplit, forced):
+    """Every format, the longest sequence cut into ``nsplit`` KV splits in
+    chunks of 12 keys, dense and paged: decode on the row path (G4), on the
+    transposed path (G8), and a windowed chunk of queries (gathered chunks)."""
+    Lk = 90
+    forced(-(-Lk // nsplit), 12)
+    rng = np.random.default_rng(60 + nsplit)
+    for name in QUANT:
+        for Hq, Lq, kw in ((8, 1, {}), (16, 1, {}), (8, 3, {"window": (20, 0)})):
+            for paged in (False, True):
+                case = _qcase(rng, name, 2, Hq, 2, Lq, Lk, 24, paged=paged, **kw)
+                testing.check_case(case, BACKEND, num_threads=2)
+
+
+def test_quant_route_reads_in_place(monkeypatch):
+    """A quantized call without score options reaches the kernel as int8/float8
+    (no dequantized copy); with one it takes the tiled kernel's copies."""
+    from fastqkv._numba import launch
+    seen = []
+    monkeypatch.setattr(launch, "_run_stream", lambda p, n: seen.append(("stream", p.k.dtype)))
+    monkeypatch.setattr(launch, "_run_general", lambda p, n: seen.append(("tile", p.k.dtype)))
+    rng = np.random.default_rng(61)
+    case = _qcase(rng, "int8", 1, 4, 2, 1, 20, 8)
+    case.call(fastqkv, backend=BACKEND)
+    case.call(fastqkv, backend=BACKEND, softcap=5.0)
+    assert seen == [("stream", np.dtype(np.int8)), ("tile", np.dtype(np.float32))]
+
+
+@pytest.mark.parametrize("name", [n for n in QUANT if n != "int8"])
+def test_quant_nan_inf_codes(name, forced):
+    """float8 NaN (e4m3fn S.1111.111) and inf (e5m2) codes in visible K and V:
+    a K code makes its score and the rows that see it NaN, a V code only its
+    column; row and transposed paths, split, dense and paged."""
+    forced(30, 12)
+    dt = testing.as_dtype(name)
+    rng = np.random.default_rng(62)
+    for Hq in (8, 16):
+        for paged in (False, True):
+            case = _qcase(rng, name, 2, Hq, 2, 1, 70, 16, paged=paged)
+            k, v = case.k, case.v
+            nan = np.array(np.nan, dt)
+            if paged:
+                bt = case.args[0]
+                k[bt[0, 1], 3, 1, 5] = nan                    # key 19 of batch 0, KV head 1
+                v[bt[1, 0], 7, 0, 2] = nan                    # key 7 of batch 1, KV head 0
+                v[bt[0, 2], 1, 0, 9] = np.array(-np.inf if name == "float8_e5m2" else np.nan, dt)
+            else:
+                k[0, 1, 19, 5] = nan
+                v[1, 0, 7, 2] = nan
+                v[0, 0, 33, 9] = np.array(-np.inf if name == "float8_e5m2" else np.nan, dt)
+            out, _ = testing.check_case(case, BACKEND, num_threads=2)
+            g = Hq // 2
+            assert np.isnan(out[0, g:]).all() and np.isfinite(out[0, :g, :, :9]).all()
+            assert np.isnan(out[1, :g, :, 2]).all() and np.isfinite(out[1, g:]).all()
+
+
+def test_quant_scale_views(forced):
+    """Scales read through their strides: one per KV head (a zero stride),
+    every other element of a larger array, a blhd layout's (B, L, Hkv)
+    scales, reversed; dense and paged."""
+    forced(0, 12)
+    rng = np.random.default_rng(63)
+    q, k, v = _qkv(rng, 2, 8, 2, 1, 50, 16)
+    kl = np.array([50, 31])
+    for name in QUANT:
+        (kq, _), (vq, _) = (_quantize(x, name, per_head=True) for x in (k, v))
+        (kt, ks), (vt, vs) = (_quantize(x, name) for x in (k, v))
+        wide = np.ones(ks.shape[:-1] + (2 * ks.shape[-1],), np.float32)
+        wide[..., ::2] = ks
+        rev = ks[:, ::-1].copy()[:, ::-1]
+        head = np.array([0.02, 0.5, 3.0, 0.07], np.float32)[::2]
+        for kw in (dict(k=kq, v=vq, k_scale=head, v_scale=head[::-1]),
+                   dict(k=kt, v=vt, k_scale=wide[..., ::2], v_scale=rev),
+                   dict(k=kt.transpose(0, 2, 1, 3), v=vt.transpose(0, 2, 1, 3), layout="blhd",
+                        k_scale=ks.transpose(0, 2, 1), v_scale=vs.transpose(0, 2, 1),
+                        q=q.transpose(0, 2, 1, 3))):
+            kw = dict(kw)
+            qq = kw.pop("q", q)
+            _check(qq, kw.pop("k"), kw.pop("v"), key_lens=kl, **kw)
+        kc, vc, bt = testing.paged_cache(k, v, 16, rng, kl)
+        kc, vc = np.nan_to_num(kc), np.nan_to_num(vc)
+        (kcq, kcs), (vcq, vcs) = (fastqkv.quantize_kv(x, name, layout="blhd") for x in (kc, vc))
+        wide = np.ones(kcs.shape + (3,), np.float32)
+        wide[..., 1] = kcs
+        _check_paged(q, kcq, vcq, bt, kl, k_scale=wide[..., 1], v_scale=vcs[::-1].copy()[::-1])
+        _check_paged(q, kcq, vcq, bt, kl, k_scale=head, v_scale=head)
+
+
+@pytest.mark.parametrize("name", QUANT)
+def test_quant_codes_exact(name):
+    """Every 8-bit code through the scalar decode and through the kernel's
+    vector P.V (one key: out = v * v_scale, exactly; NaN codes in their
+    columns only)."""
+    from numba import njit
+
+    dt = testing.as_dtype(name)
+    kind = {"int8": vec.KIND_I8, "float8_e4m3fn": vec.KIND_E4M3, "float8_e5m2": vec.KIND_E5M2}[name]
+
+    @njit
+    def codec(bits, kind, out):
+        for i in range(bits.shape[0]):
+            out[i] = vec._q8_to_f32(bits[i], kind) * vec._dec_factor(kind)
+
+    codes = np.arange(256, dtype=np.uint8)
+    want = codes.view(dt).astype(np.float32)
+    got = np.empty(256, np.float32)
+    codec(codes, kind, got)
+    assert np.array_equal(got, want, equal_nan=True)
+    assert np.array_equal(np.signbit(got[~np.isnan(got)]), np.signbit(want[~np.isnan(want)]))
+    q = np.ones((1, 4, 1, 256), np.float32)
+    kv = codes.view(dt).reshape(1, 1, 1, 256)
+    s = np.full((1, 1, 1), 0.75, np.float32)
+    out = fastqkv.attention(q, np.zeros_like(kv), kv, k_scale=s, v_scale=s, backend=BACKEND)
+    with np.errstate(invalid="ignore"):
+        assert np.array_equal(out[0, :, 0], np.broadcast_to(want * np.float32(0.75), (4, 256)), equal_nan=True)

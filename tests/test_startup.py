@@ -96,15 +96,26 @@ def test_every_quick_case_is_run_or_skipped_in_one_line_on_a_bare_install():
     assert "bfloat16-decode-2k: skipped, bfloat16 needs ml_dtypes (pip install ml_dtypes)" in lines
 
 
-def test_bench_announces_numba_compilation_once(capsys, monkeypatch):
-    from fastqkv import _bench, _numba, cli
-    monkeypatch.setattr(_numba, "cache_status",
-                        lambda: {"warm": False, "signatures": "0 of 6", "dir": "/cache"})
-    case = _bench.shape_classes("tiny")[0].name
+def test_bench_compiles_what_it_needs_first_and_says_so_once(capsys, monkeypatch):
+    from fastqkv import _bench, cli
+    from fastqkv._numba import precompile
+    compiled = []
+
+    def fake_precompile(keys, processes, log):
+        compiled.extend(keys)
+        for key in keys:
+            log(f"  numba: {precompile.describe(key)} compiled in 0 s")
+
+    monkeypatch.setattr(precompile, "missing", lambda keys: (sorted(keys), "/cache"))
+    monkeypatch.setattr(precompile, "precompile", fake_precompile)
+    case = _bench.shape_classes("tiny")[0]
     code = cli.main(["bench", "--tiny", "--no-progress", "--no-peers", "--backend", "numba",
-                     "--backend", "numpy", "--case", case])
+                     "--backend", "numpy", "--case", case.name])
     out = capsys.readouterr().out
     assert code == 0, out
     lines = [line for line in out.splitlines() if "this happens once" in line]
-    assert len(lines) == 1 and lines[0].startswith("numba: compiling"), out
-    assert out.index(lines[0]) < out.index(f"[1/1] {case}")
+    assert len(lines) == 1 and lines[0].startswith("numba: compiling the 1 kernels"), out
+    assert "/cache" in lines[0]
+    # before the machine is measured: nothing timed shares the machine with a compiler
+    assert out.index(lines[0]) < out.index("machine:") < out.index(f"[1/1] {case.name}")
+    assert compiled == [("tile", "float32")]

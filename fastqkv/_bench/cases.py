@@ -20,8 +20,10 @@ import numpy as np
 SIZES = ("full", "quick", "tiny")
 SELECTIONS = SIZES + ("c-peers", "numba-peers")
 
-# bytes per element of the benchmark dtypes (bfloat16 without importing ml_dtypes)
-ITEMSIZE = {"float32": 4, "float64": 8, "float16": 2, "bfloat16": 2}
+# bytes per element of the benchmark dtypes (bfloat16 and float8 without
+# importing ml_dtypes)
+ITEMSIZE = {"float32": 4, "float64": 8, "float16": 2, "bfloat16": 2, "int8": 1,
+            "float8_e4m3fn": 1, "float8_e5m2": 1}
 
 
 class Skip(Exception):
@@ -32,7 +34,9 @@ class Skip(Exception):
 class BenchCase:
     """One benchmark shape.  ``ragged`` is None, ``"key_lens"`` (per-sequence
     KV length) or ``"padding"`` (boolean key-padding mask); sequence ``b``
-    then has ``Lk - b * Lk // (2 * B)`` keys."""
+    then has ``Lk - b * Lk // (2 * B)`` keys.  ``kv`` names a quantized K/V
+    dtype (int8, float8_e4m3fn, float8_e5m2; float32 scales per token and
+    head) read with q and out of ``dtype``; None: K/V of ``dtype``."""
     name: str
     kind: str
     B: int
@@ -44,6 +48,7 @@ class BenchCase:
     causal: bool = True
     dtype: str = "float32"
     ragged: str | None = None
+    kv: str | None = None
 
     @property
     def bound(self):
@@ -72,14 +77,18 @@ class BenchCase:
         return 4.0 * self.Hq * self.visible_pairs() * self.D
 
     def kv_bytes(self):
-        """Bytes of K and V that must be read (visible keys only)."""
-        return float(sum(self.lengths()) * self.Hkv * 2 * self.D * ITEMSIZE[self.dtype])
+        """Bytes of K and V (and their scales) that must be read (visible keys only)."""
+        if self.kv is None:
+            return float(sum(self.lengths()) * self.Hkv * 2 * self.D * ITEMSIZE[self.dtype])
+        return float(sum(self.lengths()) * self.Hkv * 2 * (self.D * ITEMSIZE[self.kv] + 4))
 
     def describe(self):
         s = f"B{self.B} Hq{self.Hq}"
         if self.Hkv != self.Hq:
             s += f" Hkv{self.Hkv}"
         s += f" Lq{self.Lq} Lk{self.Lk} D{self.D} {self.dtype}"
+        if self.kv is not None:
+            s += f" {self.kv} KV"
         if self.causal:
             s += " causal"
         if self.ragged == "key_lens":
@@ -114,6 +123,7 @@ def _cases():
         (quick, C("float64-prefill-L256", "prefill", 1, 8, 8, 256, 256, 128, dtype="float64")),
         (quick, C("float16-decode-2k", "decode", 2, 32, 8, 1, 2048, 128, dtype="float16", ragged="key_lens")),
         (quick, C("bfloat16-decode-2k", "decode", 2, 32, 8, 1, 2048, 128, dtype="bfloat16", ragged="key_lens")),
+        (quick, C("int8-decode-2k", "decode", 2, 32, 8, 1, 2048, 128, ragged="key_lens", kv="int8")),
 
         ({"c-peers"}, C("prefill-mha-32h-L1024", "prefill", 1, 32, 32, 1024, 1024, 128)),
         (full | {"numba-peers"}, C("prefill-mha-L1024", "prefill", 1, 16, 16, 1024, 1024, 128)),
@@ -130,6 +140,19 @@ def _cases():
         (both, C("float64-prefill-L512-D64", "prefill", 1, 8, 8, 512, 512, 64, dtype="float64")),
         (full, C("float16-decode-4k", "decode", 4, 32, 8, 1, 4096, 128, dtype="float16", ragged="key_lens")),
         (full, C("bfloat16-decode-4k", "decode", 4, 32, 8, 1, 4096, 128, dtype="bfloat16", ragged="key_lens")),
+        # quantized K/V beside the float32 (decode-gqa-4k, chunked-prefill-128x4k) and bfloat16 shapes
+        (full, C("bfloat16-decode-gqa-4k", "decode", 8, 32, 8, 1, 4096, 128, dtype="bfloat16",
+                 ragged="key_lens")),
+        (full, C("int8-decode-gqa-4k", "decode", 8, 32, 8, 1, 4096, 128, ragged="key_lens", kv="int8")),
+        (full, C("float8_e4m3fn-decode-gqa-4k", "decode", 8, 32, 8, 1, 4096, 128, ragged="key_lens",
+                 kv="float8_e4m3fn")),
+        (full, C("float8_e5m2-decode-gqa-4k", "decode", 8, 32, 8, 1, 4096, 128, ragged="key_lens",
+                 kv="float8_e5m2")),
+        (full, C("bfloat16-chunked-prefill-128x4k", "chunked", 1, 32, 8, 128, 4096, 128,
+                 dtype="bfloat16")),
+        (full, C("int8-chunked-prefill-128x4k", "chunked", 1, 32, 8, 128, 4096, 128, kv="int8")),
+        (full, C("float8_e4m3fn-chunked-prefill-128x4k", "chunked", 1, 32, 8, 128, 4096, 128,
+                 kv="float8_e4m3fn")),
         # the scripts' decode tables: full caches, each dtype and paged from this shape
         (both, C("decode-B8-4k", "decode", 8, 32, 8, 1, 4096, 128, causal=False)),
         (both, C("decode-B1-32k", "decode", 1, 32, 8, 1, 32768, 128, causal=False)),

@@ -47,9 +47,15 @@ def check(inp, got):
         kw = dict(inp.kwargs)
         q = inp.q[:, qh, rows]
         k, v = inp.k[:, kvh], inp.v[:, kvh]
+        for name in ("k_scale", "v_scale"):
+            if name in kw:
+                kw[name] = kw[name][:, kvh]
         if "mask" in kw and kw["mask"].shape[2] != 1:
             kw["mask"] = kw["mask"][:, :, rows]
         ref = reference.attention(q, k, v, **kw)
+        if "k_scale" in kw:
+            k = k.astype(np.float64) * kw["k_scale"][..., None]
+            v = v.astype(np.float64) * kw["v_scale"][..., None]
         cond = testing.condition_number(q, k, 1.0 / math.sqrt(inp.case.D))
         vmax = max(1.0, float(np.abs(v.astype(np.float64)).max()))
         inp.oracle = (qh, rows, ref, cond, vmax)

@@ -4,9 +4,13 @@ Contract: :func:`add_arguments` declares the options on an argparse parser;
 :func:`main` runs the selected cases over the selected runners and returns
 the exit status: 0, 1 when a fastqkv backend disagrees with the oracle (a
 peer's mismatch is reported but does not fail the run), 2 for bad arguments
-or an output file that cannot be written.  Each case is warmed up and
-checked against the oracle before it is timed; a runner or case that cannot
-run is skipped with one line, through :func:`_skip` only.
+or an output file that cannot be written.  A run first compiles the Numba
+kernels its runners need and the disk cache lacks (:func:`compile_numba`,
+before anything is timed), then measures the machine, times the call classes
+of its cases that auto has no measured order for (:func:`untuned_classes`)
+and the cases.  Each case is warmed up and checked against the oracle before
+it is timed; a runner or case that cannot run is skipped with one line,
+through :func:`_skip` only.
 """
 
 from __future__ import annotations
@@ -20,20 +24,21 @@ from dataclasses import asdict
 
 from .. import _dispatch, _tune
 from .cases import Skip, shape_classes
-from .checks import check
+from .checks import check, plan
 from .inputs import make_inputs
-from .machine import PROBE_MIB, cpu_name, measure_machine, read_bandwidth, versions
+from .machine import PROBE_MIB, cpu_name, measure_machine, read_bandwidth, read_probe, versions
 from .peers import PEERS, missing_module
 from .report import Progress, format_table, write_json, write_plot
 from .runners import check_numpy_cost, fastqkv_names, prepare, resolve
 from .timing import Timer, take_turns
 
-# pause before each runner's block of samples (see run_case)
-_SETTLE_S = {"full": 0.3, "quick": 0.1, "tiny": 0.0}
-_PLAN = {  # repeats, seconds of samples per runner, target seconds per sample, cap per runner
-    "full": (7, 1.0, 0.02, 6.0),
-    "quick": (3, 0.15, 0.01, 1.0),
-    "tiny": (2, 0.0, 0.001, 0.05),
+# most seconds of the settling pause before each runner's block of samples (see run_case)
+_SETTLE_S = {"full": 0.3, "quick": 0.2, "tiny": 0.0}
+_PLAN = {  # repeats, seconds of samples per runner, target seconds per sample, cap per runner,
+    #         spread (of the median) under which sampling stops before the seconds are spent
+    "full": (7, 1.0, 0.02, 6.0, 0.0),
+    "quick": (3, 0.15, 0.01, 1.0, 0.01),
+    "tiny": (2, 0.0, 0.001, 0.05, 0.0),
 }
 
 
@@ -56,9 +61,9 @@ def add_arguments(p):
 
 def time_runner(t, size, repeats=None, frac=1.0):
     """Sample one warmed-up timer until it has ``frac`` of its ``repeats``
-    samples and of its time budget."""
-    rep, budget, _, cap = _PLAN[size]
-    t.run(math.ceil((repeats or rep) * frac), budget * frac, cap * frac, most=50)
+    samples and of its time budget, or, in ``--quick``, a small spread."""
+    rep, budget, _, cap, steady = _PLAN[size]
+    t.run(math.ceil((repeats or rep) * frac), budget * frac, cap * frac, most=50, steady=steady)
 
 
 def _skip(res, runner, reason, progress, failed=False):
@@ -69,25 +74,8 @@ def _skip(res, runner, reason, progress, failed=False):
     progress.log(f"{res['name']}: {what}, {reason}")
 
 
-def numba_compile_notice(names):
-    """The line announcing Numba's compilation when a runner in ``names`` may
-    call the numba backend and its disk cache lacks kernels; else None."""
-    if "numba" not in names:
-        return None
-    from .._numba import cache_status
-    st = cache_status()
-    if st["warm"]:
-        return None
-    return (f"numba: compiling the attention kernels for each dtype at its first call "
-            f"({st['signatures']} signatures cached); this happens once, the code is cached on disk "
-            f"({st['dir'] or 'Numba cache'})")
-
-
-def run_case(case, names, threads, size, progress, repeats=None, compiling=None):
-    """Time every runner on one case and check it against the oracle.
-    ``compiling``: a one-element list holding the notice of
-    :func:`numba_compile_notice`, logged (and emptied) before the first
-    runner that may compile."""
+def run_case(case, names, threads, size, progress, repeats=None):
+    """Time every runner on one case and check it against the oracle."""
     res = {"case": asdict(case), "name": case.name, "describe": case.describe(), "bound": case.bound,
            "flops": case.flops(), "kv_bytes": case.kv_bytes(), "results": [], "skipped": []}
     try:
@@ -97,10 +85,7 @@ def run_case(case, names, threads, size, progress, repeats=None, compiling=None)
         return res
     timers, meta = [], {}
     for name in names:
-        if compiling and name in ("auto", "numba"):
-            progress.log(compiling.pop())
-        cold = compiling is not None and name in ("auto", "numba")
-        progress.stage(f"{case.name}: {name} (warm-up, check{'; Numba compiles once' if cold else ''})")
+        progress.stage(f"{case.name}: {name} (warm-up, check)")
         try:
             if name == "numpy":
                 check_numpy_cost(case, size)
@@ -182,6 +167,69 @@ def _auto_verdict(inp, res, timers, size, progress):
     return out
 
 
+def case_plans(cases):
+    """``{case name: planned Problem}`` of the cases whose inputs can be made
+    here, planned on uninitialised arrays."""
+    out = {}
+    for case in cases:
+        try:
+            out[case.name] = plan(make_inputs(case, fill=False))
+        except Skip:
+            continue
+    return out
+
+
+def untuned_classes(plans, threads, quick=False):
+    """Names of the call classes of ``plans`` that auto has no measured
+    order for at ``threads`` threads and ``fastqkv tune`` can measure
+    (``quick``: below the size ``_tune.QUICK_SIZES``), sorted."""
+    measured = {_tune.class_name(c) for c in _tune.table(threads) or {}}
+    tunable = {r[0] for r in _tune.representatives()}
+    wanted = {_tune.class_name(c) for c in map(_tune.call_class, plans.values())
+              if not quick or c[2] < _tune.QUICK_SIZES}
+    return sorted(wanted & tunable - measured)
+
+
+def numba_kernels(plans, names, untuned):
+    """The Numba kernels the runners ``names`` need for ``plans``: each
+    case's under the numba runner; under auto, where its class is about to
+    be tuned (``untuned``: the tune times numba on a call of the class, which
+    runs on the same kernel) or auto picks numba."""
+    if not _dispatch.backends()["numba"].available or not {"numba", "auto"} & set(names):
+        return set()
+    from .._numba import precompile
+    keys = set()
+    for p in plans.values():
+        if ("numba" in names or _tune.class_name(_tune.call_class(p)) in untuned
+                or _auto_choice(p) == "numba"):
+            keys.add(precompile.kernel(p))
+    return keys
+
+
+def _auto_choice(p):
+    try:
+        return _dispatch.resolve("auto", p)[1]
+    except (ValueError, RuntimeError):
+        return None
+
+
+def compile_numba(keys, log):
+    """Compile the Numba kernels of ``keys`` that the disk cache lacks, in
+    parallel processes, before anything is timed, saying what and that it
+    happens once."""
+    from .._numba import precompile
+    todo, where = precompile.missing(keys)
+    if not todo:
+        return
+    processes = precompile.parallelism(todo, _dispatch.available_cpus())
+    log(f"numba: compiling the {len(todo)} kernels this run needs ({', '.join(map(precompile.describe, todo))})"
+        f"{f' in {processes} processes' if processes > 1 else ''}; this happens once, the code is cached "
+        f"on disk ({where or 'Numba cache'})")
+    t0 = time.perf_counter()
+    precompile.precompile(todo, _dispatch.available_cpus(), log)
+    log(f"  compiled in {time.perf_counter() - t0:.0f} s")
+
+
 def main(args):
     size = "tiny" if args.tiny else "quick" if args.quick else "full"
     threads = args.threads or _dispatch.get_num_threads()
@@ -225,22 +273,32 @@ def _run(args, size, threads, names, cases):
         if module is not None:
             print(f"peer {peer} skipped: {module} is not installed (pip install {module})")
             names.remove(peer)
-    machine.update(measure_machine(threads, size))
+    plans = case_plans(cases)
+    untuned = (untuned_classes(plans, threads, quick=size == "quick")
+               if "auto" in names and size != "tiny" and not args.no_tune else [])
+    compile_numba(numba_kernels(plans, names, untuned), print)
+    probe = read_probe(PROBE_MIB[size] << 20, threads)
+    try:
+        return _measure(args, size, threads, names, cases, machine, untuned, probe)
+    finally:
+        if probe[3] is not None:
+            probe[3].shutdown()
+
+
+def _measure(args, size, threads, names, cases, machine, untuned, probe):
+    """The machine probes, the tuning auto lacks, the cases and the report."""
+    machine.update(measure_machine(threads, size, probe))
     print(f"machine: {machine['cpu']}, {threads} threads")
     print(f"  sgemm {machine['sgemm_gflops']:.1f} GFLOP/s (best {machine['sgemm_gflops_best']:.1f}; "
           f"{machine['sgemm_method']}); dgemm {machine['dgemm_gflops']:.1f} GFLOP/s")
     print(f"  read bandwidth {machine['bandwidth_gbs']:.1f} GB/s (best {machine['bandwidth_gbs_best']:.1f}; "
           f"{machine['bandwidth_method']})")
-    if "auto" in names and size != "tiny" and not args.no_tune and _tune.table(threads) is None:
-        print(f"auto has no measured table for this machine at {threads} threads: "
-              f"running `fastqkv tune{' --quick' if size == 'quick' else ''}` once "
-              f"(written to {_tune.tune_file()})")
+    if untuned:
+        print(f"auto has no measured order for {len(untuned)} call classes of these cases at {threads} "
+              f"threads: timing them once (`fastqkv tune` for these classes, written to {_tune.tune_file()})")
         t_tune = time.perf_counter()
-        entry = _tune.tune(threads=threads, quick=size == "quick",
-                           progress=lambda line: print(f"  tune {line}", flush=True))
-        print(f"  tuned {len(entry['order'])} call classes in {time.perf_counter() - t_tune:.0f} s")
-    notice = numba_compile_notice(names)
-    compiling = None if notice is None else [notice]
+        _tune.tune(threads=threads, only=untuned, progress=lambda line: print(f"  tune {line}", flush=True))
+        print(f"  tuned {len(untuned)} call classes in {time.perf_counter() - t_tune:.0f} s")
     want_bar = not args.no_progress and sys.stdout.isatty()
     progress = Progress(len(cases), want_bar)
     results = []
@@ -250,9 +308,9 @@ def _run(args, size, threads, names, cases):
             if case.bound == "memory":
                 # the read bandwidth of a shared machine drifts: probe it again
                 # next to every memory-bound case; the best run of all is the roofline
-                best, _med, _how = read_bandwidth(PROBE_MIB[size] << 20, threads, 3)
+                best, _med, _how = read_bandwidth(0, threads, 3, probe)
                 machine["bandwidth_gbs_best"] = max(machine["bandwidth_gbs_best"], best)
-            results.append(run_case(case, names, threads, size, progress, args.repeat, compiling))
+            results.append(run_case(case, names, threads, size, progress, args.repeat))
     finally:
         progress.close()
     if any(c.bound == "memory" for c in cases):

@@ -1,9 +1,11 @@
 """Arrays for a benchmark case.
 
 Contract: :func:`make_inputs` turns a :class:`~.cases.BenchCase` into seeded
-random ``q, k, v`` in fastqkv's ``bhld`` layout plus the keyword options that
-express the case (``causal``, ``key_lens`` or a key-padding ``mask``); it
-raises :class:`~.cases.Skip` when the case's dtype cannot be created here.
+random ``q, k, v`` (or, for planning, uninitialised ones) in fastqkv's
+``bhld`` layout plus the keyword options that express the case (``causal``,
+``key_lens`` or a key-padding ``mask``; ``k_scale``/``v_scale`` with K/V
+quantized by :func:`fastqkv.quantize_kv` for a case with ``kv``); it raises
+:class:`~.cases.Skip` when the case's dtypes cannot be created here.
 :func:`paged_copy` lays dense K/V out as a shuffled paged cache.  Nothing here
 times or checks anything.
 """
@@ -28,19 +30,30 @@ class Inputs:
     oracle: tuple | None = None      # (q heads, rows, reference out, cond, vmax), see checks.check
 
 
-def make_inputs(case, seed=0):
-    """Random inputs for ``case`` (raises :class:`~.cases.Skip` when its dtype
-    cannot be created here)."""
+def make_inputs(case, seed=0, fill=True):
+    """Random inputs for ``case`` (``fill`` false: q, k and v uninitialised,
+    for planning only); raises :class:`~.cases.Skip` when its dtype cannot
+    be created here."""
     dt = np_dtype(case.dtype)
     rng = np.random.default_rng(seed)
 
     def arr(*shape):
+        if not fill:
+            return np.empty(shape, dt)
         return rng.standard_normal(shape, dtype=np.float32).astype(dt)
 
     q = arr(case.B, case.Hq, case.Lq, case.D)
     k = arr(case.B, case.Hkv, case.Lk, case.D)
     v = arr(case.B, case.Hkv, case.Lk, case.D)
     kw = {"causal": case.causal}
+    if case.kv is not None:
+        kvt = np_dtype(case.kv)                   # Skip without ml_dtypes
+        if fill:
+            from .._quant import quantize_kv
+            (k, kw["k_scale"]), (v, kw["v_scale"]) = (quantize_kv(x, case.kv) for x in (k, v))
+        else:
+            k, v = k.astype(kvt), v.astype(kvt)
+            kw["k_scale"] = kw["v_scale"] = np.ones(k.shape[:-1], np.float32)
     lens = np.array(case.lengths(), np.int64)
     if case.ragged == "key_lens":
         kw["key_lens"] = lens

@@ -79,12 +79,13 @@ def read_probe(nbytes, threads):
     return read, a, how, ex
 
 
-def read_bandwidth(nbytes, threads, runs):
+def read_bandwidth(nbytes, threads, runs, probe=None):
     """Read bandwidth (best, median GB/s) of :func:`read_probe`, and how it
-    was measured."""
-    read, a, how, ex = read_probe(nbytes, threads)
+    was measured.  ``probe``: a :func:`read_probe` made before (its array is
+    not allocated again; its owner shuts its pool down)."""
+    read, a, how, ex = probe or read_probe(nbytes, threads)
     with contextlib.ExitStack() as stack:
-        if ex is not None:
+        if ex is not None and probe is None:
             stack.enter_context(ex)
         read()
         ts = []
@@ -95,9 +96,10 @@ def read_bandwidth(nbytes, threads, runs):
     return a.nbytes / min(ts) / 1e9, a.nbytes / statistics.median(ts) / 1e9, how
 
 
-def measure_machine(threads, size="full"):
+def measure_machine(threads, size="full", probe=None):
     """sgemm/dgemm GFLOP/s (numpy matmul) and read bandwidth (a float32 sum on
-    ``threads`` threads): ``{name: value}`` plus how each was measured."""
+    ``threads`` threads; ``probe`` as for :func:`read_bandwidth`):
+    ``{name: value}`` plus how each was measured."""
     n = {"full": 2048, "quick": 1024, "tiny": 256}[size]
     mib = PROBE_MIB[size]
     runs = 5 if size != "tiny" else 2
@@ -108,7 +110,7 @@ def measure_machine(threads, size="full"):
     finally:
         if lim is not None:
             lim.restore_original_limits()
-    bw_best, bw_med, bw_how = read_bandwidth(mib << 20, threads, runs)
+    bw_best, bw_med, bw_how = read_bandwidth(mib << 20, threads, runs, probe)
     blas = f"{threads} BLAS threads (threadpoolctl)" if lim is not None else \
         "BLAS default threads (threadpoolctl not installed)"
     return {

@@ -73,6 +73,8 @@ def _prepare_fastqkv(name, inp, threads):
 def prepare(name, inp, threads):
     """``(call, fetch, note)`` for runner ``name`` (a fastqkv backend, ``"auto"``,
     ``"torch"`` or ``"ort"``); raises :class:`~.cases.Skip` with the reason."""
+    if name in ("torch", "ort") and inp.case.kv is not None:
+        raise Skip(f"takes no {inp.case.kv} K/V cache")
     if name == "torch":
         return prepare_torch(inp, threads)
     if name == "ort":

@@ -16,7 +16,8 @@ vocabulary), ``softmax`` (exp, score options, the online-softmax step),
 ``call`` (flag bits, workspace carving, the named tuples handed to work
 items), ``prefill`` (the tiled kernel), ``stream`` (the streaming kernel),
 ``launch`` (signatures, driver cache, workspace, the call on the planner's
-route).
+route), ``precompile`` (compiling the kernels a run needs ahead of their
+first call, in parallel processes).
 
 Backend interface (see :mod:`fastqkv._dispatch`): :func:`probe`,
 :func:`supports`, :func:`run`; plus :func:`warmup` and :func:`cache_status`
@@ -32,10 +33,12 @@ from .._validate import FLOAT_DTYPES, storage_name
 
 __all__ = ["probe", "supports", "run", "warmup", "cache_status", "FEATURES"]
 
-# paged problems (Problem.block_table) are run on the caches in place
-FEATURES = frozenset({"paged"})
+# paged problems (Problem.block_table) are run on the caches in place;
+# int8/float8 K/V with their scales (Problem.k_scale) are read as they are
+# on the streaming route (the tiled one gets dequantized copies)
+FEATURES = frozenset({"paged", "quant"})
 
-# every storage dtype (by name); float16/bfloat16 read at half width
+# every storage dtype of q (by name); float16/bfloat16 read at half width
 _SUPPORTED = FLOAT_DTYPES
 
 
@@ -72,7 +75,8 @@ def _cache_hint():
 
 
 def supports(problem):
-    """None, or why this call cannot run on the numba backend."""
+    """None, or why this call cannot run on the numba backend (quantized
+    K/V: q's dtype is the one that counts)."""
     if storage_name(problem.dtype) not in _SUPPORTED:
         return (f"dtype {problem.dtype} is not supported by the numba backend "
                 "(float16, bfloat16, float32 and float64 only)")
@@ -135,9 +139,9 @@ def run(problem, num_threads):
 
 def warmup():
     """Compile (or load from the disk cache) the kernels: the tiled kernel
-    for float32 and float64, the streaming (decode / paged / 16-bit) kernel
-    for float32, float64 and 16-bit storage; one signature per dtype serves
-    every option.  Returns :func:`cache_status`."""
+    for float32 and float64, the streaming (decode / paged / 16-bit /
+    quantized) kernel for float32, float64, 16-bit and 8-bit storage; one
+    signature per dtype serves every option.  Returns :func:`cache_status`."""
     return _launch().warmup()
 
 

@@ -99,11 +99,13 @@ class PackedKV(NamedTuple):
 class StreamCall(NamedTuple):
     """A streaming-kernel call, as its work items read it."""
 
-    q: object           #: (B, Hq, Lq, D) queries (16-bit storage: uint16 bits)
+    q: object           #: (B, Hq, Lq, D) queries (16-bit storage: uint16 bits; quantized K/V: float32)
     k: object           #: (B, Hkv, Lk, D) keys, or the paged cache (blocks, block size, Hkv, D)
     v: object           #: values, as k
     key_lens: object    #: (B,) int64 keys of each batch (paged, or HAS_KEY_LENS), else a dummy
     bt: object          #: (B, blocks per sequence) block table when paged, else a dummy
+    kscale: object      #: quantized K: (B, Hkv, Lk) scales, paged (blocks, block size, Hkv); else a dummy
+    vscale: object      #: quantized V: the scales of v, as kscale
     sc: float           #: scale of the scores
     wl: int             #: window: keys up to wl before the aligned position (-1: unbounded)
     wr: int             #: window: keys up to wr after it (-1: unbounded; causal is 0)
@@ -128,6 +130,8 @@ class StreamScratch(NamedTuple):
     alpha: object       #: (hpi, R) exp(m_old - m_new) of the last chunk
     mx: object          #: (R,) the transposed softmax's row maxima
     tab: object         #: (4*sktp,) int64 row byte offsets: K rows at 0, V rows at 2*sktp
+    ksc: object         #: (hpi, sktp) quantized K: the scales of a chunk's keys (times vec._dec_factor)
+    vsc: object         #: (hpi, sktp) quantized V: the same for its values
 
 
 class Partials(NamedTuple):

@@ -2,14 +2,19 @@
 
 Contract: :func:`run` fills ``p.out`` (and ``p.lse``) for a Problem
 prepared by :func:`fastqkv._problem.prepare`, on the kernel its ``route``
-names (``"stream"``: decode, paged caches and 16-bit storage without score
-options; ``"tile"``: the tiled kernel, dense float32/float64).  Importing
+names (``"stream"``: decode, paged caches, 16-bit storage and quantized
+K/V without score options; ``"tile"``: the tiled kernel, dense
+float32/float64).  Importing
 this module imports numba; :mod:`fastqkv._numba` imports it on first use
 only.
 
 * Drivers: one signature per dtype (:data:`SIGNATURES`,
-  :data:`STREAM_SIGNATURES`), compiled or loaded from Numba's disk cache on
-  first use by :func:`driver` / :func:`stream_driver`.
+  :data:`STREAM_SIGNATURES`: float32, float64, 16-bit storage as uint16
+  bits, and int8 / float8 K/V as uint8 bits under float32 queries),
+  compiled or loaded from Numba's disk cache on first use by
+  :func:`driver` / :func:`stream_driver`.  Each signature is a kernel of
+  :data:`KERNELS`, named ``(route, dtype name)``: :func:`kernel` is the one
+  a Problem runs on, :func:`cached_kernels` those on disk.
 * Workspace: per Python thread, grown on demand and kept between calls
   (:func:`_workspace`), so a steady loop allocates nothing.
 * Threads: no more than work items, none woken for tiny calls
@@ -34,10 +39,10 @@ from . import tuning
 from .call import HAS_ALIBI, HAS_BIAS, HAS_KEY_LENS, HAS_LSE, HAS_MASK, HAS_SINKS, PAGED
 from .prefill import _attention_py, _layout
 from .stream import _chunk_room, _stream_layout, _stream_py
-from .vec import KIND_BF16, KIND_F16, KIND_FLOAT
+from .vec import KIND_BF16, KIND_E4M3, KIND_E5M2, KIND_F16, KIND_FLOAT, KIND_I8
 
-__all__ = ["driver", "stream_driver", "run", "warmup", "cache_status",
-           "release_workspace", "SIGNATURES", "STREAM_SIGNATURES"]
+__all__ = ["driver", "stream_driver", "run", "warmup", "cache_status", "kernel", "compile_kernel",
+           "cached_kernels", "release_workspace", "SIGNATURES", "STREAM_SIGNATURES", "KERNELS"]
 
 # > 0: keys per split of every streaming call (tests)
 FORCE_SPLIT = 0
@@ -62,14 +67,18 @@ SIGNATURES = {np.dtype(np.float32): _signature(types.float32),
 
 
 def _stream_signature(st):
+    """K/V storage ``st``; q and out have it too, except under 8-bit K/V
+    (uint8 bits: int8 or float8), whose q and out are float32."""
     def arr(dtype, ndim, readonly):
         return types.Array(dtype, ndim, "A", readonly=readonly)
     acc = types.float64 if st == types.float64 else types.float32
+    qt = acc if st == types.uint8 else st
     i64 = types.int64
     return types.void(
-        arr(st, 4, True), arr(st, 4, True), arr(st, 4, True),      # q, k, v (or the caches)
-        arr(st, 4, False), arr(acc, 3, False),                     # out, lse
+        arr(qt, 4, True), arr(st, 4, True), arr(st, 4, True),      # q, k, v (or the caches)
+        arr(qt, 4, False), arr(acc, 3, False),                     # out, lse
         arr(i64, 1, True), arr(i64, 2, True), arr(acc, 1, True),   # key_lens, block_table, sinks
+        arr(acc, 3, True), arr(acc, 3, True),                      # k_scale, v_scale (8-bit K/V)
         acc, i64, i64, i64, i64,                                   # scale, wl, wr, flags, kind
         i64, i64, i64, i64, i64,                                   # qt, skt, hpi, split, nthreads
         types.Array(acc, 1, "C"), types.Array(i64, 1, "C"))        # workspace, queue
@@ -77,7 +86,8 @@ def _stream_signature(st):
 
 STREAM_SIGNATURES = {np.dtype(np.float32): _stream_signature(types.float32),
                      np.dtype(np.float64): _stream_signature(types.float64),
-                     np.dtype(np.uint16): _stream_signature(types.uint16)}
+                     np.dtype(np.uint16): _stream_signature(types.uint16),
+                     np.dtype(np.uint8): _stream_signature(types.uint8)}
 
 
 # (driver, dtype) -> compiled dispatcher
@@ -107,8 +117,9 @@ def driver(dtype):
 
 
 def stream_driver(dtype):
-    """The compiled streaming driver for float32, float64 or 16-bit (uint16
-    bits) storage; compiled or loaded from the disk cache on first use."""
+    """The compiled streaming driver for float32, float64, 16-bit (uint16
+    bits) or 8-bit (uint8 bits) storage; compiled or loaded from the disk
+    cache on first use."""
     return _compile(_stream_py, STREAM_SIGNATURES, np.dtype(dtype))
 
 
@@ -131,6 +142,7 @@ def _dummies(dt):
             key_lens=np.zeros(1, np.int64),
             alibi=np.zeros((1, 1), dt),
             sinks=np.zeros(1, dt),
+            scale=np.zeros((1, 1, 1), dt),
         )
         _DUMMIES[dt] = d
     return d
@@ -269,12 +281,22 @@ def _threads_for(num_threads, items, work):
 # ---------------------------------------------------------------------------
 # the call
 
-# storage dtype name -> the kernels' element codec (vec.KIND_*)
-_KINDS = {"float16": KIND_F16, "bfloat16": KIND_BF16}
+# storage dtype name -> the kernels' element codec (vec.KIND_*); the
+# 8-bit ones read as uint8 bits
+_KINDS = {"float16": KIND_F16, "bfloat16": KIND_BF16,
+          "int8": KIND_I8, "float8_e4m3fn": KIND_E4M3, "float8_e5m2": KIND_E5M2}
+_BITS = {2: np.dtype(np.uint16), 1: np.dtype(np.uint8)}
 
 
-def _half_kind(dt):
+def _kind(dt):
     return _KINDS.get(storage_name(dt), KIND_FLOAT)
+
+
+def _stream_storage(dt, kind):
+    """The dtype of the streaming signature that reads K/V storage ``dt`` of
+    element codec ``kind``: 16-bit floats by their uint16 bits, int8 and
+    float8 by their uint8 bits."""
+    return _BITS[dt.itemsize] if kind != KIND_FLOAT else dt
 
 
 def run(p, num_threads):
@@ -323,8 +345,9 @@ def split_keys(p, num_threads, qt, skt, hpi=1):
 
 def _run_stream(p, num_threads):
     dt = np.dtype(p.dtype)
-    kind = _half_kind(dt)
-    st = np.dtype(np.uint16) if kind != KIND_FLOAT else dt
+    kv = np.dtype(p.k.dtype)
+    kind = _kind(kv)
+    st = _stream_storage(kv, kind)
     acc = np.dtype(p.acc_dtype)
     fn = stream_driver(st)
     dm = _dummies(acc)
@@ -334,7 +357,11 @@ def _run_stream(p, num_threads):
         tmp = np.empty(out.shape, dt)
         out = tmp
     if kind != KIND_FLOAT:
-        q, k, v, out = (x.view(np.uint16) for x in (q, k, v, out))
+        k, v = k.view(st), v.view(st)
+        if p.k_scale is None:   # 16-bit storage: q and out too
+            q, out = q.view(st), out.view(st)
+    k_scale = dm["scale"] if p.k_scale is None else p.k_scale
+    v_scale = dm["scale"] if p.v_scale is None else p.v_scale
     flags = 0
     lse = dm["lse"]
     if p.lse is not None:
@@ -367,8 +394,8 @@ def _run_stream(p, num_threads):
     n = _threads_for(num_threads, items, work)
     part, per = _stream_layout.py_func(p.B, p.Hq, p.Lq, g, p.D, p.Dv, qt, skt, hpi, max(ns))
     ws, _, queue = _workspace(acc, part + n * per, 0, 4 + p.B + n * 4 * _chunk_room(skt))
-    _call_threads(n, fn, q, k, v, out, lse, key_lens, bt, sinks, acc.type(p.scale), int(p.window_left),
-                  int(p.window_right), flags, kind, qt, skt, hpi, split, n, ws, queue)
+    _call_threads(n, fn, q, k, v, out, lse, key_lens, bt, sinks, k_scale, v_scale, acc.type(p.scale),
+                  int(p.window_left), int(p.window_right), flags, kind, qt, skt, hpi, split, n, ws, queue)
     if tmp is not None:
         p.out[...] = tmp
 
@@ -416,26 +443,58 @@ def _run_general(p, num_threads):
 
 def warmup():
     """Compile (or load from the disk cache) every signature; returns :func:`cache_status`."""
-    for dt in SIGNATURES:
-        driver(dt)
-    for dt in STREAM_SIGNATURES:
-        stream_driver(dt)
+    for key in KERNELS:
+        compile_kernel(key)
     return cache_status()
+
+
+# ---------------------------------------------------------------------------
+# kernels: one compiled signature of a driver, named (route, dtype name)
+
+_DRIVERS = {"tile": (_attention_py, SIGNATURES), "stream": (_stream_py, STREAM_SIGNATURES)}
+KERNELS = tuple((route, dt.name) for route, (_fn, sigs) in _DRIVERS.items() for dt in sigs)
+
+
+def kernel(p):
+    """The kernel that runs a planned Problem ``p`` on its route:
+    ``("tile", "float32" | "float64")`` (other storage is read as float32
+    copies) or ``("stream", storage)`` (``"uint16"`` for 16-bit floats,
+    ``"uint8"`` for int8/float8 K/V)."""
+    dt = np.dtype(p.dtype)
+    if p.route == "stream":
+        kv = np.dtype(p.k.dtype)
+        return "stream", _stream_storage(kv, _kind(kv)).name
+    return "tile", "float64" if dt == np.float64 else "float32"
+
+
+def compile_kernel(key):
+    """Compile ``key`` of :data:`KERNELS` (or load it from the disk cache)."""
+    route, name = key
+    (driver if route == "tile" else stream_driver)(np.dtype(name))
+
+
+def cached_kernels():
+    """The kernels of :data:`KERNELS` that Numba's disk cache holds for this
+    CPU and these sources, and the cache's directory (reads Numba's cache
+    index, a private API: raises what it raises)."""
+    from numba.core.caching import FunctionCache
+    from numba.core.registry import cpu_target
+
+    codegen = cpu_target.target_context.codegen()
+    found, where = set(), None
+    for route, (fn, sigs) in _DRIVERS.items():
+        cache = FunctionCache(fn)
+        index = cache._cache_file._load_index()
+        where = cache._cache_path
+        found.update((route, dt.name) for dt, sig in sigs.items() if cache._index_key(sig, codegen) in index)
+    return found, where
 
 
 def cache_status():
     """``{"warm": bool | None, "signatures": n cached of N, "dir": path}`` from
-    Numba's cache index of the driver (None when it cannot be read)."""
-    from numba.core.caching import FunctionCache
-
+    Numba's cache index of the drivers (None when it cannot be read)."""
     try:
-        n = 0
-        where = None
-        for fn in (_attention_py, _stream_py):
-            cache = FunctionCache(fn)
-            n += len(cache._cache_file._load_index())
-            where = cache._cache_path
+        found, where = cached_kernels()
     except Exception as exc:  # noqa: BLE001 - private Numba API; report, never raise
         return {"warm": None, "signatures": f"unknown ({type(exc).__name__}: {exc})", "dir": None}
-    total = len(SIGNATURES) + len(STREAM_SIGNATURES)
-    return {"warm": n >= total, "signatures": f"{min(n, total)} of {total}", "dir": where}
+    return {"warm": len(found) == len(KERNELS), "signatures": f"{len(found)} of {len(KERNELS)}", "dir": where}

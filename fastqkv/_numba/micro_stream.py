@@ -1,9 +1,10 @@
-"""Micro-kernels of the streaming (decode / paged / 16-bit) kernel.
+"""Micro-kernels of the streaming (decode / paged / 16-bit / quantized) kernel.
 
 Contract: K and V rows are read where they are - dense ``x[b, kvh, j]`` or
 paged ``x[block, slot, kvh]`` - through a table of row byte offsets (one
 per key of a chunk, plus a per-head base), decoded on load (float16:
-vcvtph2ps, bfloat16: shift), and the rows read ``PF_BYTES`` later are
+vcvtph2ps, bfloat16: shift, int8 / float8: :func:`.vec._dec8_ir`; scales
+of quantized rows are the caller's), and the rows read ``PF_BYTES`` later are
 prefetched a line at a time beside the loads of the same columns.  They
 know nothing of windows, softmax or threads.
 
@@ -27,7 +28,8 @@ from numba.core import cgutils
 from numba.extending import intrinsic
 
 from .tuning import MRS, NV_PV, SKB, SQC
-from .vec import FASTMATH, _as_c, _borrow, _dec, _pf_row, _prefetch, _reduce_plan, _stream_ir, _variants
+from .vec import (DEC_BYTES, FASTMATH, _as_c, _borrow, _dec, _dec8_ir, _pf_row, _prefetch, _reduce_plan,
+                  _stream_ir, _variants)
 
 
 @njit(nogil=True, cache=True, inline="always")
@@ -88,7 +90,7 @@ def _stream_qk():
             def emit(dec, _):
                 qp = builder.gep(data(0), [qoff])
                 sp = builder.gep(data(9), [soff])
-                ste = 2 if dec else size
+                ste = DEC_BYTES.get(dec, size)
                 tc = builder.add(t0, c)
                 krow = [builder.gep(xp, [builder.add(builder.load(builder.gep(tp, [builder.add(tc, const(j))])), base)])
                         for j in range(SQC)]
@@ -201,7 +203,7 @@ def _stream_pv():
                         ov = builder.load(builder.bitcast(builder.gep(orow[r], [const(k * vl)]), vty.as_pointer()),
                                           align=size)
                         builder.store(builder.fmul(ov, av), a)
-                ste = 2 if dec else size
+                ste = DEC_BYTES.get(dec, size)
                 with cgutils.for_range(builder, n) as loop:
                     cc = loop.index
                     with builder.if_then(builder.icmp_signed("<", builder.add(cc, pd), pn)):
@@ -258,6 +260,8 @@ def _stream_qkt():
                 """element t of a stored row, in the accumulation type, broadcast"""
                 if dec is None:
                     return splat(builder.load(builder.gep(builder.bitcast(row, lt.as_pointer()), [t])))
+                if DEC_BYTES[dec] == 1:
+                    return splat(_dec8_ir(builder, builder.load(builder.gep(row, [t])), dec, lt))
                 h = builder.load(builder.gep(builder.bitcast(row, ir.IntType(16).as_pointer()), [t]), align=2)
                 if dec == "f16":
                     return splat(builder.fpext(builder.bitcast(h, ir.HalfType()), lt))
@@ -282,7 +286,7 @@ def _stream_qkt():
             def emit(dec, nv):
                 qp = builder.gep(data(0), [qoff])
                 sp = builder.gep(data(10), [soff])
-                ste = 2 if dec else size
+                ste = DEC_BYTES.get(dec, size)
                 krow = []
                 pk = []
                 for j in range(SKB):

@@ -1,9 +1,10 @@
-"""The streaming (decode / paged / 16-bit) kernel of the Numba backend.
+"""The streaming (decode / paged / 16-bit / quantized) kernel of the Numba backend.
 
 Contract: ``_stream_py`` is the parallel driver compiled by
-:func:`.launch.stream_driver` (float32, float64 or 16-bit storage, without
-mask, bias, ALiBi or softcap); it fills ``out`` (and ``lse``), K/V dense or
-a paged cache read in place, all scratch cut from the caller's workspace
+:func:`.launch.stream_driver` (float32, float64 or 16-bit storage, or
+float32 queries over int8 / float8 K/V with their scales; without mask,
+bias, ALiBi or softcap); it fills ``out`` (and ``lse``), K/V dense or a
+paged cache read in place, all scratch cut from the caller's workspace
 (sized by ``_stream_layout``).
 
 * Work items ``(batch, group of hpi KV heads, query tile, KV split)``: the
@@ -15,6 +16,15 @@ a paged cache read in place, all scratch cut from the caller's workspace
   a vector of rows keep their rows in vector lanes instead
   (``_stream_chunk_t``).  A chunk some row sees only in part (window) is
   gathered and widened into thread scratch and done row by row.
+* Quantized K/V: on the row path the micro-kernels decode the 8-bit codes
+  in registers, each decode serving a block of rows of the item's GQA group;
+  the scales of a chunk's keys are gathered once (``_chunk_scales``) and
+  multiply the dot products (``q . k_j`` times ``k_scale[j]``) and the
+  probabilities before P.V (``p_j`` times ``v_scale[j]``; the row sums keep
+  ``p_j``), never the elements.  Items on the transposed path (whose K
+  elements are broadcast one by one, and whose V rows serve many row
+  blocks) and gathered chunks dequantize the chunk once into their scratch
+  (``_dequant_chunk``) and run the float kernels there.
 * Splits write unnormalised partials ``(O, m, l)``; a second parallel pass
   merges them through their max / sum (``_merge_row``: exact; empty splits
   have ``m = -inf``, ``l = 0``) and counts the attention sink, once per
@@ -24,14 +34,15 @@ a paged cache read in place, all scratch cut from the caller's workspace
 from __future__ import annotations
 
 import numpy as np
-from numba import njit, prange
-from numba.extending import register_jitable
+from numba import njit, prange, types
+from numba.extending import overload, register_jitable
 
 from .call import HAS_KEY_LENS, HAS_LSE, HAS_SINKS, PAGED, Chunk, Partials, StreamCall, StreamScratch, _carve
-from .micro_stream import _pv_tail, _qk_direct, _spv, _sqk, _sqkt
+from .micro_stream import _cursor, _pv_tail, _qk_direct, _spv, _sqk, _sqkt, _step
 from .softmax import _exp, _sink_fold, _softmax_t, _softmax_tile, _window
 from .tuning import MRS, NV_PV, PF_BYTES, SKB, SQC, VBYTES
-from .vec import FASTMATH, KIND_F16, KIND_FLOAT, _as_c, _borrow, _fetch_add, _fill, _maximum, _put, _widen
+from .vec import (FASTMATH, KIND_F16, KIND_FLOAT, KIND_I8, _as_c, _borrow, _dec_factor, _fetch_add, _fill, _maximum,
+                  _put, _widen)
 
 
 @njit(nogil=True, cache=True)
@@ -66,6 +77,40 @@ def _gather(x, bt, paged, b, kv0, hpi, c0, n, dst, kind):
             row = dst[hh, jj]
             for t in range(w):
                 row[t] = z
+
+
+# Quantized calls only: the overloads below compile to an empty body in the
+# drivers of other storage (``_quant_only``), which never call them.
+
+def _quant_only(call):
+    """Whether a :class:`.StreamCall` type is a quantized call's (8-bit K/V)."""
+    return call[1].dtype == types.uint8
+
+
+def _dequant_chunk(call, scr, b, kv0, hpi, c0, n):  # pragma: no cover - replaced by the overload below
+    raise NotImplementedError
+
+
+@overload(_dequant_chunk, jit_options={"cache": True})
+def _dequant_chunk_impl(call, scr, b, kv0, hpi, c0, n):
+    """Keys ``c0 .. c0+n-1`` of KV heads ``kv0 .. kv0+hpi-1`` of batch ``b``
+    of a quantized call dequantized into the scratch ``scr.ks`` / ``scr.vs``
+    (rows ``n:`` zeroed), their scales left in ``scr.ksc`` / ``scr.vsc``."""
+    if not _quant_only(call):
+        return lambda call, scr, b, kv0, hpi, c0, n: None
+
+    def impl(call, scr, b, kv0, hpi, c0, n):
+        k, v, bt, paged, kind = call.k, call.v, call.bt, call.paged, call.kind
+        ks, vs, ksc, vsc = scr.ks, scr.vs, scr.ksc, scr.vsc
+        _chunk_scales(call, b, kv0, hpi, c0, n, ksc, vsc)
+        _gather(k, bt, paged, b, kv0, hpi, c0, n, ks, kind)
+        _gather(v, bt, paged, b, kv0, hpi, c0, n, vs, kind)
+        d = ks.shape[2]
+        dv = vs.shape[2]
+        for hh in range(hpi):
+            _scale_cols(ks.reshape(-1), hh * ks.shape[1] * d, 1, d, d, n, ksc[hh])
+            _scale_cols(vs.reshape(-1), hh * vs.shape[1] * dv, 1, dv, dv, n, vsc[hh])
+    return impl
 
 
 @njit(nogil=True, cache=True)
@@ -107,6 +152,69 @@ def _pf_next(hpi, hh, n, nn, dist, kv0, hs):
     return n, n + nn, kv0 * hs
 
 
+def _chunk_scales(call, b, kv0, hpi, c0, n, ksc, vsc):  # pragma: no cover - replaced by the overload below
+    raise NotImplementedError
+
+
+@overload(_chunk_scales, jit_options={"cache": True})
+def _chunk_scales_impl(call, b, kv0, hpi, c0, n, ksc, vsc):
+    """``ksc[hh, c]`` and ``vsc[hh, c]``: the K and V scales of key ``c0 +
+    c`` of KV head ``kv0 + hh`` of batch ``b`` (dense ``kscale[b, kvh, j]``,
+    paged ``kscale[bt[b, j // bs], j % bs, kvh]``) times the kind's decode
+    factor, for ``c < n`` only (scales past a sequence are never read)."""
+    if not _quant_only(call):
+        return lambda call, b, kv0, hpi, c0, n, ksc, vsc: None
+
+    def impl(call, b, kv0, hpi, c0, n, ksc, vsc):
+        ks, vs, bt, paged = call.kscale, call.vscale, call.bt, call.paged
+        f = _dec_factor(call.kind)
+        if paged:
+            bs = call.k.shape[1]
+            col, slot, blk = _cursor(bt, paged, b, c0, bs)
+            for c in range(n):
+                for hh in range(hpi):
+                    ksc[hh, c] = ks[blk, slot, kv0 + hh] * f
+                    vsc[hh, c] = vs[blk, slot, kv0 + hh] * f
+                col, slot, blk = _step(bt, paged, b, col, slot, blk, bs)
+        else:
+            for hh in range(hpi):
+                for c in range(n):
+                    ksc[hh, c] = ks[b, kv0 + hh, c0 + c] * f
+                    vsc[hh, c] = vs[b, kv0 + hh, c0 + c] * f
+    return impl
+
+
+def _scale_scores(call, x, off, ld, rows, n, f):  # pragma: no cover - replaced by the overload below
+    raise NotImplementedError
+
+
+@overload(_scale_scores, jit_options={"cache": True})
+def _scale_scores_impl(call, x, off, ld, rows, n, f):
+    """:func:`_scale_cols` on ``rows`` score rows ``x[off + r*ld:]`` of a
+    quantized call (columns: the chunk's keys)."""
+    if not _quant_only(call):
+        return lambda call, x, off, ld, rows, n, f: None
+    return lambda call, x, off, ld, rows, n, f: _scale_cols(x, off, ld, 1, rows, n, f)
+
+
+@njit(nogil=True, cache=True, fastmath=FASTMATH)
+def _scale_cols(x, off, ldr, ldc, rows, n, f):
+    """``x[off + r*ldr + c*ldc] *= f[c]`` for ``r < rows``, ``c < n`` (one
+    of the strides 1): the scores or probabilities of a chunk's keys, or
+    the elements of its gathered rows, times the keys' scales."""
+    if ldc == 1:
+        for r in range(rows):
+            row = x[off + r * ldr:off + r * ldr + n]
+            for c in range(n):
+                row[c] *= f[c]
+    else:
+        for c in range(n):
+            fc = f[c]
+            col = x[off + c * ldc:off + c * ldc + rows]
+            for r in range(rows):
+                col[r] *= fc
+
+
 @register_jitable
 def _sizes(q, k, v, paged):
     """``(Hq, Lq, D, Dv, Hkv, G)`` of a streaming call (K/V dense or paged)."""
@@ -137,7 +245,7 @@ def _stream_chunk(call, scr, ch, M, mp, nq, ip0):
     heads per item (token-major caches), the next head's rows of this chunk
     and after the last head the first head's rows of the next chunk."""
     k, v, bt, paged, wl, wr, sc, kind = call.k, call.v, call.bt, call.paged, call.wl, call.wr, call.sc, call.kind
-    qs, s, m, l, alpha, tab = scr.qs, scr.s, scr.m, scr.l, scr.alpha, scr.tab
+    qs, s, m, l, alpha, tab, ksc, vsc = scr.qs, scr.s, scr.m, scr.l, scr.alpha, scr.tab, scr.ksc, scr.vsc
     b, kv0, hpi, c0, n, nn, ktab = ch.b, ch.kv0, ch.hpi, ch.c0, ch.n, ch.nn, ch.ktab
     d = qs.shape[2]
     mpmax = qs.shape[1]
@@ -155,9 +263,11 @@ def _stream_chunk(call, scr, ch, M, mp, nq, ip0):
                      (hh * mpmax + r0) * sktp + c, sktp, pd, pn if r0 == 0 else 0, pb, kind)
     if dw < d:
         _qk_direct(qs, k, bt, paged, b, kv0, hpi, c0, n, s, mp, d, dw, kind)
-    for hh in range(hpi):
-        _softmax_tile(s[hh], M, n, npad, nq, ip0, c0, wl, wr, sc, False, m[hh], l[hh], alpha[hh])
     sf = s.reshape(-1)
+    for hh in range(hpi):
+        _scale_scores(call, sf, hh * mpmax * sktp, sktp, M, n, ksc[hh])
+        _softmax_tile(s[hh], M, n, npad, nq, ip0, c0, wl, wr, sc, False, m[hh], l[hh], alpha[hh])
+        _scale_scores(call, sf, hh * mpmax * sktp, sktp, M, n, vsc[hh])
     for hh in range(hpi):
         _pv_head(sf, hh * mpmax * sktp, sktp, 1, call, scr, ch, hh, mp)
 
@@ -218,6 +328,35 @@ def _stream_chunk_t(call, scr, ch, M, mp, ldt):
         _pv_head(sf, so, 1, ldt, call, scr, ch, hh, mp)
 
 
+def _stream_chunk_dq(call, scr, b, kv0, hpi, c0, n, M, mp, ldt):  # pragma: no cover - replaced by the overload below
+    raise NotImplementedError
+
+
+@overload(_stream_chunk_dq, jit_options={"cache": True})
+def _stream_chunk_dq_impl(call, scr, b, kv0, hpi, c0, n, M, mp, ldt):
+    """:func:`_stream_chunk_t` on keys ``c0 .. c0+n-1`` of a quantized call,
+    dequantized once into the scratch (:func:`_dequant_chunk`) and read
+    there by the float kernels, rows through ``tab[0:]`` (K) and
+    ``tab[2*sktp:]`` (V).  Compiled for 8-bit storage only: the other
+    drivers get an empty body (they never call it)."""
+    if not _quant_only(call):
+        return lambda call, scr, b, kv0, hpi, c0, n, M, mp, ldt: None
+
+    def impl(call, scr, b, kv0, hpi, c0, n, M, mp, ldt):
+        ks, vs, tab = scr.ks, scr.vs, scr.tab
+        _dequant_chunk(call, scr, b, kv0, hpi, c0, n)
+        ks4 = ks.reshape((1,) + ks.shape)
+        vs4 = vs.reshape((1,) + vs.shape)
+        npad = (n + 3) & ~3
+        vtab = 2 * ks.shape[1]
+        _row_table(ks4, call.bt, False, 0, 0, n, npad, tab, 0)
+        _row_table(vs4, call.bt, False, 0, 0, n, npad, tab, vtab)
+        wide = StreamCall(call.q, ks4, vs4, call.key_lens, call.bt, call.kscale, call.vscale, call.sc, call.wl,
+                          call.wr, call.flags & ~PAGED, KIND_FLOAT, False)
+        _stream_chunk_t(wide, scr, Chunk(0, 0, hpi, 0, n, 0, 0, vtab), M, mp, ldt)
+    return impl
+
+
 @njit(nogil=True, cache=True)
 def _qkt_rows(vl, kind):
     """Rows from which an item takes the transposed path: a vector of rows
@@ -257,8 +396,8 @@ def _stream_item(call, scr, part, b, kv0, hpi, i0, i1, sidx, split, skt):
     its group's rows (row r: head ``r // nq``, query ``i0 + r % nq``);
     ``QT[hh]`` the same rows transposed, for the chunks that take the
     transposed path."""
-    q, k, v, key_lens, bt, sc, wl, wr, flags, kind, paged = call
-    qs, QT, ks, vs, s, o, m, l, alpha, mx, tab = scr
+    q, k, v, key_lens, bt, _, _, sc, wl, wr, flags, kind, paged = call
+    qs, QT, ks, vs, s, o, m, l, alpha, mx, tab, ksc, vsc = scr
     po, pm, pl, nsmax = part
     T = s.dtype.type
     ninf = T(-np.inf)
@@ -294,6 +433,7 @@ def _stream_item(call, scr, part, b, kv0, hpi, i0, i1, sidx, split, skt):
                 for r in range(ldt):
                     QT[hh, t * ldt + r] = qs[hh, r, t] if r < M else T(0)
 
+    quant = kind >= KIND_I8
     lo = sidx * split
     hi = min(lkb, lo + split)
     if wl >= 0:
@@ -314,7 +454,10 @@ def _stream_item(call, scr, part, b, kv0, hpi, i0, i1, sidx, split, skt):
         npad = (n + 3) & ~3
         # every row sees the whole chunk: no per-row ranges needed
         full = (wl < 0 or i1 - 1 + off - wl <= c0) and (wr < 0 or i0 + off + wr + 1 >= c0 + n)
-        if full:                # K and V rows read where they are
+        if full and quant and trans:    # dequantized once into the scratch, read there
+            ready = False
+            _stream_chunk_dq(call, scr, b, kv0, hpi, c0, n, M, mp, ldt)
+        elif full:              # K and V rows read where they are
             if ready:
                 for c in range(npad):
                     tab[ktab + c] = tab[ktab + prev + c]
@@ -328,6 +471,8 @@ def _stream_item(call, scr, part, b, kv0, hpi, i0, i1, sidx, split, skt):
                 _row_table(v, bt, paged, b, c0 + skt, nn, (nn + 3) & ~3, tab, vtab + n)
             ready = nn > 0
             prev = n
+            if quant:
+                _chunk_scales(call, b, kv0, hpi, c0, n, ksc, vsc)
             ch = Chunk(b, kv0, hpi, c0, n, nn, ktab, vtab)
             if trans:
                 _stream_chunk_t(call, scr, ch, M, mp, ldt)
@@ -335,8 +480,11 @@ def _stream_item(call, scr, part, b, kv0, hpi, i0, i1, sidx, split, skt):
                 _stream_chunk(call, scr, ch, M, mp, nq, i0 + off)
         else:
             ready = False                   # rows see different keys: gathered, row by row
-            _gather(k, bt, paged, b, kv0, hpi, c0, n, ks, kind)
-            _gather(v, bt, paged, b, kv0, hpi, c0, n, vs, kind)
+            if quant:
+                _dequant_chunk(call, scr, b, kv0, hpi, c0, n)
+            else:
+                _gather(k, bt, paged, b, kv0, hpi, c0, n, ks, kind)
+                _gather(v, bt, paged, b, kv0, hpi, c0, n, vs, kind)
             _qk_direct(qs, ks.reshape((1,) + ks.shape), bt, False, 0, 0, hpi, 0, n, s, mp, d, 0, KIND_FLOAT)
             for hh in range(hpi):
                 sh = s[hh]
@@ -398,7 +546,7 @@ def _stream_layout(B, Hq, Lq, g, d, dv, qt, skt, hpi, nsmax):
     sktp = _chunk_room(skt)
     dvp = (dv + 3) & ~3
     npart = B * Hq * Lq * nsmax
-    per = hpi * (2 * mpmax * d + sktp * d + sktp * dv + mpmax * sktp + mpmax * dvp + 3 * mpmax) + mpmax
+    per = hpi * (2 * mpmax * d + sktp * d + sktp * dv + mpmax * sktp + mpmax * dvp + 3 * mpmax + 2 * sktp) + mpmax
     return npart * (dv + 2), per
 
 
@@ -418,8 +566,8 @@ def _scratch_rows(M):
     return (M + 15) & ~15 if M >= 8 else (M + 3) & ~3
 
 
-def _stream_py(q, k, v, out, lse, key_lens, bt, sinks, sc, wl, wr, flags, kind, qt, skt, hpi, split,
-               nthreads, ws, queue):
+def _stream_py(q, k, v, out, lse, key_lens, bt, sinks, kscale, vscale, sc, wl, wr, flags, kind, qt, skt, hpi,
+               split, nthreads, ws, queue):
     """Parallel driver of the streaming kernel: ``prange`` over threads taking
     work items ``(b, group of hpi KV heads, query tile, split)`` from an
     atomic counter, then a parallel merge of each row's split partials into
@@ -429,8 +577,8 @@ def _stream_py(q, k, v, out, lse, key_lens, bt, sinks, sc, wl, wr, flags, kind, 
 
     Parameters (positional: this is the compiled signature,
     :data:`.launch.STREAM_SIGNATURES`): ``q``, ``k``, ``v``, ``key_lens``,
-    ``bt``, ``sc``, ``wl``, ``wr``, ``flags``, ``kind`` as the fields of
-    :class:`.StreamCall`; ``out`` (B, Hq, Lq, Dv) and ``lse`` (B, Hq, Lq,
+    ``bt``, ``kscale``, ``vscale``, ``sc``, ``wl``, ``wr``, ``flags``,
+    ``kind`` as the fields of :class:`.StreamCall`; ``out`` (B, Hq, Lq, Dv) and ``lse`` (B, Hq, Lq,
     when HAS_LSE) the results; ``sinks`` (Hq,) the sink logits when
     HAS_SINKS, counted in the merge only; ``qt`` query positions per work item;
     ``skt`` keys per chunk; ``hpi`` KV heads per item; ``split`` keys per
@@ -483,11 +631,16 @@ def _stream_py(q, k, v, out, lse, key_lens, bt, sinks, sc, wl, wr, flags, kind, 
         x, at = _carve(mine, at, hpi * mpmax)
         alpha = x.reshape((hpi, mpmax))
         mx, at = _carve(mine, at, mpmax)
+        x, at = _carve(mine, at, hpi * sktp)
+        ksc = x.reshape((hpi, sktp))
+        x, at = _carve(mine, at, hpi * sktp)
+        vsc = x.reshape((hpi, sktp))
         tab = queue[4 + B + t * 4 * sktp:4 + B + (t + 1) * 4 * sktp]
-        call = StreamCall(_borrow(q), _borrow(k), _borrow(v), _borrow(key_lens), _borrow(bt), sc, wl, wr,
-                          flags, kind, paged)
+        call = StreamCall(_borrow(q), _borrow(k), _borrow(v), _borrow(key_lens), _borrow(bt), _borrow(kscale),
+                          _borrow(vscale), sc, wl, wr, flags, kind, paged)
         scr = StreamScratch(_borrow(qs), _borrow(QT), _borrow(ks), _borrow(vs), _borrow(s), _borrow(o),
-                            _borrow(m), _borrow(l), _borrow(alpha), _borrow(mx), _borrow(tab))
+                            _borrow(m), _borrow(l), _borrow(alpha), _borrow(mx), _borrow(tab), _borrow(ksc),
+                            _borrow(vsc))
         part = Partials(_borrow(po), _borrow(pm), _borrow(pl), nsmax)
         while True:
             it = _fetch_add(queue, 1)

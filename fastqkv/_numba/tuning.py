@@ -54,9 +54,13 @@ _AVX512 = Tuning(
     mrs=4, sqc=4, nv_pv=4, skb=8, pf_bytes=8192, split_min_keys=512, items_per_thread=8)
 
 # 16 vector registers: 12 accumulators; not tuned on its own (the AVX-512
-# row's sizes, the width-bound ones scaled to the vector)
-_AVX2 = _AVX512._replace(isa="avx2", tuned_on="not tuned (AVX-512 values, width-bound ones scaled)",
-                         vbytes=32, acc=12, nr=32, skb=4)
+# row's sizes, the width-bound ones scaled to the vector), except the
+# streaming micro-kernels' blocks: MRS x SQC and MRS x NV_PV accumulators
+# of 8 vectors, which leave room for the K (V) vectors, decoded or not,
+# without spilling
+_AVX2 = _AVX512._replace(isa="avx2", tuned_on="AMD EPYC Zen 1 (SQC, NV_PV); the rest not tuned (AVX-512 values, "
+                                              "width-bound ones scaled)",
+                         vbytes=32, acc=12, nr=32, skb=4, sqc=2, nv_pv=2)
 
 _GENERIC = _AVX512._replace(isa="generic", tuned_on="not tuned (AVX-512 values, width-bound ones scaled)",
                             vbytes=16, acc=12, nr=16, skb=4)

@@ -12,9 +12,14 @@ from jitted code, or a codegen helper called inside another intrinsic's
 * 16-bit storage (``KIND_*``): ``_f16_to_f32``, ``_bf16_to_f32``,
   ``_f32_to_f16``, ``_f32_to_bf16``, and ``_widen`` / ``_put`` / ``_dec``
   which decode or encode by ``kind``;
+* 8-bit quantized storage (int8, float8 e4m3fn / e5m2, all seen as uint8
+  bits): ``_q8_to_f32`` (by ``kind``) and ``_dec_factor`` (what a decoded
+  element is short of its value: 256 for e4m3fn, folded into its scale);
+  the one decoding rule is ``_dec8_ir``;
 * codegen: ``_vec_ir`` and ``_stream_ir`` (the vector type, ``llvm.fmuladd``,
   broadcasts, data pointers of an intrinsic's arguments), ``_loader``
-  (vector loads decoding 16-bit storage), ``_prefetch`` / ``_pf_row``,
+  (vector loads decoding 16-bit or 8-bit storage), ``_dec8_ir`` (8-bit codes
+  to floats, scalars or vectors), ``_prefetch`` / ``_pf_row``,
   ``_reduce_plan`` (lanes of a transposed reduction) and ``_variants`` (one
   body per storage decode and width behind a switch).
 
@@ -38,10 +43,15 @@ from .tuning import VBYTES
 # LLVM fast-math flags allowed in fastqkv's kernels: never nnan / ninf.
 FASTMATH = {"nsz", "arcp", "contract", "reassoc"}
 
-# `kind` argument: how 16-bit storage is decoded
+# `kind` argument: how 16-bit (uint16 bits) or 8-bit (uint8 bits) storage is decoded
 KIND_FLOAT = 0
 KIND_F16 = 1
 KIND_BF16 = 2
+KIND_I8 = 3             # int8
+KIND_E4M3 = 4           # float8_e4m3fn, decoded as 2^-8 times its value
+KIND_E5M2 = 5           # float8_e5m2
+# storage bytes of an element by the loaders' `dec` name (None: the accumulation dtype's)
+DEC_BYTES = {"f16": 2, "bf16": 2, "i8": 1, "e4m3": 1, "e5m2": 1}
 # prefetch locality: into L1, as the C streaming kernel does
 _PF_LOC = 3
 
@@ -200,13 +210,53 @@ def _f32_to_bf16(x):
     return np.uint16(u >> np.uint32(16))
 
 
+@intrinsic
+def _q8_to_f32(typingctx, x, kind):
+    """An 8-bit code (uint8 bits) -> float32 by ``kind``: int8, e4m3fn (2^-8
+    times its value, see :func:`_dec_factor`) or e5m2 (exact); the three
+    decodes and a select, so a loop over a row still vectorises."""
+    if x != types.uint8 or not isinstance(kind, types.Integer):
+        return None
+
+    def codegen(context, builder, signature, args):
+        b, k = args
+        k = context.cast(builder, k, signature.args[1], types.int64)
+        f = ir.FloatType()
+        i8, e4, e5 = (_dec8_ir(builder, b, dec, f) for dec in ("i8", "e4m3", "e5m2"))
+        is_i8 = builder.icmp_signed("==", k, ir.Constant(ir.IntType(64), KIND_I8))
+        is_e4 = builder.icmp_signed("==", k, ir.Constant(ir.IntType(64), KIND_E4M3))
+        return builder.select(is_i8, i8, builder.select(is_e4, e4, e5))
+
+    return types.float32(x, kind), codegen
+
+
+@njit(nogil=True, cache=True, inline="always")
+def _dec_factor(kind):
+    """The factor a decoded 8-bit element of ``kind`` is short of its value
+    (folded into its scale): 256 for e4m3fn, else 1."""
+    return np.float32(256.0) if kind == KIND_E4M3 else np.float32(1.0)
+
+
 def _widen(src, dst, n, kind):  # pragma: no cover - replaced by the overload below
     raise NotImplementedError
 
 
 @overload(_widen, jit_options={"cache": True})
 def _widen_impl(src, dst, n, kind):
-    """``dst[:n] = src[:n]`` in the accumulation dtype (decoding 16-bit storage)."""
+    """``dst[:n] = src[:n]`` in the accumulation dtype (decoding 16-bit or
+    8-bit storage; e4m3fn short of :func:`_dec_factor`)."""
+    if src.dtype == types.uint8:
+        def impl(src, dst, n, kind):
+            if kind == KIND_I8:
+                for t in range(n):
+                    dst[t] = _q8_to_f32(src[t], KIND_I8)
+            elif kind == KIND_E4M3:
+                for t in range(n):
+                    dst[t] = _q8_to_f32(src[t], KIND_E4M3)
+            else:
+                for t in range(n):
+                    dst[t] = _q8_to_f32(src[t], KIND_E5M2)
+        return impl
     if src.dtype == types.uint16:
         def impl(src, dst, n, kind):
             if kind == KIND_F16:
@@ -251,7 +301,9 @@ def _dec(x, kind):  # pragma: no cover - replaced by the overload below
 def _dec_impl(x, kind):
     """A stored element in the accumulation dtype: floats as they are;
     16-bit bits decoded as float16 or bfloat16 (both decodes and a select,
-    so a loop over a row still vectorises)."""
+    so a loop over a row still vectorises); 8-bit codes by :func:`_q8_to_f32`."""
+    if x == types.uint8:
+        return lambda x, kind: _q8_to_f32(x, kind)
     if x == types.uint16:
         def impl(x, kind):
             f = _f16_to_f32(x)
@@ -314,28 +366,55 @@ def _stream_ir(context, builder, signature, args, x=3):
 def _loader(context, builder, lt, vl):
     """``load(p_i8, elem_off, dec) -> <vl x lt>``: ``vl`` stored elements at
     byte pointer ``p_i8`` plus ``elem_off`` elements - ``lt`` floats
-    (``dec`` None) or uint16 bits decoded as float16 (``dec`` "f16") or
-    bfloat16 ("bf16") - in the accumulation type ``lt``."""
-    i16 = ir.IntType(16)
+    (``dec`` None), uint16 bits decoded as float16 (``dec`` "f16") or
+    bfloat16 ("bf16"), or 8-bit codes decoded by :func:`_dec8_ir` ("i8",
+    "e4m3", "e5m2") - in the accumulation type ``lt``."""
     i32 = ir.IntType(32)
 
     def load(p, off, dec):
-        if dec is None:
-            et = lt
-        else:
-            et = i16
+        ste = DEC_BYTES.get(dec, context.get_abi_sizeof(lt))
+        et = lt if dec is None else ir.IntType(8 * ste)
         vty = ir.VectorType(et, vl)
         ep = builder.gep(builder.bitcast(p, et.as_pointer()), [off])
-        x = builder.load(builder.bitcast(ep, vty.as_pointer()), align=2 if dec else context.get_abi_sizeof(lt))
+        x = builder.load(builder.bitcast(ep, vty.as_pointer()), align=ste)
         if dec == "f16":
             return builder.fpext(builder.bitcast(x, ir.VectorType(ir.HalfType(), vl)), ir.VectorType(lt, vl))
         if dec == "bf16":
             w = builder.shl(builder.zext(x, ir.VectorType(i32, vl)),
                             ir.Constant(ir.VectorType(i32, vl), [16] * vl))
             return builder.bitcast(w, ir.VectorType(lt, vl))
+        if ste == 1:
+            return _dec8_ir(builder, x, dec, lt)
         return x
 
     return load
+
+
+def _dec8_ir(builder, x, dec, lt):
+    """8-bit codes ``x`` (an i8 or a vector of them) as ``lt`` (float32):
+    ``dec`` "i8" signed integers; "e5m2" the float16 whose high byte they
+    are (inf and NaN included); "e4m3" (float8_e4m3fn) 2^-8 times their
+    value, exactly: sign to bit 15 and exponent and mantissa to bits 7..13
+    of a float16 (subnormals included), and S.1111.111 (the only NaN; no
+    inf) given a float16 NaN exponent."""
+    vec = isinstance(x.type, ir.VectorType)
+
+    def ty(t):
+        return ir.VectorType(t, x.type.count) if vec else t
+
+    def const(t, v):
+        return ir.Constant(ty(t), [v] * x.type.count if vec else v)
+
+    i16 = ir.IntType(16)
+    if dec == "i8":
+        return builder.sitofp(x, ty(lt))
+    if dec == "e5m2":
+        h = builder.shl(builder.zext(x, ty(i16)), const(i16, 8))
+    else:
+        h = builder.and_(builder.shl(builder.sext(x, ty(i16)), const(i16, 7)), const(i16, 0xBFFF))
+        nan = builder.icmp_unsigned("==", builder.and_(h, const(i16, 0x3F80)), const(i16, 0x3F80))
+        h = builder.select(nan, builder.or_(h, const(i16, 0x7C00)), h)
+    return builder.fpext(builder.bitcast(h, ty(ir.HalfType())), ty(lt))
 
 
 def _prefetch(builder, p):
@@ -376,11 +455,12 @@ def _reduce_plan(vl):
 
 def _variants(builder, st, kind, nv, widths, emit):
     """Emit ``emit(dec, w)`` once per storage decode (``st`` uint16: float16
-    and bfloat16, chosen at run time by ``kind``; else none) and width
-    ``w`` of ``widths`` (chosen by the run-time ``nv``; None: the only one),
-    behind one switch."""
+    and bfloat16; uint8: int8, e4m3fn and e5m2; chosen at run time by
+    ``kind``; else none) and width ``w`` of ``widths`` (chosen by the
+    run-time ``nv``; None: the only one), behind one switch."""
     i64 = ir.IntType(64)
-    decs = ((KIND_F16, "f16"), (KIND_BF16, "bf16")) if st == types.uint16 else ((KIND_FLOAT, None),)
+    decs = {types.uint16: ((KIND_F16, "f16"), (KIND_BF16, "bf16")),
+            types.uint8: ((KIND_I8, "i8"), (KIND_E4M3, "e4m3"), (KIND_E5M2, "e5m2"))}.get(st, ((KIND_FLOAT, None),))
     key = builder.mul(kind, ir.Constant(i64, 64))
     if nv is not None:
         key = builder.add(key, nv)
