@@ -395,11 +395,11 @@ def check_attention(q, k, v, causal, mask, bias, key_lens, scale, window, softca
     sinks = None if sinks is None else check_sinks(sinks, Hq, acc)
     k_scale, v_scale = check_kv_scales(quantized, k_scale, v_scale, k.dtype, k.shape[:-1], (Hkv,))
     if quantized and scale_values:
-        full_s = [scale_bhl(x, (B, Hkv, Lk), ndim, layout) for x in (k_scale, v_scale)]
         if key_lens is None:
             check_scale_values((k_scale, v_scale), lambda x: (x,))
         else:
-            check_scale_values(full_s, lambda x: (x[b, :, :n] for b, n in enumerate(key_lens.tolist())))
+            check_scale_values([scale_bhl(x, (B, Hkv, Lk), ndim, layout) for x in (k_scale, v_scale)],
+                               lambda x: (x[b, :, :n] for b, n in enumerate(key_lens.tolist())))
 
     if out is not None:
         # a bias of another dtype is read through a converted copy: no overlap
