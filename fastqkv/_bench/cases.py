@@ -122,8 +122,8 @@ def _cases():
         (quick, C("chunked-prefill-64x1k", "chunked", 1, 32, 8, 64, 1024, 128)),
         (quick, C("float64-prefill-L256", "prefill", 1, 8, 8, 256, 256, 128, dtype="float64")),
         (quick, C("float16-decode-2k", "decode", 2, 32, 8, 1, 2048, 128, dtype="float16", ragged="key_lens")),
-        (quick, C("bfloat16-decode-2k", "decode", 2, 32, 8, 1, 2048, 128, dtype="bfloat16", ragged="key_lens")),
         (quick, C("int8-decode-2k", "decode", 2, 32, 8, 1, 2048, 128, ragged="key_lens", kv="int8")),
+        (quick, C("bfloat16-decode-2k", "decode", 2, 32, 8, 1, 2048, 128, dtype="bfloat16", ragged="key_lens")),
 
         ({"c-peers"}, C("prefill-mha-32h-L1024", "prefill", 1, 32, 32, 1024, 1024, 128)),
         (full | {"numba-peers"}, C("prefill-mha-L1024", "prefill", 1, 16, 16, 1024, 1024, 128)),
