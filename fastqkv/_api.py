@@ -311,14 +311,12 @@ def _cascade(ps, q, layout, return_lse, out, backend, prefix_call, others):
     o_s, l_s = _run(ps, backend)
     if layout == "blhd":
         o_p, l_p = prefix_call(q.reshape(N * Lq, Hq, q.shape[3]))
-        o_p = o_p.reshape(N, Lq, Hq, Dv)
+        o_p = o_p.reshape(N, Lq, Hq, Dv).transpose(0, 2, 1, 3)
     else:
         o_p, l_p = prefix_call(q.transpose(1, 0, 2, 3).reshape(Hq, N * Lq, q.shape[3]))
         o_p = o_p.reshape(Hq, N, Lq, Dv).transpose(1, 0, 2, 3)
     l_p = l_p.reshape(Hq, N, Lq).transpose(1, 0, 2)
-    if layout == "blhd":
-        o_p, o_s = o_p.transpose(0, 2, 1, 3), o_s.transpose(0, 2, 1, 3)
-    o, lse = _merge([o_p, o_s], [l_p, l_s])
+    o, lse = _merge([o_p, _validate.bhld(o_s, layout)], [l_p, l_s])
     res = np.empty(shape, ps.dtype) if out is None else out
     _validate.bhld(res, layout)[...] = o
     return (res, lse) if return_lse else res

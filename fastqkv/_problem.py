@@ -9,7 +9,8 @@ arrays are 4-D ``(B, H, L, D)`` views a kernel can walk, with ``out`` (and
 ``"stream"``, the streaming decode kernel) and, in :func:`prepare`, turns a
 problem into one that route can run (a paged cache with score options
 gathered dense, float16/bfloat16 storage with score options widened to
-float32, quantized K/V dequantized for a kernel that does not read them).  Backends trust a Problem and follow its route.  Nothing here
+float32, quantized K/V dequantized for a kernel that does not read them).
+Backends trust a Problem and follow its route.  Nothing here
 copies an input unless a kernel could not walk it (non-unit last stride,
 unaligned data, a stride that is not a whole number of elements).
 """

@@ -325,12 +325,9 @@ class Checked(NamedTuple):
 
 
 def check_attention(q, k, v, causal, mask, bias, key_lens, scale, window, softcap, alibi_slopes,
-                    layout, return_lse, out, sinks=None, k_scale=None, v_scale=None,
-                    scale_values=True):
+                    layout, return_lse, out, sinks=None, k_scale=None, v_scale=None):
     """Check the arguments of :func:`fastqkv.attention` (in its order);
-    return :class:`Checked`.  ``scale_values=False`` leaves the values of
-    ``k_scale``/``v_scale`` to the caller (a paged call checks them on its
-    cache)."""
+    return :class:`Checked`."""
     check_layout(layout)
     q = _float_array(q, "q")
     k = _kv_array(k, "k", q.dtype)
@@ -394,7 +391,7 @@ def check_attention(q, k, v, causal, mask, bias, key_lens, scale, window, softca
     alibi = None if alibi_slopes is None else check_alibi(alibi_slopes, B, Hq, acc)
     sinks = None if sinks is None else check_sinks(sinks, Hq, acc)
     k_scale, v_scale = check_kv_scales(quantized, k_scale, v_scale, k.dtype, k.shape[:-1], (Hkv,))
-    if quantized and scale_values:
+    if quantized:
         if key_lens is None:
             check_scale_values((k_scale, v_scale), lambda x: (x,))
         else:

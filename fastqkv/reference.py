@@ -474,9 +474,10 @@ def shared_prefix_attention(q, prefix_k, prefix_v, k, v, *, key_lens=None, causa
     kk = np.zeros((B, Hkv, P + S, D), q.dtype)
     vv = np.zeros((B, Hkv, P + S, Dv), q.dtype)
     kk[:, :, :P], vv[:, :, :P] = pk4, pv4
+    k4, v4 = _to4(suffix.k, layout), _to4(suffix.v, layout)
     for n, m in enumerate(lens.tolist()):
-        kk[n, :, P:P + m] = _to4(suffix.k, layout)[n, :, :m]
-        vv[n, :, P:P + m] = _to4(suffix.v, layout)[n, :, :m]
+        kk[n, :, P:P + m] = k4[n, :, :m]
+        vv[n, :, P:P + m] = v4[n, :, :m]
     return attention(q, _from4(kk, layout, 4), _from4(vv, layout, 4), key_lens=lens + P,
                      causal=causal, scale=scale, softcap=softcap, sinks=sinks, layout=layout,
                      return_lse=return_lse, out=out)

@@ -200,7 +200,7 @@ def generate_cases(quick=False, seed=0, dtypes=("float32", "float64"), kinds=("d
                     continue
                 qrng = _substream(rng)
                 built = builders[kind](np.dtype(np.float32), qrng, quick)
-                cases.extend(_quantized(c, dt, qrng, i) for i, c in enumerate(built))
+                cases.extend(_quantized(c, dt, i) for i, c in enumerate(built))
             else:
                 cases.extend(builders[kind](as_dtype(dt), rng, quick))
     return cases
@@ -224,7 +224,7 @@ def _head_axis(case, ndim):
     return {4: 2 if blhd else 1, 3: 1 if blhd else 0}.get(ndim)
 
 
-def _quantized(case, name, rng, i):
+def _quantized(case, name, i):
     """``case`` (float32) with K/V quantized to ``name`` and their scales:
     one per token and head, or (every fourth case) one per KV head; q
     float16 or bfloat16 in every third case.  Poison stays poison: a K/V row
